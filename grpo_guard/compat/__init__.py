@@ -1,0 +1,1 @@
+"""Drop-in signatures of other trainers (flow_grpo)."""

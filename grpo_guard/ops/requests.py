@@ -1,0 +1,241 @@
+"""Validated, normalized arguments of the public ops: what every backend receives.
+
+All checks live here, once, so every backend rejects the same bad input with the same message. Latent-sized
+tensors are checked by shape/dtype/device only (a full finiteness pass would cost a read of each latent;
+a NaN there shows up as a NaN log-prob or loss). Per-sample inputs (sigmas, advantages, old log-probs) are
+checked by value, which costs one host sync for device tensors; pass ``validate=False`` to skip it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from .. import reference as ref
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+Sigma = Union[float, torch.Tensor]
+
+
+@dataclass
+class SDERequest:
+    model_output: torch.Tensor
+    sample: torch.Tensor
+    sigma: Sigma          # Python float, or float64 tensor (B,) on the latents' device
+    sigma_next: Sigma
+    noise_level: float
+    dynamics: str
+    prev_sample: Optional[torch.Tensor]
+    noise: Optional[torch.Tensor]  # given iff prev_sample is None; compute dtype
+
+    def reference_kwargs(self):
+        return dict(noise_level=self.noise_level, dynamics=self.dynamics, prev_sample=self.prev_sample,
+                    noise=self.noise)
+
+
+@dataclass
+class LossRequest:
+    model_output: torch.Tensor
+    sample: torch.Tensor
+    prev_sample: torch.Tensor
+    sigma: Sigma
+    sigma_next: Sigma
+    advantages: torch.Tensor
+    old_log_prob: Optional[torch.Tensor]
+    old_prev_sample_mean: Optional[torch.Tensor]
+    old_model_output: Optional[torch.Tensor]
+    noise_level: float
+    dynamics: str
+    method: str
+    clip_range: float
+    adv_clip_max: float
+    guard_weight: str
+
+    def reference_kwargs(self):
+        return dict(old_log_prob=self.old_log_prob, old_prev_sample_mean=self.old_prev_sample_mean,
+                    old_model_output=self.old_model_output, noise_level=self.noise_level,
+                    dynamics=self.dynamics, method=self.method, clip_range=self.clip_range,
+                    adv_clip_max=self.adv_clip_max, guard_weight=self.guard_weight)
+
+
+def _choice(name, value, options):
+    if value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+
+
+def _positive_float(name, value, allow_inf=False):
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}") from None
+    if math.isnan(value) or value <= 0 or (math.isinf(value) and not allow_inf):
+        raise ValueError(f"{name} must be a positive{'' if allow_inf else ' finite'} number, got {value}")
+    return value
+
+
+def _latent(name, t, like=None, allow_grad=True):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+    if like is None:
+        if t.dim() < 2:
+            raise ValueError(f"{name} must have a batch dim and at least one latent dim, got shape "
+                             f"{tuple(t.shape)}")
+        if t.shape[0] == 0 or t[0].numel() == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
+    else:
+        if t.shape != like.shape:
+            raise ValueError(f"{name} must have the shape of model_output {tuple(like.shape)}, got "
+                             f"{tuple(t.shape)}")
+        if t.device != like.device:
+            raise ValueError(f"{name} is on {t.device} but model_output is on {like.device}")
+    if not allow_grad and t.requires_grad:
+        raise ValueError(f"{name} is rollout data and must not require grad (pass {name}.detach()); "
+                         "gradients flow to model_output only")
+    return t
+
+
+def _check_dtype_mix(named):
+    """float64 computes in float64: mixing it with lower precision is a mistake, not a promotion."""
+    f64 = [n for n, t in named if t is not None and t.dtype == torch.float64]
+    other = [n for n, t in named if t is not None and t.dtype != torch.float64]
+    if f64 and other:
+        raise TypeError(f"dtype mix: {', '.join(f64)} float64 but {', '.join(other)} not; "
+                        "use float64 for all latent inputs or for none")
+
+
+def _per_sample_vector(name, t, B, device, validate, dtype=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape ({B},), got {type(t).__name__}")
+    if t.shape != (B,):
+        raise ValueError(f"{name} must have shape ({B},) (one value per sample), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the latents are on {device}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+    if validate and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} has non-finite values: {t.detach().cpu().tolist()}")
+    return t if dtype is None else t.to(dtype)
+
+
+def _sigmas(sigma, sigma_next, B, device, validate):
+    """-> (sigma, sigma_next): both floats, or both float64 tensors (B,) on ``device``."""
+    def norm(name, s):
+        if isinstance(s, torch.Tensor):
+            if s.requires_grad:
+                raise ValueError(f"{name} must not require grad")
+            if s.dim() == 0:
+                return float(s)
+            if s.dim() != 1 or s.shape[0] not in (1, B):
+                raise ValueError(f"{name} must be a float or a 1-D tensor of length {B}, got shape "
+                                 f"{tuple(s.shape)}")
+            return s.to(device=device, dtype=torch.float64).expand(B).contiguous()
+        if isinstance(s, (int, float)) and not isinstance(s, bool):
+            return float(s)
+        raise TypeError(f"{name} must be a float or a 1-D tensor, got {type(s).__name__}")
+
+    sig, nxt = norm("sigma", sigma), norm("sigma_next", sigma_next)
+    if isinstance(sig, torch.Tensor) != isinstance(nxt, torch.Tensor):
+        sig = sig if isinstance(sig, torch.Tensor) else torch.full((B,), sig, dtype=torch.float64, device=device)
+        nxt = nxt if isinstance(nxt, torch.Tensor) else torch.full((B,), nxt, dtype=torch.float64, device=device)
+    if validate or not isinstance(sig, torch.Tensor):
+        s_vals = sig.detach().cpu() if isinstance(sig, torch.Tensor) else torch.tensor([sig], dtype=torch.float64)
+        n_vals = nxt.detach().cpu() if isinstance(nxt, torch.Tensor) else torch.tensor([nxt], dtype=torch.float64)
+        if not (torch.isfinite(s_vals).all() and (s_vals > 0).all() and (s_vals <= 1).all()):
+            raise ValueError(f"sigma must lie in (0, 1], got {s_vals.tolist()}")
+        if not (torch.isfinite(n_vals).all() and (n_vals >= 0).all()):
+            raise ValueError(f"sigma_next must be finite and >= 0, got {n_vals.tolist()}")
+        if not (n_vals < s_vals).all():
+            raise ValueError(f"sigma_next must be < sigma (dt = sigma_next - sigma < 0), got sigma="
+                             f"{s_vals.tolist()}, sigma_next={n_vals.tolist()}")
+    return sig, nxt
+
+
+def _common(model_output, sample, sigma, sigma_next, noise_level, dynamics, validate):
+    _latent("model_output", model_output)
+    _latent("sample", sample, like=model_output)
+    _choice("dynamics", dynamics, ref.DYNAMICS)
+    eta = _positive_float("noise_level", noise_level)
+    if dynamics == "cps" and eta > 1:
+        raise ValueError(f"noise_level must be in (0, 1] for cps dynamics (s = sigma'*sin(eta*pi/2)), got {eta}")
+    B = model_output.shape[0]
+    sig, nxt = _sigmas(sigma, sigma_next, B, model_output.device, validate)
+    return B, eta, sig, nxt
+
+
+def _draw_noise(sample, dtype, generator):
+    """Standard normal noise like ``sample`` in ``dtype``; a generator on another device draws there."""
+    if generator is not None and generator.device != sample.device:
+        z = torch.randn(sample.shape, generator=generator, device=generator.device, dtype=dtype)
+        return z.to(sample.device)
+    return torch.randn(sample.shape, generator=generator, device=sample.device, dtype=dtype)
+
+
+def sde_request(model_output, sample, sigma, sigma_next, *, noise_level, dynamics, prev_sample, generator,
+                noise, validate) -> SDERequest:
+    B, eta, sig, nxt = _common(model_output, sample, sigma, sigma_next, noise_level, dynamics, validate)
+    if prev_sample is not None:
+        _latent("prev_sample", prev_sample, like=model_output)
+        if noise is not None or generator is not None:
+            raise ValueError("noise/generator draw a new prev_sample; give them only when prev_sample is None")
+    _check_dtype_mix([("model_output", model_output), ("sample", sample), ("prev_sample", prev_sample),
+                      ("noise", noise)])
+    cd = ref.compute_dtype(model_output, sample, prev_sample)
+    if prev_sample is None:
+        if noise is None:
+            noise = _draw_noise(sample, cd, generator)
+        else:
+            _latent("noise", noise, like=model_output, allow_grad=False)
+            noise = noise.to(cd)
+    return SDERequest(model_output, sample, sig, nxt, eta, dynamics, prev_sample, noise)
+
+
+def loss_request(model_output, sample, prev_sample, sigma, sigma_next, advantages, *, old_log_prob,
+                 old_prev_sample_mean, old_model_output, noise_level, dynamics, method, clip_range,
+                 adv_clip_max, guard_weight, validate) -> LossRequest:
+    B, eta, sig, nxt = _common(model_output, sample, sigma, sigma_next, noise_level, dynamics, validate)
+    _choice("method", method, ref.METHODS)
+    _choice("guard_weight", guard_weight, ref.GUARD_WEIGHTS)
+    if sample.requires_grad:
+        raise ValueError("sample is rollout data and must not require grad (pass sample.detach()); "
+                         "policy_loss differentiates w.r.t. model_output only")
+    _latent("prev_sample", prev_sample, like=model_output, allow_grad=False)
+    if old_prev_sample_mean is not None:
+        _latent("old_prev_sample_mean", old_prev_sample_mean, like=model_output, allow_grad=False)
+    if old_model_output is not None:
+        _latent("old_model_output", old_model_output, like=model_output, allow_grad=False)
+    if old_prev_sample_mean is not None and old_model_output is not None:
+        raise ValueError("give old_prev_sample_mean or old_model_output, not both (they define the same "
+                         "old mean; old_model_output is exact and cheaper)")
+    has_old_mean = old_prev_sample_mean is not None or old_model_output is not None
+    if method == "grpo":
+        if old_log_prob is None and not has_old_mean:
+            raise ValueError("method='grpo' needs old_log_prob (or old_model_output / old_prev_sample_mean "
+                             "for the exact closed form)")
+    elif not has_old_mean:
+        raise ValueError(f"method={method!r} needs old_prev_sample_mean (what sde_step returned at rollout) "
+                         "or old_model_output (the rollout velocity)")
+    _check_dtype_mix([("model_output", model_output), ("sample", sample), ("prev_sample", prev_sample),
+                      ("old_prev_sample_mean", old_prev_sample_mean), ("old_model_output", old_model_output)])
+    device = model_output.device
+    advantages = _per_sample_vector("advantages", advantages, B, device, validate)
+    if advantages.requires_grad:
+        raise ValueError("advantages must not require grad")
+    if old_log_prob is not None:
+        old_log_prob = _per_sample_vector("old_log_prob", old_log_prob, B, device, validate)
+        if old_log_prob.requires_grad:
+            raise ValueError("old_log_prob is rollout data and must not require grad")
+    eps = _positive_float("clip_range", clip_range)
+    if eps >= 1:
+        raise ValueError(f"clip_range must be < 1, got {eps}")
+    adv_max = _positive_float("adv_clip_max", adv_clip_max, allow_inf=True)
+    if dynamics == "cps" and method in ("ratio_norm", "guard"):
+        nvals = nxt.detach().cpu() if isinstance(nxt, torch.Tensor) else torch.tensor([nxt])
+        if (nvals == 0).any():
+            raise ValueError("method=%r divides by the transition std, which is 0 for cps at sigma_next == 0; "
+                             "do not train the last step" % method)
+    return LossRequest(model_output, sample, prev_sample, sig, nxt, advantages, old_log_prob,
+                       old_prev_sample_mean, old_model_output, eta, dynamics, method, eps, adv_max, guard_weight)

@@ -1,0 +1,49 @@
+"""Build script: the pure-Python package always, the CUDA fallback (grpo_guard._C) where it can be built.
+
+The Triton kernels live in the top-level ``kernels/`` folder of the repository and are shipped as the
+``grpo_guard.kernels`` subpackage, so nothing installs a top-level module called ``kernels``.
+
+The CUDA extension needs a CUDA build of torch and nvcc. Where either is missing the extension is skipped
+with a message and ``pip install .`` still succeeds; ``GRPO_GUARD_BUILD_CUDA=1`` turns the skip into an
+error, ``GRPO_GUARD_BUILD_CUDA=0`` skips it without looking.
+"""
+import os
+import sys
+
+from setuptools import setup
+
+PACKAGES = ["grpo_guard", "grpo_guard.ops", "grpo_guard.compat", "grpo_guard.kernels"]
+PACKAGE_DIR = {"grpo_guard.kernels": "kernels"}
+
+
+def _cuda_extension():
+    """Return (ext_modules, cmdclass) for grpo_guard._C, or ([], {}) with a printed reason."""
+    want = os.environ.get("GRPO_GUARD_BUILD_CUDA", "auto").lower()
+    if want in ("0", "false", "no"):
+        print("grpo_guard: GRPO_GUARD_BUILD_CUDA=0, skipping the CUDA extension", file=sys.stderr)
+        return [], {}
+    try:
+        from grpo_guard_build import cuda_extension  # noqa: E402  (local helper, see csrc/)
+    except ImportError:
+        cuda_extension = None
+    reason = None
+    if cuda_extension is None:
+        reason = "csrc build helper not found"
+    else:
+        try:
+            ext, cmdclass, reason = cuda_extension()
+        except Exception as exc:  # a broken toolchain must not break `pip install .`
+            ext, cmdclass, reason = None, None, f"{type(exc).__name__}: {exc}"
+        if ext is not None:
+            return [ext], cmdclass
+    if want in ("1", "true", "yes"):
+        raise RuntimeError(f"GRPO_GUARD_BUILD_CUDA=1 but the CUDA extension cannot be built: {reason}")
+    print(f"grpo_guard: skipping the CUDA extension ({reason}); the triton and torch backends remain",
+          file=sys.stderr)
+    return [], {}
+
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc"))
+ext_modules, cmdclass = _cuda_extension()
+
+setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)
