@@ -10,9 +10,9 @@ error, ``GRPO_GUARD_BUILD_CUDA=0`` skips it without looking.
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PACKAGES = ["grpo_guard", "grpo_guard.ops", "grpo_guard.compat", "grpo_guard.kernels"]
+PACKAGES = find_packages(include=["grpo_guard", "grpo_guard.*"]) + ["grpo_guard.kernels"]
 PACKAGE_DIR = {"grpo_guard.kernels": "kernels"}
 
 
