@@ -1,0 +1,65 @@
+"""Launch geometry and argument packing shared by the Triton wrappers (no math here).
+
+The chunking depends on D (and on interpreter vs compiled) only, never on B: a sample's log-prob is summed
+in the same order whatever batch it is in, which is what makes ``log p_theta - old_log_prob`` exactly 0
+on-policy (sde_step's reduce and policy_loss's reduce use the same geometry and helpers).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+
+from grpo_guard.kernels import sde_step as _k
+
+DYNAMICS_CODE = {"flow": 0, "dance": 1, "cps": 2}
+MAX_CHUNKS = 1024          # partials per sample: the finish kernels tree-sum at most this many
+COMPILED_BLOCK = 1024      # elements per loop iteration of a compiled program (4 warps x 8 per thread)
+INTERPRETED_BLOCK = 1 << 16  # the interpreter pays per program and iteration, not per element
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}  # no FMA contraction: mu rounds identically in every kernel
+
+
+def interpreted() -> bool:
+    """True when the kernels were decorated under TRITON_INTERPRET=1 (decided at their import)."""
+    return not isinstance(_k.sde_step_reduce_kernel, triton.runtime.jit.JITFunction)
+
+
+class Geometry(NamedTuple):
+    block: int       # BLOCK (power of 2)
+    log_block: int
+    iters: int       # loop iterations per program
+    chunks: int      # C: programs per sample
+    cp: int          # next power of 2 >= C
+    log_cp: int
+    rows: int        # RB: rows per tile of the finish kernels
+    num_warps: int
+
+
+def geometry(B: int, D: int) -> Geometry:
+    """Grid of the latent-sized kernels: B*C programs, each BLOCK*ITERS elements of one sample.
+    Depends on D only (B only sets the finish kernels' tile height, which does not change any sum)."""
+    if interpreted():
+        block = max(16, min(triton.next_power_of_2(D), INTERPRETED_BLOCK))
+        iters = 1
+    else:
+        block = COMPILED_BLOCK
+        iters = min(8, max(1, D // (block * 64)))  # ~64 chunks per sample, up to 8K elements per program
+    iters = max(iters, triton.cdiv(D, block * MAX_CHUNKS))
+    chunks = triton.cdiv(D, block * iters)
+    cp = triton.next_power_of_2(chunks)
+    rows = max(1, min(triton.next_power_of_2(B), 2048 // cp))
+    return Geometry(block, block.bit_length() - 1, iters, chunks, cp, cp.bit_length() - 1, rows, 4)
+
+
+def sigma_args(sigma, sigma_next, dummy: torch.Tensor):
+    """(sig_ptr, nxt_ptr, sigma, sigma_next, PER_SAMPLE): float64 (B,) tensors are read in-kernel; Python
+    floats go as float64 scalars (the kernels annotate them tl.float64, so no float32 rounding)."""
+    if isinstance(sigma, torch.Tensor):
+        return sigma, sigma_next, 0.0, 0.0, True
+    return dummy, dummy, float(sigma), float(sigma_next), False
+
+
+def flat(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous view (copy only if needed) of a latent tensor; kernels index it as flat (B, D)."""
+    return t if t.is_contiguous() else t.contiguous()

@@ -1,0 +1,126 @@
+"""@triton.jit helpers shared by every kernel: coefficients, the transition mean, fixed-order sums, stores.
+
+Everything that must come out bit-identical in two kernels (mu, the squared-deviation accumulation, the
+chunk and partial sums) is written once here, so the on-policy log-ratio is exactly 0 by construction.
+Kernels are launched with ``enable_fp_fusion=False``: no FMA contraction, so ``a*x + b*v`` rounds the
+same way in every kernel (and as PyTorch's separate multiply and add do).
+"""
+import triton
+import triton.language as tl
+
+FLOW = tl.constexpr(0)
+DANCE = tl.constexpr(1)
+CPS = tl.constexpr(2)
+
+
+@triton.jit
+def load_sigmas(sig_ptr, nxt_ptr, sigma, sigma_next, rows, mask, PER_SAMPLE: tl.constexpr):
+    """(sigma, sigma') in float64 for ``rows`` (a scalar row or a vector): from the float64 (B,) tensors
+    when PER_SAMPLE, else the float64 scalars broadcast to the rows' shape."""
+    if PER_SAMPLE:
+        sig = tl.load(sig_ptr + rows, mask=mask, other=0.5).to(tl.float64)
+        nxt = tl.load(nxt_ptr + rows, mask=mask, other=0.25).to(tl.float64)
+    else:
+        zero = (rows * 0).to(tl.float64)
+        sig = sigma + zero
+        nxt = sigma_next + zero
+    return sig, nxt
+
+
+@triton.jit
+def step_coefficients(sig, nxt, eta, DYNAMICS: tl.constexpr):
+    """reference.step_coefficients in float64, operation for operation (SPEC §2 table).
+
+    flow:  std_dev_t = eta*sqrt(sigma/(1-sigma~)), sigma~ = sigma' where sigma == 1;  dance: std_dev_t = eta
+           s = std_dev_t*sqrt(-dt);  a = 1 + std_dev_t^2*dt/(2 sigma);  beta = 1 + std_dev_t^2 (1-sigma)/(2 sigma);
+           b = beta*dt
+    cps:   s = sigma'*sin(eta*pi/2);  c = sqrt(max(sigma'^2 - s^2, 0));  a = (1-sigma') + c;
+           b = (1-sigma) c - sigma (1-sigma');  beta = b/dt
+    Returns (std_dev_t, s, a, b, beta, dt), float64, shaped like ``sig``.
+    """
+    dt = nxt - sig
+    if DYNAMICS == CPS:
+        pi = tl.full([], 3.141592653589793, tl.float64)
+        std = nxt * tl.sin(eta * pi / 2.0)
+        std_dev_t = std
+        c = tl.sqrt(tl.maximum(nxt * nxt - std * std, 0.0))
+        a = (1.0 - nxt) + c
+        b = (1.0 - sig) * c - sig * (1.0 - nxt)
+        beta = b / dt
+    else:
+        if DYNAMICS == FLOW:
+            sig_tilde = tl.where(sig == 1.0, nxt, sig)
+            std_dev_t = eta * tl.sqrt(sig / (1.0 - sig_tilde))
+        else:
+            std_dev_t = eta + sig * 0.0
+        var = std_dev_t * std_dev_t
+        std = std_dev_t * tl.sqrt(-dt)
+        a = 1.0 + var * dt / (2.0 * sig)
+        beta = 1.0 + var * (1.0 - sig) / (2.0 * sig)
+        b = beta * dt
+    return std_dev_t, std, a, b, beta, dt
+
+
+@triton.jit
+def transition_mean(x, v, a, b):
+    """mu = a*x + b*v in the compute dtype (x, v already upcast; a, b cast once per sample)."""
+    return a * x + b * v
+
+
+@triton.jit
+def accumulate_sq_dev(acc, xp, mu, mask):
+    """acc + (x' - mu)^2, elementwise (masked lanes add 0): the log-prob's running sum."""
+    d = xp - mu
+    return acc + tl.where(mask, d * d, 0.0)
+
+
+@triton.jit
+def tree_sum_rows(t, LOG_N: tl.constexpr):
+    """Sum of each row of ``t`` [R, 2**LOG_N] -> [R], as a fixed pairwise tree: (0+1), (2+3), ... then
+    pairs of pairs. Each addition has two operands, so the result does not depend on how the compiler
+    lays the elements out over threads: two kernels summing equal values get equal bits."""
+    for _ in tl.static_range(LOG_N):
+        t = tl.sum(tl.reshape(t, (t.shape[0], t.shape[1] // 2, 2)), axis=2)
+    return tl.sum(t, axis=1)
+
+
+@triton.jit
+def tree_sum(acc, LOG_N: tl.constexpr):
+    """Sum of a [2**LOG_N] vector by the fixed pairwise tree of :func:`tree_sum_rows`, as a scalar."""
+    return tl.sum(tree_sum_rows(acc[None, :], LOG_N), axis=0)
+
+
+@triton.jit
+def row_totals(part_ptr, rows, row_mask, C, CP: tl.constexpr, LOG_CP: tl.constexpr):
+    """Per-row sum of the C chunk partials part[row, 0:C] (row-major, C per row), fixed order."""
+    cols = tl.arange(0, CP)
+    m = row_mask[:, None] & (cols[None, :] < C)
+    t = tl.load(part_ptr + rows[:, None] * C + cols[None, :], mask=m, other=0.0)
+    return tree_sum_rows(t, LOG_CP)
+
+
+@triton.jit
+def log_prob_from_total(total, D, std, DYNAMICS: tl.constexpr):
+    """log p from the row's sum of (x'-mu)^2 (SPEC §2, mean over D), in float64:
+    flow/dance: -mean/(2 s^2) - log s - log sqrt(2 pi);  cps: -mean."""
+    mean = total.to(tl.float64) / D
+    if DYNAMICS == CPS:
+        lp = -mean
+    else:
+        log_sqrt_2pi = tl.full([], 0.9189385332046727, tl.float64)
+        lp = -mean / (2.0 * std * std) - tl.log(std) - log_sqrt_2pi
+    return lp
+
+
+@triton.jit
+def rounded_for(x, ptr):
+    """``x`` (float32/64) rounded to ``ptr``'s element type, round-to-nearest-even. bf16 is rounded by hand
+    (the interpreter truncates), so the value stored is the one a later kernel loads, on every platform."""
+    ty = ptr.dtype.element_ty
+    if ty == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16) << 16
+        r = tl.where(x != x, x.to(tl.float32), bits.to(tl.float32, bitcast=True))
+        return r.to(tl.bfloat16)
+    else:
+        return x.to(ty)

@@ -1,0 +1,109 @@
+"""SDE step kernels (SPEC §2): forward = reduce + finish (2 launches), backward = 1 elementwise launch.
+
+Layout: latents are flat (B, D) row-major; program p of the reduce/backward grids handles row p // C,
+elements [(p % C)*BLOCK*ITERS, ...+BLOCK*ITERS) of it. Per-sample coefficients are recomputed in float64
+from sigma in every program (``common.step_coefficients``); CD, the compute dtype, is the element type of
+the mean pointer (float32, or float64 for float64 inputs).
+"""
+import triton
+import triton.language as tl
+
+from .common import (CPS, accumulate_sq_dev, load_sigmas, log_prob_from_total, rounded_for, row_totals,
+                     step_coefficients, transition_mean, tree_sum)
+
+
+@triton.jit
+def sde_step_reduce_kernel(v_ptr, x_ptr, xp_ptr, z_ptr, xp_out_ptr, mean_ptr, part_ptr,
+                           sig_ptr, nxt_ptr, sigma: tl.float64, sigma_next: tl.float64, eta: tl.float64,
+                           D, C, ITERS,
+                           DYNAMICS: tl.constexpr, PER_SAMPLE: tl.constexpr, ROLLOUT: tl.constexpr,
+                           BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr):
+    """mu = a*x + b*v -> mean (B, D); rollout: x' = round(mu + s*z) -> xp_out; part[p] = sum (x'-mu)^2 over
+    this program's chunk (x' as stored), accumulated elementwise then summed by a fixed tree."""
+    pid = tl.program_id(0)
+    row = pid // C
+    start = (pid % C) * (BLOCK * ITERS)
+    base = row.to(tl.int64) * D
+    CD: tl.constexpr = mean_ptr.dtype.element_ty
+    sig, nxt = load_sigmas(sig_ptr, nxt_ptr, sigma, sigma_next, row, True, PER_SAMPLE)
+    _, std, a64, b64, _, _ = step_coefficients(sig, nxt, eta, DYNAMICS)
+    a = a64.to(CD)
+    b = b64.to(CD)
+    s = std.to(CD)
+    acc = tl.zeros([BLOCK], CD)
+    for it in range(ITERS):
+        offs = start + it * BLOCK + tl.arange(0, BLOCK)
+        m = offs < D
+        x = tl.load(x_ptr + base + offs, mask=m, other=0.0).to(CD)
+        v = tl.load(v_ptr + base + offs, mask=m, other=0.0).to(CD)
+        mu = transition_mean(x, v, a, b)
+        tl.store(mean_ptr + base + offs, mu, mask=m)
+        if ROLLOUT:
+            z = tl.load(z_ptr + base + offs, mask=m, other=0.0).to(CD)
+            stored = rounded_for(mu + s * z, xp_out_ptr)
+            tl.store(xp_out_ptr + base + offs, stored, mask=m)
+            xp = stored.to(CD)
+        else:
+            xp = tl.load(xp_ptr + base + offs, mask=m, other=0.0).to(CD)
+        acc = accumulate_sq_dev(acc, xp, mu, m)
+    tl.store(part_ptr + pid, tree_sum(acc, LOG_BLOCK))
+
+
+@triton.jit
+def sde_step_finish_kernel(part_ptr, log_prob_ptr, std_dev_t_ptr,
+                           sig_ptr, nxt_ptr, sigma: tl.float64, sigma_next: tl.float64, eta: tl.float64,
+                           B, C, D,
+                           DYNAMICS: tl.constexpr, PER_SAMPLE: tl.constexpr,
+                           RB: tl.constexpr, CP: tl.constexpr, LOG_CP: tl.constexpr):
+    """One program: log_prob[i] = log_prob_from_total(sum_c part[i, c]) and std_dev_t[i], RB rows at a time."""
+    CD: tl.constexpr = log_prob_ptr.dtype.element_ty
+    for r0 in range(0, B, RB):
+        rows = r0 + tl.arange(0, RB)
+        rm = rows < B
+        total = row_totals(part_ptr, rows, rm, C, CP, LOG_CP)
+        sig, nxt = load_sigmas(sig_ptr, nxt_ptr, sigma, sigma_next, rows, rm, PER_SAMPLE)
+        std_dev_t, std, _, _, _, _ = step_coefficients(sig, nxt, eta, DYNAMICS)
+        tl.store(log_prob_ptr + rows, log_prob_from_total(total, D, std, DYNAMICS).to(CD), mask=rm)
+        tl.store(std_dev_t_ptr + rows, std_dev_t.to(CD), mask=rm)
+
+
+@triton.jit
+def sde_step_backward_kernel(xp_ptr, mean_ptr, g_prev_ptr, g_mean_ptr, g_lp_ptr, g_v_ptr, g_x_ptr,
+                             sig_ptr, nxt_ptr, sigma: tl.float64, sigma_next: tl.float64, eta: tl.float64,
+                             D, C, ITERS,
+                             DYNAMICS: tl.constexpr, PER_SAMPLE: tl.constexpr, HAS_G_PREV: tl.constexpr,
+                             HAS_G_MEAN: tl.constexpr, HAS_G_LP: tl.constexpr, NEED_G_V: tl.constexpr,
+                             NEED_G_X: tl.constexpr, BLOCK: tl.constexpr):
+    """g_mu = g_prev + g_mean + g_lp_i * k_i * (x' - mu), k = 1/(s^2 D) (flow, dance) or 2/D (cps);
+    g_v = b*g_mu, g_x = a*g_mu (x' is a constant of log_prob)."""
+    pid = tl.program_id(0)
+    row = pid // C
+    start = (pid % C) * (BLOCK * ITERS)
+    base = row.to(tl.int64) * D
+    CD: tl.constexpr = mean_ptr.dtype.element_ty
+    sig, nxt = load_sigmas(sig_ptr, nxt_ptr, sigma, sigma_next, row, True, PER_SAMPLE)
+    _, std, a64, b64, _, _ = step_coefficients(sig, nxt, eta, DYNAMICS)
+    a = a64.to(CD)
+    b = b64.to(CD)
+    if HAS_G_LP:
+        g_lp = tl.load(g_lp_ptr + row).to(tl.float64)
+        if DYNAMICS == CPS:
+            k = (g_lp * 2.0 / D).to(CD)
+        else:
+            k = (g_lp / (std * std * D)).to(CD)
+    for it in range(ITERS):
+        offs = start + it * BLOCK + tl.arange(0, BLOCK)
+        m = offs < D
+        g = tl.zeros([BLOCK], CD)
+        if HAS_G_PREV:
+            g += tl.load(g_prev_ptr + base + offs, mask=m, other=0.0).to(CD)
+        if HAS_G_MEAN:
+            g += tl.load(g_mean_ptr + base + offs, mask=m, other=0.0).to(CD)
+        if HAS_G_LP:
+            xp = tl.load(xp_ptr + base + offs, mask=m, other=0.0).to(CD)
+            mu = tl.load(mean_ptr + base + offs, mask=m, other=0.0)
+            g += k * (xp - mu)
+        if NEED_G_V:
+            tl.store(g_v_ptr + base + offs, rounded_for(b * g, g_v_ptr), mask=m)
+        if NEED_G_X:
+            tl.store(g_x_ptr + base + offs, rounded_for(a * g, g_x_ptr), mask=m)
