@@ -1,0 +1,81 @@
+"""Runs the op benchmarks (bench_sde_step, bench_policy_loss): copy bandwidth, every provider x shape x dtype x
+mode, a table on stdout and optionally a CSV. Shared by ``python benchmarks/run_gpu.py``, the per-op scripts and
+``grpo-guard bench``."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+import torch
+
+from .utils import (ALL_SHAPES, DTYPES, SHAPES, copy_bandwidth, environment, format_table, parse_list, run_op,
+                    speedups, write_csv)
+
+OPS = {"sde_step": "benchmarks.bench_sde_step", "policy_loss": "benchmarks.bench_policy_loss"}
+
+
+def main_run(*, device, shapes=None, dtypes="bf16,fp32", modes="forward,backward,full", providers=None,
+             ops=None, out=None, rep=100, warmup=5, max_seconds=10.0, quiet=False, threads=None) -> int:
+    """Run the suite and print the table; returns 0 (an exit status). On CPU, ``threads`` torch threads (default
+    1: on a shared machine, multi-threaded reductions stall on OpenMP barriers and time the neighbours)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        torch.set_num_threads(threads or 1)
+    op_names = parse_list(ops, OPS, "op")
+    shape_names = parse_list(shapes, ALL_SHAPES, "shape") if shapes else list(SHAPES)
+    dtype_list = [DTYPES[d] for d in parse_list(dtypes, DTYPES, "dtype")]
+    env = environment(device)
+    log = (lambda s: None) if quiet else (lambda s: print(s, flush=True))
+    log("  ".join(f"{k}={v}" for k, v in env.items()))
+    copy_gbps = copy_bandwidth(device)
+    log(f"copy bandwidth: {copy_gbps:.1f} GB/s")
+    rows = []
+    for op in op_names:
+        module = importlib.import_module(OPS[op])
+        mode_list = [m for m in parse_list(modes, module.MODES + ("rollout",), "mode") if m in module.MODES]
+        available = module.providers()
+        chosen = [p for p in available if providers is None or p.name in parse_list(
+            providers, [q.name for q in available], "provider")]
+        for shape in shape_names:
+            for dtype in dtype_list:
+                log(f"{op} {shape} {str(dtype).replace('torch.', '')}: {', '.join(p.name for p in chosen)} x "
+                    f"{', '.join(mode_list)}")
+                case = module.make_case(shape, dtype, device)
+                rows += run_op(op, chosen, [case], mode_list, device, module.bytes_moved, copy_gbps,
+                               warmup=warmup, rep=rep, max_seconds=max_seconds, log=log)
+                del case
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    print()
+    print(format_table(rows, copy_gbps, env))
+    lines = speedups(rows, "eager")
+    if lines:
+        print()
+        print("\n".join(lines))
+    if out:
+        write_csv(rows, out, env, copy_gbps)
+        print(f"\nwrote {out}")
+    return 0
+
+
+def cli(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--ops", default=None, help=f"comma-separated, of {list(OPS)} (default all)")
+    parser.add_argument("--shapes", default=None, help=f"comma-separated, of {list(ALL_SHAPES)} "
+                        "(default: the SPEC §7 shapes)")
+    parser.add_argument("--dtypes", default="bf16,fp32")
+    parser.add_argument("--modes", default="forward,backward,full,rollout")
+    parser.add_argument("--providers", default=None, help="comma-separated provider names (default all)")
+    parser.add_argument("--rep", type=int, default=100)
+    parser.add_argument("--out", default=None, help="CSV file to write")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
+    args = parser.parse_args(argv)
+    return main_run(device=args.device, shapes=args.shapes, dtypes=args.dtypes, modes=args.modes,
+                    providers=args.providers, ops=args.ops, out=args.out, rep=args.rep,
+                    threads=args.threads)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,62 @@
+"""pytest-benchmark entry for what runs on a CPU: grpo_guard's torch backend vs the published eager formulas at a
+small shape (forward, and forward + backward), and the float32 precision comparison (printed).
+
+    pytest benchmarks/test_bench_cpu.py --benchmark-only
+
+Not collected by the default ``pytest`` run (testpaths = tests). One torch thread: on a shared CPU,
+multi-threaded reductions stall on OpenMP barriers and the timings measure the neighbours.
+"""
+import pytest
+import torch
+
+import grpo_guard as gg
+
+from . import bench_policy_loss, bench_sde_step
+from grpo_guard.bench import mode_callables
+from .precision import format_precision, precision_table
+
+SHAPE = "cpu_small"
+PROVIDERS = ("eager", "gg-torch")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _provider(module, name):
+    return next(p for p in module.providers() if p.name == name)
+
+
+@pytest.mark.parametrize("mode", ["forward", "full"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("module", [bench_sde_step, bench_policy_loss], ids=["sde_step", "policy_loss"])
+def test_op(benchmark, module, provider, dtype, mode):
+    benchmark.group = f"{module.OP} {mode} {SHAPE} {str(dtype).replace('torch.', '')}"
+    case = module.make_case(SHAPE, dtype, "cpu")
+    p = _provider(module, provider)
+    with p.context():
+        fn, before = mode_callables(p, case, mode)
+
+        def call():
+            if before is not None:
+                before()
+            return fn()
+        benchmark.pedantic(call, rounds=30, iterations=1, warmup_rounds=3)
+    if provider.startswith("gg-"):
+        assert gg.last_backend() == "torch"
+
+
+def test_precision_published_vs_closed_form(benchmark, capsys):
+    """Times one evaluation of the precision table (SD3.5 512 px shape, log r_hat = 2e-6) and prints it; asserts
+    SPEC §6's bound for grpo_guard (<= 1e-3 relative at every sigma) and that the published float32 formula is
+    worse than that at sigma = 0.96."""
+    rows = benchmark.pedantic(precision_table, args=("sd35_512", (2e-6,)), rounds=1, iterations=1)
+    with capsys.disabled():
+        print("\n" + format_precision(rows))
+    assert all(r["gg_old_velocity_rel"] <= 1e-3 and r["gg_old_mean_rel"] <= 1e-3 for r in rows)
+    assert next(r for r in rows if r["step"] == 1)["published_rel"] > 1e-3

@@ -1,0 +1,379 @@
+"""``grpo-guard bench``: time the ops on this machine; and the timing utilities the benchmarks/ scripts share.
+
+The benchmark definitions (providers, shapes, byte counts, the published baselines) live in the repository's
+``benchmarks/`` folder; this module holds what they share (timing, copy bandwidth, peak memory, table, CSV) so
+that ``grpo-guard bench`` and ``python benchmarks/run_gpu.py`` run the same code.
+
+Conventions (Liger-Kernel habits): each measurement reports the median and the 20th/80th percentiles of the
+per-call times; on CUDA each call is timed with CUDA events after flushing the L2 cache, on CPU with
+``time.perf_counter``. Achieved GB/s = the bytes the op must minimally move (each latent-sized input read once,
+each latent-sized output written once per pass) / median time, compared with a device copy bandwidth
+(``dst.copy_(src)`` of a large tensor, read + write) measured in the same run. Peak extra memory is
+``torch.cuda.max_memory_allocated`` during the call minus what was allocated before it (CUDA only).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime
+import importlib
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+QUANTILES = (0.5, 0.2, 0.8)
+MODES = ("forward", "backward", "full")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# timing
+# ----------------------------------------------------------------------------------------------------------
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _L2Flush:
+    """Writing a buffer larger than the L2 cache before each timed call, so inputs come from HBM (CUDA only)."""
+
+    def __init__(self, device: torch.device, nbytes: int = 256 << 20):
+        self.buf = torch.empty(nbytes, dtype=torch.int8, device=device) if device.type == "cuda" else None
+
+    def __call__(self):
+        if self.buf is not None:
+            self.buf.zero_()
+
+
+def measure(fn: Callable[[], object], device, *, warmup: int = 5, rep: int = 50, max_seconds: float = 10.0,
+            before: Optional[Callable[[], None]] = None) -> List[float]:
+    """Per-call times of ``fn`` in milliseconds (``rep`` calls after ``warmup``; fewer if they would take more
+    than ``max_seconds``). ``before`` runs untimed before every call (e.g. clearing ``.grad``)."""
+    device = torch.device(device)
+    flush = _L2Flush(device)
+    for _ in range(warmup):
+        if before is not None:
+            before()
+        fn()
+    synchronize(device)
+    times: List[float] = []
+    deadline = time.perf_counter() + max_seconds
+    if device.type == "cuda":
+        events = []
+        for i in range(rep):
+            if before is not None:
+                before()
+            flush()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            events.append((start, end))
+            if i >= 2 and time.perf_counter() > deadline:
+                break
+        synchronize(device)
+        times = [s.elapsed_time(e) for s, e in events]
+    else:
+        for i in range(rep):
+            if before is not None:
+                before()
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+            if i >= 2 and time.perf_counter() > deadline:
+                break
+    return times
+
+
+def quantiles(times: Sequence[float], qs: Sequence[float] = QUANTILES) -> List[float]:
+    """Linear-interpolated quantiles (numpy's default) of ``times``."""
+    xs = sorted(times)
+    out = []
+    for q in qs:
+        pos = q * (len(xs) - 1)
+        lo, hi = math.floor(pos), math.ceil(pos)
+        out.append(xs[lo] + (xs[hi] - xs[lo]) * (pos - lo))
+    return out
+
+
+def copy_bandwidth(device, nbytes: Optional[int] = None, rep: int = 20) -> float:
+    """Achieved device copy bandwidth in GB/s (1e9 bytes/s): ``dst.copy_(src)`` moves 2*nbytes (read + write).
+    Default size 1 GiB on CUDA, 64 MiB on CPU (both larger than any cache)."""
+    device = torch.device(device)
+    if nbytes is None:
+        nbytes = (1 << 30) if device.type == "cuda" else (64 << 20)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    times = measure(lambda: dst.copy_(src), device, warmup=3, rep=rep)
+    median = quantiles(times, (0.5,))[0]
+    del src, dst
+    return 2 * nbytes / (median * 1e-3) / 1e9
+
+
+def peak_extra_memory(fn: Callable[[], object], device, before: Optional[Callable[[], None]] = None) -> Optional[float]:
+    """MiB allocated at the peak of one call of ``fn`` beyond what was allocated before it (CUDA), else None."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    if before is not None:
+        before()
+    synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = fn()
+    synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del out
+    return (peak - base) / 2 ** 20
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one op, several providers
+# ----------------------------------------------------------------------------------------------------------
+
+class Skip(Exception):
+    """A provider cannot run this case; the message says why."""
+
+
+@dataclass
+class Provider:
+    """How one implementation of an op is timed.
+
+    name        shown in the table ("eager", "compile", "triton", ...)
+    forward     case -> the tensor to differentiate (a 0-dim loss, or a (B,) log-prob), built from ``case``
+    available   device -> None, or the reason it cannot run there
+    context     a context manager entered around all of this provider's calls (e.g. ``grpo_guard.backend``)
+    rollout     optional: case -> anything; the no-grad sampling call (sde_step only)
+    """
+
+    name: str
+    forward: Callable[[dict], torch.Tensor]
+    available: Callable[[torch.device], Optional[str]] = lambda device: None
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    rollout: Optional[Callable[[dict], object]] = None
+
+
+def mode_callables(provider: Provider, case: dict, mode: str):
+    """-> (fn, before) for ``mode``: "forward" (grad-enabled forward), "backward" (backward of one forward
+    output, retain_graph), "full" (forward + backward), "rollout" (no-grad sampling). ``case["leaf"]`` is the
+    tensor whose .grad is cleared before each call; ``case["grad_out"]`` the upstream gradient (None: scalar)."""
+    leaf, grad_out = case.get("leaf"), case.get("grad_out")
+
+    def clear():
+        if leaf is not None:
+            leaf.grad = None
+
+    if mode == "forward":
+        return (lambda: provider.forward(case)), None
+    if mode == "backward":
+        out = provider.forward(case)
+        return (lambda: out.backward(grad_out, retain_graph=True)), clear
+    if mode == "full":
+        return (lambda: provider.forward(case).backward(grad_out)), clear
+    if mode == "rollout":
+        if provider.rollout is None:
+            raise Skip("no rollout path")
+
+        def roll():
+            with torch.no_grad():
+                return provider.rollout(case)
+        return roll, None
+    raise ValueError(f"mode must be one of {MODES + ('rollout',)}, got {mode!r}")
+
+
+@dataclass
+class Row:
+    """One measurement (one CSV line)."""
+
+    op: str
+    mode: str
+    provider: str
+    shape: str
+    batch: int
+    latent_numel: int
+    dtype: str
+    device: str
+    median_ms: Optional[float] = None
+    p20_ms: Optional[float] = None
+    p80_ms: Optional[float] = None
+    bytes_moved: Optional[int] = None
+    gbps: Optional[float] = None
+    pct_of_copy: Optional[float] = None
+    peak_extra_mib: Optional[float] = None
+    note: str = ""
+
+
+def run_op(op: str, providers: Iterable[Provider], cases: Iterable[dict], modes: Sequence[str], device,
+           bytes_moved: Callable[[dict, str], int], copy_gbps: Optional[float], *, warmup: int = 5, rep: int = 50,
+           max_seconds: float = 10.0, log: Callable[[str], None] = lambda s: None) -> List[Row]:
+    """Time every provider x case x mode. ``cases``: dicts made by the op's ``make_case`` with keys shape, batch,
+    latent_numel, dtype (and the tensors). Unavailable providers give rows with the reason in ``note``."""
+    device = torch.device(device)
+    providers = list(providers)
+    rows: List[Row] = []
+    for case in cases:
+        for mode in modes:
+            for p in providers:
+                row = Row(op, mode, p.name, case["shape"], case["batch"], case["latent_numel"],
+                          str(case["dtype"]).replace("torch.", ""), str(device))
+                reason = p.available(device)
+                if reason:
+                    row.note = f"skipped: {reason}"
+                    rows.append(row)
+                    continue
+                try:
+                    with p.context():
+                        fn, before = mode_callables(p, case, mode)
+                        times = measure(fn, device, warmup=warmup, rep=rep, max_seconds=max_seconds, before=before)
+                        row.peak_extra_mib = peak_extra_memory(fn, device, before)
+                except Skip as exc:
+                    row.note = f"skipped: {exc}"
+                    rows.append(row)
+                    continue
+                except Exception as exc:  # a provider that fails is reported, not fatal to the suite
+                    row.note = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+                    rows.append(row)
+                    log(f"{op} {mode} {p.name} {case['shape']} {row.dtype}: {row.note}")
+                    continue
+                row.median_ms, row.p20_ms, row.p80_ms = quantiles(times)
+                row.bytes_moved = int(bytes_moved(case, mode))
+                row.gbps = row.bytes_moved / (row.median_ms * 1e-3) / 1e9
+                if copy_gbps:
+                    row.pct_of_copy = 100.0 * row.gbps / copy_gbps
+                rows.append(row)
+            if case.get("leaf") is not None:
+                case["leaf"].grad = None
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# output
+# ----------------------------------------------------------------------------------------------------------
+
+def environment(device) -> Dict[str, str]:
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores, "\
+               f"{torch.get_num_threads()} torch threads)"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        triton_version = "n/a"
+    return {"device": name, "torch": torch.__version__, "cuda": str(torch.version.cuda), "triton": triton_version,
+            "python": platform.python_version(), "date": datetime.date.today().isoformat()}
+
+
+def _fmt(x, spec):
+    return "n/a" if x is None else format(x, spec)
+
+
+def format_row(r: Row) -> str:
+    if r.median_ms is None:
+        return f"{r.op:<12} {r.mode:<8} {r.provider:<10} {r.shape:<10} {r.dtype:<8} {r.note}"
+    return (f"{r.op:<12} {r.mode:<8} {r.provider:<10} {r.shape:<10} {r.dtype:<8} "
+            f"{r.median_ms * 1e3:>10.1f} {r.p20_ms * 1e3:>10.1f} {r.p80_ms * 1e3:>10.1f} "
+            f"{_fmt(r.gbps, '8.1f'):>8} {_fmt(r.pct_of_copy, '6.1f'):>6} {_fmt(r.peak_extra_mib, '9.1f'):>9}")
+
+
+def format_table(rows: Sequence[Row], copy_gbps: Optional[float] = None, env: Optional[dict] = None) -> str:
+    lines = []
+    if env:
+        lines.append("  ".join(f"{k}={v}" for k, v in env.items()))
+    if copy_gbps is not None:
+        lines.append(f"copy bandwidth: {copy_gbps:.1f} GB/s")
+    lines.append(f"{'op':<12} {'mode':<8} {'provider':<10} {'shape':<10} {'dtype':<8} "
+                 f"{'median_us':>10} {'p20_us':>10} {'p80_us':>10} {'GB/s':>8} {'%copy':>6} {'extra_MiB':>9}")
+    lines.extend(format_row(r) for r in rows)
+    return "\n".join(lines)
+
+
+def speedups(rows: Sequence[Row], baseline: str = "eager") -> List[str]:
+    """Lines 'op mode shape dtype: provider x{speedup vs baseline}' for every timed non-baseline provider."""
+    base = {(r.op, r.mode, r.shape, r.dtype): r.median_ms for r in rows
+            if r.provider == baseline and r.median_ms is not None}
+    out = []
+    for r in rows:
+        key = (r.op, r.mode, r.shape, r.dtype)
+        if r.provider != baseline and r.median_ms is not None and base.get(key):
+            out.append(f"{r.op} {r.mode} {r.shape} {r.dtype}: {r.provider} {base[key] / r.median_ms:.2f}x vs "
+                       f"{baseline}")
+    return out
+
+
+def write_csv(rows: Sequence[Row], path, env: Optional[dict] = None, copy_gbps: Optional[float] = None) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    extra = {("device_name" if k == "device" else k): v for k, v in (env or {}).items()}
+    extra["copy_gbps"] = "" if copy_gbps is None else f"{copy_gbps:.2f}"
+    names = [f.name for f in fields(Row)] + list(extra)
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=names)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**asdict(r), **extra})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# grpo-guard bench
+# ----------------------------------------------------------------------------------------------------------
+
+def _benchmarks_dir() -> Optional[Path]:
+    """The repository's benchmarks/ folder (next to the package in a checkout or editable install, or in the
+    current directory), or None for an installed wheel without the repository."""
+    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
+        if (root / "benchmarks" / "run_gpu.py").is_file():
+            return root
+    return None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="grpo-guard bench",
+        description="Time grpo_guard's ops against the published eager formulas on this machine "
+                    "(CPU: small shapes, eager vs the torch backend; GPU: every provider at the SPEC §7 shapes).")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None, help="also write the rows to this CSV file")
+    parser.add_argument("--shapes", default=None,
+                        help="comma-separated shape names (default: 'cpu_small' on CPU, all SPEC §7 shapes on GPU)")
+    parser.add_argument("--dtypes", default="bf16,fp32")
+    parser.add_argument("--modes", default="forward,backward,full,rollout")
+    parser.add_argument("--providers", default=None,
+                        help="comma-separated providers (default: eager,gg-torch on CPU; all on GPU)")
+    parser.add_argument("--compile", action="store_true", help="on CPU, also time torch.compile of the baselines")
+    parser.add_argument("--rep", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
+    args = parser.parse_args(argv)
+
+    root = _benchmarks_dir()
+    if root is None:
+        print("grpo-guard bench: the benchmark suite lives in the repository's benchmarks/ folder, which this "
+              "installation does not include; run it from a checkout: python benchmarks/run_gpu.py",
+              file=sys.stderr)
+        return 2
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    suite = importlib.import_module("benchmarks.suite")
+    device = torch.device(args.device)
+    on_cpu = device.type == "cpu"
+    providers = args.providers
+    if providers is None and on_cpu:
+        providers = "eager,compile,gg-torch" if args.compile else "eager,gg-torch"
+    return suite.main_run(device=device,
+                          shapes=args.shapes or ("cpu_small" if on_cpu else None),
+                          dtypes=args.dtypes, modes=args.modes, providers=providers, out=args.out,
+                          rep=args.rep or (20 if on_cpu else 100), threads=args.threads)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
