@@ -1,0 +1,110 @@
+"""The adapter interface the trainer uses, and :func:`build_adapter` (hub pipeline or tiny random one)."""
+from __future__ import annotations
+
+import copy
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Cond(dict):
+    """Prompt conditioning of a batch: a dict of tensors whose first dim is the batch (plus shared tensors
+    listed in ``shared``, e.g. Flux's txt_ids). Detached; stored with the rollout and reused by the update
+    so the recomputed velocity sees exactly the rollout's inputs."""
+
+    shared: Tuple[str, ...] = ()
+
+    def select(self, index) -> "Cond":
+        out = type(self)({k: (v if k in self.shared else v[index]) for k, v in self.items()})
+        return out
+
+
+class FlowAdapter:
+    """A diffusers pipeline seen by the trainer. Subclasses set ``family`` and implement the methods below.
+
+    ``pipe`` is the diffusers pipeline (its text encoders, tokenizers, VAE and scheduler are used as is);
+    ``transformer`` is the model that is trained (LoRA is added to it by the trainer).
+    """
+
+    family = ""
+    cond_class = Cond
+
+    def __init__(self, pipe, resolution: int, max_sequence_length: int = 256):
+        self.pipe = pipe
+        self.resolution = int(resolution)
+        self.max_sequence_length = int(max_sequence_length)
+        for module in (getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")):
+            if module is not None:
+                module.requires_grad_(False).eval()
+        self.transformer.eval()
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        return self.pipe.transformer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    def to(self, device) -> "FlowAdapter":
+        self.pipe.to(device)
+        return self
+
+    # --- what subclasses implement ------------------------------------------------------------------
+    def encode_prompts(self, prompts: Sequence[str]) -> Cond:
+        raise NotImplementedError
+
+    def latent_shape(self) -> Tuple[int, ...]:
+        """Shape of one sample's latent as the transformer sees it (SD3: C,H,W; Flux: packed seq, C*4)."""
+        raise NotImplementedError
+
+    def sigmas(self, num_steps: int) -> List[float]:
+        """The pipeline scheduler's N+1 sigmas, from 1 down to 0 (SD3: shift; Flux: dynamic shift mu)."""
+        raise NotImplementedError
+
+    def velocity(self, model: torch.nn.Module, latents: torch.Tensor, sigma: float, cond: Cond,
+                 guidance_scale: float, cfg: bool = True) -> torch.Tensor:
+        """The velocity v(x, sigma | prompt) that sde_step consumes, after CFG (SD3) / with guidance (Flux)."""
+        raise NotImplementedError
+
+    def unpack(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents as the VAE expects them (B, C, H, W)."""
+        return latents
+
+    # --- shared -----------------------------------------------------------------------------------------
+    def _scheduler(self):
+        return copy.deepcopy(self.pipe.scheduler)  # set_timesteps mutates; keep the pipeline's untouched
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Final latents -> images (B, 3, H, W) float32 in [0, 1]. Without a VAE (``pipe.vae is None``, e.g. a
+        pixel-space toy model) the latents' first 3 channels are taken as the image in [-1, 1]."""
+        x = self.unpack(latents)
+        vae = getattr(self.pipe, "vae", None)
+        if vae is None:
+            img = x[:, :3]
+        else:
+            cfg = vae.config
+            x = x.to(vae.dtype) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+            img = vae.decode(x, return_dict=False)[0]
+        return (img.float() / 2 + 0.5).clamp(0, 1)
+
+    def trainable_dtype_note(self) -> str:
+        return str(next(self.transformer.parameters()).dtype)
+
+
+def build_adapter(model_cfg, device: Optional[torch.device] = None, seed: int = 0) -> FlowAdapter:
+    """An adapter from a :class:`~grpo_guard.trainer.config.ModelConfig`: ``tiny`` builds a random tiny pipeline
+    in memory (no download), otherwise ``pretrained`` is loaded with ``from_pretrained`` in ``dtype``."""
+    from . import flux, sd3
+
+    module = {"sd3": sd3, "flux": flux}[model_cfg.family]
+    dtype = DTYPES[model_cfg.dtype]
+    if model_cfg.tiny:
+        pipe = module.tiny_pipeline(seed=seed, dtype=dtype)
+    else:
+        pipe = module.PIPELINE.from_pretrained(model_cfg.pretrained, torch_dtype=dtype)
+    adapter = module.Adapter(pipe, resolution=model_cfg.resolution, max_sequence_length=model_cfg.max_sequence_length)
+    return adapter.to(device) if device is not None else adapter

@@ -1,0 +1,78 @@
+"""Stable Diffusion 3 / 3.5 (``StableDiffusion3Pipeline``): three text encoders, classifier-free guidance by
+a doubled batch [uncond, cond], latents (B, C, H, W), ``FlowMatchEulerDiscreteScheduler(shift=3)`` sigmas."""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+
+from . import tiny
+from .base import Cond, FlowAdapter
+
+try:
+    from diffusers import StableDiffusion3Pipeline as PIPELINE
+except ImportError:  # pragma: no cover - the train extra is missing
+    PIPELINE = None
+
+# flow_grpo's LoRA targets for SD3.5 (attention projections of both streams)
+LORA_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+                "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"]
+
+
+class SD3Cond(Cond):
+    """prompt_embeds (B, L, C), pooled (B, P) and their negative (unconditional) counterparts."""
+
+
+class Adapter(FlowAdapter):
+    family = "sd3"
+
+    def encode_prompts(self, prompts: Sequence[str], negative_prompt: str = "") -> SD3Cond:
+        with torch.no_grad():
+            pe, ne, pp, npool = self.pipe.encode_prompt(
+                prompt=list(prompts), prompt_2=None, prompt_3=None, device=self.device,
+                do_classifier_free_guidance=True, negative_prompt=[negative_prompt] * len(prompts),
+                max_sequence_length=self.max_sequence_length)
+        return SD3Cond(prompt_embeds=pe, pooled=pp, neg_prompt_embeds=ne, neg_pooled=npool)
+
+    def latent_shape(self) -> Tuple[int, ...]:
+        side = self.resolution // self.pipe.vae_scale_factor
+        return (self.transformer.config.in_channels, side, side)
+
+    def sigmas(self, num_steps: int) -> List[float]:
+        sched = self._scheduler()
+        sched.set_timesteps(num_steps, device="cpu")
+        return [float(s) for s in sched.sigmas]
+
+    def velocity(self, model, latents, sigma, cond, guidance_scale, cfg=True):
+        B = latents.shape[0]
+        guided = cfg and guidance_scale > 1.0
+        if guided:
+            hidden = torch.cat([latents, latents])
+            enc = torch.cat([cond["neg_prompt_embeds"], cond["prompt_embeds"]])
+            pooled = torch.cat([cond["neg_pooled"], cond["pooled"]])
+        else:
+            hidden, enc, pooled = latents, cond["prompt_embeds"], cond["pooled"]
+        t = torch.full((hidden.shape[0],), sigma * 1000.0, device=latents.device, dtype=latents.dtype)
+        out = model(hidden_states=hidden, timestep=t, encoder_hidden_states=enc, pooled_projections=pooled,
+                    return_dict=False)[0]
+        if not guided:
+            return out
+        uncond, text = out[:B], out[B:]
+        return uncond + guidance_scale * (text - uncond)
+
+
+def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, sample_size: int = 8):
+    """A random tiny ``StableDiffusion3Pipeline`` built in memory: 2-layer transformer, latents 4 x 8 x 8 at 16 px."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=sample_size, patch_size=1, in_channels=4, out_channels=4,
+                                        num_layers=2, attention_head_dim=8, num_attention_heads=2,
+                                        joint_attention_dim=32, caption_projection_dim=16,
+                                        pooled_projection_dim=32, pos_embed_max_size=32)
+    pipe = PIPELINE(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=tiny.vae(4, seed + 1),
+        text_encoder=tiny.clip_text_encoder(16, True, 16, seed + 2), tokenizer=tiny.clip_tokenizer(),
+        text_encoder_2=tiny.clip_text_encoder(16, True, 16, seed + 3), tokenizer_2=tiny.clip_tokenizer(),
+        text_encoder_3=tiny.t5_text_encoder(32, seed + 4), tokenizer_3=tiny.t5_tokenizer())
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)

@@ -1,0 +1,61 @@
+"""Tiny tokenizers and text encoders built in memory (no download) for the tiny offline pipelines.
+
+The tokenizers are the real CLIPTokenizer / T5TokenizerFast classes over a character-level vocabulary, so the
+pipelines' own ``encode_prompt`` runs unchanged.
+"""
+from __future__ import annotations
+
+import string
+
+import torch
+
+CHARS = string.ascii_lowercase + string.digits
+MAX_CLIP_TOKENS = 16
+
+
+def clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in CHARS:
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=MAX_CLIP_TOKENS)
+
+
+def t5_tokenizer():
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("\u2581" + c, -1.0) for c in CHARS] + [(c, -2.0) for c in CHARS]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=64)
+
+
+def clip_text_encoder(hidden: int, with_projection: bool, projection_dim: int = 0, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(vocab_size=2 + 2 * len(CHARS), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=MAX_CLIP_TOKENS,
+                         projection_dim=projection_dim or hidden, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    torch.manual_seed(seed)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg)
+
+
+def t5_text_encoder(d_model: int, seed: int = 0):
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = T5Config(vocab_size=3 + 2 * len(CHARS), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=1,
+                   num_heads=2, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1)
+    torch.manual_seed(seed)
+    return T5EncoderModel(cfg)
+
+
+def vae(latent_channels: int = 4, seed: int = 0):
+    """An AutoencoderKL with 2 blocks: images of side 2*h for latents of side h."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 8),
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         layers_per_block=1, latent_channels=latent_channels, norm_num_groups=4, sample_size=16,
+                         scaling_factor=1.5, shift_factor=0.06, use_quant_conv=False, use_post_quant_conv=False)

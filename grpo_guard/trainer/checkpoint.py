@@ -1,0 +1,141 @@
+"""Checkpoints: ``<output_dir>/checkpoints/step-00000042/`` with
+
+- ``weights.safetensors``  the trained parameters by name (the LoRA weights, or the full transformer)
+- ``ema.safetensors``      their EMA (when enabled)
+- ``optimizer.pt``, ``scheduler.pt``     optimizer and LR-scheduler state
+- ``rng-<rank>.pt``        python / numpy / torch (and CUDA) RNG states of each process
+- ``state.json``           step, counters, config -- written last; its presence marks a complete checkpoint
+
+Written atomically: everything goes to a hidden temporary directory that is renamed into place only when
+complete, so a run killed mid-write leaves no directory that looks like a checkpoint. ``latest`` finds the
+newest complete one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+PATTERN = re.compile(r"^step-(\d{8})$")
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> Dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(root: str, step: int, accelerator, named_params: Dict[str, torch.Tensor], optimizer, lr_scheduler,
+         state: Dict, ema_shadow: Optional[Sequence[torch.Tensor]] = None, keep_last: int = 0) -> str:
+    """Write checkpoint ``step`` under ``root`` (collective: call on every process). Returns its path."""
+    final = os.path.join(root, f"step-{step:08d}")
+    tmp = os.path.join(root, f".tmp-step-{step:08d}")
+    main = accelerator.is_main_process
+    if main:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(), os.path.join(tmp, f"rng-{accelerator.process_index}.pt"))
+    if main:
+        names = list(named_params)
+        save_file({n: t.detach().contiguous().cpu() for n, t in named_params.items()},
+                  os.path.join(tmp, "weights.safetensors"))
+        if ema_shadow is not None:
+            save_file({n: s.contiguous().cpu() for n, s in zip(names, ema_shadow)}, os.path.join(tmp, "ema.safetensors"))
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        torch.save(lr_scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+    accelerator.wait_for_everyone()
+    if main:
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump(dict(state, step=step, num_processes=accelerator.num_processes), f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        if keep_last > 0:
+            for old in list_complete(root)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def list_complete(root: str) -> List[str]:
+    """Complete checkpoints under ``root``, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        m = PATTERN.match(name)
+        path = os.path.join(root, name)
+        if m and os.path.isfile(os.path.join(path, "state.json")) and \
+                os.path.isfile(os.path.join(path, "weights.safetensors")):
+            found.append((int(m.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+def latest(root: str) -> Optional[str]:
+    done = list_complete(root)
+    return done[-1] if done else None
+
+
+def load(path: str, accelerator, named_params: Dict[str, torch.nn.Parameter], optimizer, lr_scheduler,
+         ema_shadow: Optional[Sequence[torch.Tensor]] = None) -> Dict:
+    """Restore a checkpoint written by :func:`save` into the given objects; returns its ``state.json``."""
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    if state.get("num_processes") != accelerator.num_processes:
+        raise RuntimeError(f"{path} was written by {state.get('num_processes')} processes; resuming with "
+                           f"{accelerator.num_processes} would change the rollout split and the RNG streams")
+    weights = load_file(os.path.join(path, "weights.safetensors"))
+    missing = sorted(set(named_params) - set(weights))
+    extra = sorted(set(weights) - set(named_params))
+    if missing or extra:
+        raise RuntimeError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {extra[:3]}; "
+                           "was it written with another model / LoRA config?)")
+    with torch.no_grad():
+        for n, p in named_params.items():
+            p.copy_(weights[n].to(p.device, p.dtype))
+    if ema_shadow is not None:
+        ema = load_file(os.path.join(path, "ema.safetensors"))
+        for n, s in zip(named_params, ema_shadow):
+            s.copy_(ema[n].to(s.device))
+    device = next(iter(named_params.values())).device
+    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=device, weights_only=False))
+    lr_scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
+    set_rng_state(torch.load(os.path.join(path, f"rng-{accelerator.process_index}.pt"), weights_only=False))
+    return state

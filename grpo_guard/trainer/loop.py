@@ -1,0 +1,275 @@
+"""The training loop. One step reads top to bottom: rollout -> rewards -> group advantages -> update(s).
+
+    from grpo_guard.trainer import Trainer, config
+    trainer = Trainer(config.load("configs/tiny_sd3.yaml"))
+    trainer.train()                       # or trainer.step() one at a time
+
+Model construction, rewards and prompts can be injected (``Trainer(cfg, adapter=..., proxy_rewards=[...],
+gold_rewards=[...], prompts=[...])``), so other code (the demo) reuses the loop with its own pieces.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+import grpo_guard as gg
+
+from ..models import FlowAdapter, build_adapter
+from . import checkpoint, rewards as rw
+from .config import Config, ConfigError, validate
+from .metrics import MetricsLogger
+from .rollout import RolloutBatch, plan_step, sample_batch
+from .update import EMA, Updater
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+def load_prompts(cfg: Config):
+    """(prompts, metadata) from ``data.prompts`` or ``data.prompt_file`` (.txt lines / .jsonl objects)."""
+    if cfg.data.prompts:
+        return list(cfg.data.prompts), [{} for _ in cfg.data.prompts]
+    path = cfg.data.prompt_file
+    if not os.path.isfile(path):
+        raise ConfigError(f"data.prompt_file not found: {path}")
+    prompts, meta = [], []
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            if path.endswith(".jsonl"):
+                obj = json.loads(line)
+                prompts.append(obj.pop("prompt"))
+                meta.append(obj)
+            else:
+                prompts.append(line.strip())
+                meta.append({})
+    if not prompts:
+        raise ConfigError(f"data.prompt_file {path} has no prompts")
+    return prompts, meta
+
+
+def make_accelerator(cfg: Config):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    cpu = cfg.run.cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    kwargs = DistributedDataParallelKwargs(find_unused_parameters=cfg.train.find_unused_parameters)
+    return Accelerator(cpu=cpu, mixed_precision=cfg.run.mixed_precision, kwargs_handlers=[kwargs])
+
+
+def add_lora(adapter: FlowAdapter, cfg: Config) -> None:
+    """Add a LoRA adapter (peft, gaussian init, B = 0 so the model starts unchanged) to the transformer."""
+    from peft import LoraConfig
+
+    from ..models import flux, sd3
+
+    targets = cfg.model.lora.target_modules or {"sd3": sd3.LORA_TARGETS, "flux": flux.LORA_TARGETS}[adapter.family]
+    adapter.transformer.add_adapter(LoraConfig(r=cfg.model.lora.rank, lora_alpha=cfg.model.lora.alpha,
+                                               init_lora_weights="gaussian", target_modules=targets))
+
+
+class Trainer:
+    """Flow-GRPO / GRPO-Guard on one diffusers flow-matching model, single or multi-process (accelerate)."""
+
+    def __init__(self, cfg: Config, adapter: Optional[FlowAdapter] = None,
+                 proxy_rewards: Optional[Sequence[rw.Reward]] = None, gold_rewards: Optional[Sequence[rw.Reward]] = None,
+                 prompts: Optional[Sequence[str]] = None, metadata: Optional[Sequence[dict]] = None,
+                 accelerator=None):
+        self.cfg = cfg
+        self.acc = accelerator or make_accelerator(cfg)
+        validate(cfg, world_size=self.acc.num_processes)
+        torch.manual_seed(cfg.run.seed)
+        self.adapter = adapter or build_adapter(cfg.model, seed=cfg.run.seed)
+        self.adapter.to(self.acc.device)
+        if prompts is None:
+            self.prompts, self.metadata = load_prompts(cfg)
+        else:
+            self.prompts, self.metadata = list(prompts), list(metadata or [{} for _ in prompts])
+        self.proxy = list(proxy_rewards) if proxy_rewards is not None else rw.from_specs(cfg.rewards.proxy)
+        self.gold = list(gold_rewards) if gold_rewards is not None else rw.from_specs(cfg.rewards.gold)
+        self._setup_model()
+        self.logger = MetricsLogger(cfg.run.output_dir, self.acc.is_main_process, cfg.run.tensorboard)
+        self.global_step = 0
+        self.nonfinite_in_a_row = 0
+        self.skipped_total = 0
+        self.last_batches: List[RolloutBatch] = []
+        self.last_record: Dict = {}
+
+    # --- setup ---------------------------------------------------------------------------------------
+    def _setup_model(self):
+        cfg, t = self.cfg, self.cfg.train
+        transformer = self.adapter.transformer
+        transformer.requires_grad_(False)
+        ref_copy = None
+        if cfg.model.use_lora:
+            add_lora(self.adapter, cfg)
+        else:
+            if t.beta_kl > 0:
+                import copy
+                ref_copy = copy.deepcopy(transformer).eval()  # frozen reference for the KL term
+            transformer.requires_grad_(True)
+        named = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
+        for p in named.values():
+            p.data = p.data.float()  # trained weights (LoRA or full) in float32; frozen base stays in model.dtype
+        self.named_params = named
+        self.params = list(named.values())
+        optimizer = torch.optim.AdamW(self.params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                                      weight_decay=t.weight_decay, eps=t.adam_eps)
+        warm = t.warmup_steps
+        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        self.model, self.optimizer = self.acc.prepare(transformer, optimizer)
+        self.lr_scheduler = lr_scheduler  # stepped once per optimizer step by the Updater (not prepared)
+        self.ema = EMA(self.params, t.ema_decay) if t.ema else None
+        if t.beta_kl > 0 and cfg.model.use_lora:
+            reference, ref_model = self._lora_disabled, transformer
+        elif t.beta_kl > 0:
+            from contextlib import nullcontext
+            reference, ref_model = nullcontext, ref_copy
+        else:
+            reference, ref_model = None, None
+        self.updater = Updater(cfg, self.acc, self.adapter, self.model, self.params, self.optimizer,
+                               self.lr_scheduler, ema=self.ema, reference=reference, ref_model=ref_model)
+
+    def _lora_disabled(self):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def ctx():
+            self.adapter.transformer.disable_adapters()
+            try:
+                yield
+            finally:
+                self.adapter.transformer.enable_adapters()
+        return ctx()
+
+    # --- one step: rollout -> rewards -> advantages -> update -----------------------------------------
+    def rollout(self) -> List[RolloutBatch]:
+        """Sample this process's micro-batches and score them (proxy and gold rewards)."""
+        batches = []
+        plan = plan_step(self.global_step, len(self.prompts), self.cfg, self.acc.num_processes, self.acc.process_index)
+        self.adapter.transformer.eval()
+        for mb in plan:
+            prompts = [self.prompts[s.prompt_index] for s in mb]
+            meta = [dict(self.metadata[s.prompt_index]) for s in mb]
+            batch, final = sample_batch(self.adapter, self.adapter.transformer, prompts, self.cfg, self.global_step,
+                                        [s.sample_id for s in mb], [s.group_id for s in mb], meta,
+                                        autocast=self.acc.autocast)
+            images = self.adapter.decode(final)
+            batch.rewards = rw.evaluate(self.proxy + self.gold, images, prompts, meta)
+            batch.proxy_reward = rw.weighted_sum(batch.rewards, self.proxy)
+            batches.append(batch)
+        return batches
+
+    def advantages(self, batches: List[RolloutBatch]) -> Dict[str, torch.Tensor]:
+        """Group-relative advantages over the rewards gathered from every process (groups span processes)."""
+        local_r = torch.cat([b.proxy_reward for b in batches]).float()
+        local_g = torch.cat([b.group_ids for b in batches]).to(local_r.device)
+        all_r, all_g = self.acc.gather(local_r), self.acc.gather(local_g)
+        adv = gg.group_advantages(all_r, all_g, global_std=self.cfg.sample.global_std)
+        n = local_r.numel()
+        mine = adv[self.acc.process_index * n:(self.acc.process_index + 1) * n]
+        offset = 0
+        for b in batches:
+            b.advantages = mine[offset:offset + len(b.prompts)].to(self.adapter.device)
+            offset += len(b.prompts)
+        return {"rewards": all_r, "group_ids": all_g, "advantages": adv}
+
+    def update(self, batches: List[RolloutBatch]) -> List[Dict]:
+        """``train.updates_per_step`` optimizer steps, each over an equal share of the micro-batches."""
+        self.adapter.transformer.eval()  # no dropout: the recomputed velocity must equal the rollout's
+        n = len(batches) // self.cfg.train.updates_per_step
+        out = []
+        for u in range(self.cfg.train.updates_per_step):
+            res = self.updater.step(batches[u * n:(u + 1) * n])
+            self.skipped_total += res["skipped"]
+            self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if res["skipped"] else 0
+            out.append(res)
+            if self.nonfinite_in_a_row >= self.cfg.train.max_nonfinite_in_a_row:
+                raise NonFiniteLossError(
+                    f"{self.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient norm "
+                    f"(step {self.global_step}); lower train.learning_rate, check the rewards, or use float32")
+        return out
+
+    def step(self) -> Dict:
+        """One training step; returns (and logs) its metrics record."""
+        t0 = time.perf_counter()
+        batches = self.rollout()
+        t1 = time.perf_counter()
+        gathered = self.advantages(batches)
+        updates = self.update(batches)
+        t2 = time.perf_counter()
+        record = self._record(batches, gathered, updates, t1 - t0, t2 - t1)
+        self.global_step += 1
+        self.last_batches, self.last_record, self.last_gathered = batches, record, gathered
+        self.logger.log(self.global_step, record)
+        return record
+
+    def _record(self, batches, gathered, updates, t_rollout, t_update) -> Dict:
+        rec = {}
+        names = [r.name for r in self.proxy + self.gold]
+        local = {n: torch.cat([b.rewards[n] for b in batches]) for n in names}
+        local["proxy"] = torch.cat([b.proxy_reward for b in batches])
+        for n, v in local.items():
+            allv = self.acc.gather(v.float())
+            kind = "gold/" if n in {r.name for r in self.gold} else ""
+            rec[f"reward/{kind}{n}_mean"] = float(allv.mean())
+            rec[f"reward/{kind}{n}_std"] = float(allv.std(unbiased=False))
+        rec["updates"] = updates
+        rec["skipped_total"] = self.skipped_total
+        rec["time/rollout_s"] = t_rollout
+        rec["time/update_s"] = t_update
+        rec["stored_mib"] = sum(b.stored_bytes() for b in batches) / 2 ** 20
+        return rec
+
+    # --- checkpoints and the whole run ---------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> str:
+        return os.path.join(self.cfg.run.output_dir, "checkpoints")
+
+    def save(self) -> str:
+        state = {"skipped_total": self.skipped_total, "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                 "config": self.cfg.to_dict()}
+        return checkpoint.save(self.checkpoint_dir, self.global_step, self.acc, self.named_params, self.optimizer,
+                               self.lr_scheduler, state, self.ema.shadow if self.ema else None, self.cfg.run.keep_last)
+
+    def resume(self, path: Optional[str] = None) -> bool:
+        """Load ``path`` or the latest complete checkpoint of this run; False if there is none."""
+        path = path or checkpoint.latest(self.checkpoint_dir)
+        if path is None:
+            return False
+        state = checkpoint.load(path, self.acc, self.named_params, self.optimizer, self.lr_scheduler,
+                                self.ema.shadow if self.ema else None)
+        self.global_step = state["step"]
+        self.skipped_total, self.nonfinite_in_a_row = state["skipped_total"], state["nonfinite_in_a_row"]
+        self.logger.truncate_after(self.global_step)
+        return True
+
+    def train(self, num_steps: Optional[int] = None) -> Dict:
+        """Run until ``num_steps`` (default ``run.num_steps``) training steps are done; checkpoint every
+        ``run.save_every`` steps and at the end. Returns the last metrics record."""
+        total = self.cfg.run.num_steps if num_steps is None else num_steps
+        bar = None
+        if self.cfg.run.progress and self.acc.is_main_process:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=total, initial=self.global_step, desc="grpo-guard", dynamic_ncols=True)
+        every = self.cfg.run.save_every
+        while self.global_step < total:
+            rec = self.step()
+            if bar is not None:
+                t = [ts for u in rec["updates"] for ts in u["timesteps"]]
+                bar.set_postfix(proxy=f"{rec['reward/proxy_mean']:.4g}", ratio=f"{sum(d['ratio_mean'] for d in t) / len(t):.6f}",
+                                clip=f"{sum(d['clipfrac'] for d in t) / len(t):.2f}",
+                                gnorm=f"{rec['updates'][-1]['grad_norm']:.3g}")
+                bar.update(1)
+            if (every and self.global_step % every == 0) or self.global_step == total:
+                self.save()
+        if bar is not None:
+            bar.close()
+        self.logger.close()
+        return self.last_record

@@ -1,0 +1,165 @@
+"""Rewards: plain callables ``(images, prompts, metadata) -> tensor (B,)``.
+
+``images`` is a float tensor (B, 3, H, W) in [0, 1] on the training device, ``prompts`` a list of B strings,
+``metadata`` a list of B dicts (from a .jsonl prompt file). Several rewards with weights form the optimized
+(proxy) reward; "gold" rewards are computed and logged but never optimized, which is how over-optimization
+shows (proxy up, gold down). A reward that raises, or returns a wrong shape or a non-finite value, stops the
+run with :class:`RewardError` naming the reward and the prompt.
+
+Built-ins needing no download: ``jpeg_compressibility`` (minus the JPEG size in kB, flow_grpo's),
+``jpeg_incompressibility``, ``brightness`` and ``contrast`` (image statistics). ``clip_score`` and ``pickscore``
+load local weights through transformers (``model_path``; ``processor_path`` defaults to it). Anything else:
+``name: "package.module:function"`` -- a reward callable, or a factory called with ``kwargs``.
+"""
+from __future__ import annotations
+
+import importlib
+import io
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Sequence
+
+import numpy as np
+import torch
+
+RewardFn = Callable[[torch.Tensor, List[str], List[dict]], torch.Tensor]
+
+
+class RewardError(RuntimeError):
+    """A reward failed or produced an unusable value; the message names the reward and the prompt."""
+
+
+def _uint8(images: torch.Tensor) -> np.ndarray:
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def jpeg_size_kb(images, prompts, metadata, quality: int = 95) -> torch.Tensor:
+    """JPEG file size in kB of each image (at ``quality``)."""
+    from PIL import Image
+
+    sizes = []
+    for arr in _uint8(images):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+        sizes.append(buf.tell() / 1000.0)
+    return torch.tensor(sizes, dtype=torch.float32, device=images.device)
+
+
+def jpeg_compressibility(images, prompts, metadata):
+    return -jpeg_size_kb(images, prompts, metadata)
+
+
+def jpeg_incompressibility(images, prompts, metadata):
+    return jpeg_size_kb(images, prompts, metadata)
+
+
+def brightness(images, prompts, metadata):
+    """Mean pixel value in [0, 1]."""
+    return images.float().mean(dim=(1, 2, 3))
+
+
+def contrast(images, prompts, metadata):
+    """Standard deviation of the grayscale pixels."""
+    return images.float().mean(dim=1).flatten(1).std(dim=1)
+
+
+class ClipScore:
+    """Cosine similarity of CLIP image and text embeddings (times ``scale``), from a local checkpoint path.
+    PickScore is the same computation with the PickScore model (``logit_scale`` as the scale)."""
+
+    def __init__(self, model_path: str, processor_path: str = "", scale: float = 1.0, use_logit_scale: bool = False,
+                 device: str = ""):
+        from transformers import AutoProcessor, CLIPModel
+
+        self.processor = AutoProcessor.from_pretrained(processor_path or model_path)
+        self.model = CLIPModel.from_pretrained(model_path).eval().requires_grad_(False)
+        self.scale, self.use_logit_scale = float(scale), use_logit_scale
+        self._device = device
+
+    @torch.no_grad()
+    def __call__(self, images, prompts, metadata):
+        dev = images.device
+        if next(self.model.parameters()).device != dev:
+            self.model.to(dev)
+        inputs = self.processor(images=list(_uint8(images)), text=list(prompts), padding=True, truncation=True,
+                                max_length=77, return_tensors="pt").to(dev)
+        img = self.model.get_image_features(pixel_values=inputs["pixel_values"])
+        txt = self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        img = img / img.norm(dim=-1, keepdim=True)
+        txt = txt / txt.norm(dim=-1, keepdim=True)
+        scale = self.model.logit_scale.exp() if self.use_logit_scale else self.scale
+        return (scale * (img * txt).sum(-1)).float()
+
+
+def pickscore(model_path: str, processor_path: str = "", **kw):
+    """PickScore (yuvalkirstain/PickScore_v1 from a local path; processor: the CLIP-H processor) / 26, as in
+    flow_grpo, so the typical range is ~0.8-0.95."""
+    score = ClipScore(model_path, processor_path, use_logit_scale=True, **kw)
+    return lambda images, prompts, metadata: score(images, prompts, metadata) / 26.0
+
+
+BUILTINS: Dict[str, Callable[..., RewardFn]] = {
+    "jpeg_compressibility": lambda: jpeg_compressibility,
+    "jpeg_incompressibility": lambda: jpeg_incompressibility,
+    "brightness": lambda: brightness,
+    "contrast": lambda: contrast,
+    "clip_score": ClipScore,
+    "pickscore": pickscore,
+}
+
+
+@dataclass
+class Reward:
+    """A named reward callable with its weight in the proxy sum."""
+
+    name: str
+    fn: RewardFn
+    weight: float = 1.0
+
+
+def resolve(name: str, kwargs: dict = None) -> RewardFn:
+    """A built-in name, or ``"module:attr"``: a reward callable, or a factory called with ``kwargs``."""
+    kwargs = dict(kwargs or {})
+    if name in BUILTINS:
+        return BUILTINS[name](**kwargs)
+    if ":" not in name:
+        raise RewardError(f"unknown reward {name!r}: use one of {sorted(BUILTINS)} or 'package.module:callable'")
+    mod_name, attr = name.split(":", 1)
+    try:
+        obj = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise RewardError(f"cannot import reward {name!r}: {exc}") from exc
+    return obj(**kwargs) if kwargs else obj
+
+
+def from_specs(specs) -> List[Reward]:
+    """:class:`Reward` objects from config ``RewardSpec`` entries."""
+    return [Reward(s.name, resolve(s.name, s.kwargs), float(s.weight)) for s in specs]
+
+
+def evaluate(rewards: Sequence[Reward], images: torch.Tensor, prompts: Sequence[str],
+             metadata: Sequence[dict]) -> Dict[str, torch.Tensor]:
+    """Every reward on the batch: name -> (B,) float32, checked (shape, finiteness) with clear errors."""
+    B = images.shape[0]
+    out = {}
+    for r in rewards:
+        try:
+            val = r.fn(images, list(prompts), list(metadata))
+        except Exception as exc:
+            raise RewardError(f"reward {r.name!r} raised {type(exc).__name__}: {exc} (batch prompts: "
+                              f"{list(prompts)})") from exc
+        val = torch.as_tensor(val, dtype=torch.float32).to(images.device).reshape(-1) \
+            if not isinstance(val, torch.Tensor) else val.detach().float().reshape(-1)
+        if val.numel() != B:
+            raise RewardError(f"reward {r.name!r} returned {val.numel()} values for a batch of {B} "
+                              f"(prompts: {list(prompts)}); it must return a tensor of shape ({B},)")
+        bad = (~torch.isfinite(val)).nonzero().flatten().tolist()
+        if bad:
+            raise RewardError(f"reward {r.name!r} returned a non-finite value {val[bad[0]].item()} for prompt "
+                              f"{prompts[bad[0]]!r} (sample {bad[0]} of the batch)")
+        out[r.name] = val.to(images.device)
+    return out
+
+
+def weighted_sum(values: Dict[str, torch.Tensor], rewards: Sequence[Reward]) -> torch.Tensor:
+    """The proxy reward: sum of weight * value over ``rewards``."""
+    return sum(r.weight * values[r.name] for r in rewards)

@@ -1,0 +1,156 @@
+"""Update: for each trained timestep, recompute the velocity exactly as in the rollout (same micro-batch, CFG,
+autocast), call :func:`grpo_guard.policy_loss` with the stored rollout velocity, accumulate gradients over
+timesteps and micro-batches, clip, and step AdamW.
+
+Gradient accumulation: one optimizer step per ``len(batches) / updates_per_step`` rollout micro-batches; the
+loss of each (timestep, micro-batch) is scaled by 1 / (timesteps * micro-batches), so the step's gradient is
+that of the mean loss (SPEC §4). Under DDP every backward runs without synchronization and the accumulated
+gradients are averaged once (``accelerator.reduce``) before clipping, which also lets each timestep's own
+gradient norm (the paper's gradient-balance diagnosis) be measured before the average.
+
+A non-finite loss or gradient norm on any process skips the optimizer step on all of them.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, List, Sequence
+
+import torch
+
+import grpo_guard as gg
+
+from .config import Config
+from .rollout import RolloutBatch
+
+STAT_KEYS = ("loss", "ratio_mean", "ratio_std", "clipfrac", "approx_kl", "kl", "grad_norm")
+
+
+def kl_to_reference(v: torch.Tensor, v_ref: torch.Tensor, x: torch.Tensor, x_next: torch.Tensor, sigma: float,
+                    sigma_next: float, cfg: Config) -> torch.Tensor:
+    """KL(p_theta || p_ref) of one step, per sample, through the public API only: with mu_ref the reference
+    mean, KL = log p_ref(mu_ref) - log p_theta(mu_ref) (same transition std). Differentiable w.r.t. ``v``."""
+    kw = dict(noise_level=cfg.sample.noise_level, dynamics=cfg.sample.dynamics)
+    ref = gg.sde_step(v_ref, x, sigma, sigma_next, prev_sample=x_next, **kw)
+    mu_ref = ref.prev_sample_mean.detach()
+    self_lp = gg.sde_step(v_ref.to(mu_ref.dtype), x.to(mu_ref.dtype), sigma, sigma_next, prev_sample=mu_ref,
+                          **kw).log_prob
+    theta_lp = gg.sde_step(v.to(mu_ref.dtype), x.to(mu_ref.dtype), sigma, sigma_next, prev_sample=mu_ref,
+                           **kw).log_prob
+    return self_lp - theta_lp
+
+
+class Updater:
+    """Owns the optimizer step. ``model`` is the (accelerate-prepared) transformer, ``params`` its trainable
+    parameters; ``reference`` a context manager factory under which ``ref_model`` is the frozen reference
+    (LoRA disabled) -- needed only for ``beta_kl > 0``."""
+
+    def __init__(self, cfg: Config, accelerator, adapter, model, params: List[torch.nn.Parameter], optimizer,
+                 lr_scheduler, ema=None, reference=None, ref_model=None):
+        self.cfg, self.acc, self.adapter, self.model = cfg, accelerator, adapter, model
+        self.params, self.optimizer, self.lr_scheduler, self.ema = params, optimizer, lr_scheduler, ema
+        self.reference, self.ref_model = reference, ref_model
+        self.manual_sync = accelerator.num_processes > 1
+
+    def _sync_grads(self):
+        """Average the accumulated gradients over processes with one flat ``accelerator.reduce``."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = self.acc.reduce(flat, reduction="mean")
+        offset = 0
+        for p, g in zip(self.params, grads):
+            p.grad = flat[offset:offset + g.numel()].view_as(p).clone()
+            offset += g.numel()
+
+    def _grad_vector(self) -> torch.Tensor:
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+                          for p in self.params])
+
+    def step(self, batches: Sequence[RolloutBatch]) -> Dict:
+        """One optimizer step over ``batches`` (all with the same trained steps). Returns its metrics:
+        ``timesteps``: one dict per trained timestep (sigma, loss, ratio_mean, ratio_std, clipfrac, approx_kl,
+        kl, grad_norm), averaged over micro-batches and processes; ``grad_norm`` (before clipping),
+        ``skipped`` (1 if the step was non-finite and not applied), ``lr``."""
+        cfg, t = self.cfg, self.cfg.train
+        K = len(batches[0].steps)
+        scale = 1.0 / (K * len(batches))
+        stats = torch.zeros(K, len(STAT_KEYS), dtype=torch.float64, device=self.adapter.device)
+        nonfinite = torch.zeros((), device=self.adapter.device)
+        prev = self._grad_vector() if t.timestep_grad_norms else None
+        sync_ctx = (lambda: self.acc.no_sync(self.model)) if self.manual_sync else contextlib.nullcontext
+        for k in range(K):
+            for b in batches:
+                x, x_next = b.latents[:, k], b.latents[:, k + 1]
+                sig, nxt = b.sigmas[k], b.sigmas[k + 1]
+                with sync_ctx():
+                    with self.acc.autocast():
+                        v = self.adapter.velocity(self.model, x, sig, b.cond, cfg.sample.guidance_scale, cfg=t.cfg)
+                    loss, st = gg.policy_loss(
+                        v, x, x_next, sig, nxt, b.advantages, old_model_output=b.old_velocity[:, k],
+                        noise_level=cfg.sample.noise_level, dynamics=cfg.sample.dynamics, method=t.method,
+                        clip_range=t.clip_range, adv_clip_max=t.adv_clip_max, guard_weight=t.guard_weight)
+                    kl = torch.zeros((), device=loss.device)
+                    if t.beta_kl > 0:
+                        with torch.no_grad(), self.reference(), self.acc.autocast():
+                            v_ref = self.adapter.velocity(self.ref_model, x, sig, b.cond, cfg.sample.guidance_scale,
+                                                          cfg=t.cfg)
+                        kl = kl_to_reference(v, v_ref, x, x_next, sig, nxt, cfg).mean()
+                    total = loss + t.beta_kl * kl
+                    if not torch.isfinite(total):
+                        nonfinite += 1
+                        continue
+                    self.acc.backward(total * scale)
+                row = [loss, st["ratio_mean"], st["ratio_std"], st["clipfrac"], st["approx_kl"], kl]
+                stats[k, :6] += torch.stack([r.detach().double() for r in row]) / len(batches)
+            if prev is not None:
+                cur = self._grad_vector()
+                stats[k, 6] = (cur - prev).norm().double()  # this timestep's gradient (local, before averaging)
+                prev = cur
+        if self.manual_sync:
+            self._sync_grads()
+        grad_norm = self.acc.clip_grad_norm_(self.params, t.max_grad_norm)
+        grad_norm = torch.as_tensor(grad_norm, device=self.adapter.device).float()
+        flags = torch.stack([nonfinite, (~torch.isfinite(grad_norm)).float()])
+        flags = self.acc.reduce(flags, reduction="sum") if self.manual_sync else flags
+        skipped = bool(flags.sum() > 0)
+        if not skipped:
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            if self.ema is not None:
+                self.ema.update(self.params)
+        self.optimizer.zero_grad(set_to_none=True)
+        stats = self.acc.reduce(stats, reduction="mean") if self.manual_sync else stats
+        sigmas = batches[0].sigmas
+        per_t = [dict(index=batches[0].steps[k], sigma=sigmas[k], dt=sigmas[k + 1] - sigmas[k],
+                      **{key: float(stats[k, i]) for i, key in enumerate(STAT_KEYS)}) for k in range(K)]
+        if not t.timestep_grad_norms:
+            for d in per_t:
+                d.pop("grad_norm")
+        return {"timesteps": per_t, "grad_norm": float(grad_norm), "skipped": int(skipped),
+                "nonfinite_losses": int(flags[0]), "lr": float(self.lr_scheduler.get_last_lr()[0])}
+
+
+class EMA:
+    """Exponential moving average of the trained parameters (float32 copies), for evaluation."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], decay: float):
+        self.decay = decay
+        self.shadow = [p.detach().float().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self, params):
+        for s, p in zip(self.shadow, params):
+            s.lerp_(p.detach().float(), 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def applied(self, params):
+        """Temporarily load the EMA weights into ``params``."""
+        backup = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for s, p in zip(self.shadow, params):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, p in zip(backup, params):
+                    p.copy_(b)

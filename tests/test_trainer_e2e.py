@@ -1,0 +1,69 @@
+"""End to end on the tiny offline SD3 and Flux pipelines: rollout, rewards, update, log, checkpoint; and the
+on-policy ratio (exactly 1 at the first update after a rollout, for every method)."""
+import json
+
+import pytest
+import torch
+
+from _trainer import one_thread, tiny  # noqa: F401 (fixture)
+
+from grpo_guard.trainer import Trainer, checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_end_to_end(family, tmp_path):
+    cfg = tiny(family, tmp_path, "run.save_every=0", steps=2)
+    trainer = Trainer(cfg)
+    init = {n: p.detach().clone() for n, p in trainer.named_params.items()}
+    assert init and all("lora" in n for n in init), "LoRA by default: only adapter weights are trained"
+    last = trainer.train()
+    # the weights moved (LoRA B starts at 0 and must have been updated)
+    moved = [n for n, p in trainer.named_params.items() if not torch.equal(p, init[n])]
+    assert any("lora_B" in n for n in moved)
+    # metrics: one line per step, finite rewards, per-timestep fields for the 3 trained steps of 4
+    lines = [json.loads(s) for s in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in lines] == [1, 2]
+    for r in lines:
+        for key in ("reward/brightness_mean", "reward/gold/jpeg_compressibility_mean", "reward/proxy_std"):
+            assert torch.isfinite(torch.tensor(r[key]))
+        ts = r["updates"][0]["timesteps"]
+        assert [t["index"] for t in ts] == [0, 1, 2]
+    # storage: per trained step x_j + v_old (D float32 each) + log-prob, plus one final latent, 8 samples
+    D = 256
+    assert last["stored_mib"] * 2 ** 20 == 8 * ((3 + 1) * D * 4 + 3 * D * 4 + 3 * 4)
+    # the checkpoint written at the end is complete and holds the trained weights
+    path = checkpoint.latest(trainer.checkpoint_dir)
+    assert path.endswith("step-00000002")
+    from safetensors.torch import load_file
+    saved = load_file(f"{path}/weights.safetensors")
+    assert set(saved) == set(trainer.named_params)
+    for n, p in trainer.named_params.items():
+        assert torch.equal(saved[n], p.detach().cpu())
+
+
+@pytest.mark.parametrize("family,method", [("sd3", "guard"), ("sd3", "grpo"), ("sd3", "mean_revised"),
+                                           ("sd3", "ratio_norm"), ("flux", "guard")])
+def test_on_policy_ratio_is_exactly_one(family, method, tmp_path):
+    """First update after a rollout: ratio exactly 1 (mean 1, std 0, nothing clipped) at every timestep. The
+    second update of the same rollout is off-policy, so its ratio must differ: the check can fail."""
+    cfg = tiny(family, tmp_path, f"train.method={method}", "train.updates_per_step=2", "train.learning_rate=0.05",
+               "run.save_every=0", steps=1)
+    rec = Trainer(cfg).step()
+    first, second = rec["updates"]
+    for t in first["timesteps"]:
+        assert t["ratio_mean"] == 1.0 and t["ratio_std"] == 0.0 and t["clipfrac"] == 0.0 and t["approx_kl"] == 0.0
+    assert first["skipped"] == 0 and first["grad_norm"] > 0
+    assert any(t["ratio_mean"] != 1.0 or t["ratio_std"] != 0.0 for t in second["timesteps"])
+
+
+def test_sde_window_trains_only_the_window(tmp_path):
+    """Flow-GRPO-Fast style: SDE on k consecutive steps (ODE elsewhere); only those are stored and trained."""
+    cfg = tiny("sd3", tmp_path, "sample.sde_window_size=2", "sample.sde_window_range=[0,2]", "run.save_every=0",
+               steps=1)
+    trainer = Trainer(cfg)
+    rec = trainer.step()
+    idx = [t["index"] for t in rec["updates"][0]["timesteps"]]
+    assert len(idx) == 2 and idx[1] == idx[0] + 1 and idx[0] in (0, 1)
+    assert trainer.last_batches[0].latents.shape[1] == 3
