@@ -261,20 +261,19 @@ def policy_loss(model_output: torch.Tensor, sample: torch.Tensor, prev_sample: t
         bias = None  # unknown without the old mean
     log_ratio = log_ratio.expand(B) if log_ratio.shape[0] != B else log_ratio
     weights = sample_weights(coef, method, guard_weight).to(sample.device)
-    loss, _, ratio, clipped = clipped_surrogate(log_ratio, advantages, weights, clip_range, adv_clip_max)
-    stats = summarize(log_ratio, ratio, clipped, bias)
+    loss, _, _, clipped = clipped_surrogate(log_ratio, advantages, weights, clip_range, adv_clip_max)
+    stats = summarize(log_ratio, clipped, bias)
     return loss, stats
 
 
-def summarize(log_ratio: torch.Tensor, ratio: torch.Tensor, clipped: torch.Tensor,
-              bias: Optional[torch.Tensor]):
+def summarize(log_ratio: torch.Tensor, clipped: torch.Tensor, bias: Optional[torch.Tensor]):
     """The logged statistics (SPEC §4), all detached: ratio mean/std (population), clip fraction,
     approx KL = mean(log r^2)/2 of the method's log-ratio, and per sample log_ratio and bias (when known)."""
     lr = log_ratio.detach()
-    r = ratio.detach()
+    excess = torch.expm1(lr)  # r - 1 without the 1.2e-7 resolution of a float32 ratio near 1
     stats = {
-        "ratio_mean": r.mean(),
-        "ratio_std": r.std(unbiased=False),
+        "ratio_mean": 1.0 + excess.mean(),
+        "ratio_std": excess.std(unbiased=False),
         "clipfrac": clipped.to(lr.dtype).mean(),
         "approx_kl": 0.5 * lr.square().mean(),
         "log_ratio": lr,

@@ -1,0 +1,50 @@
+"""Backend choice: env var, context manager, auto, unavailable backends, which one ran."""
+import pytest
+import torch
+
+import grpo_guard as gg
+from grpo_guard import dispatch
+
+
+def _run():
+    v = torch.randn(2, 3)
+    return gg.sde_step(v, torch.randn(2, 3), 0.5, 0.4)
+
+
+def test_auto_on_cpu_is_torch(monkeypatch):
+    monkeypatch.delenv("GRPO_GUARD_BACKEND", raising=False)
+    _run()
+    assert gg.last_backend() == "torch"
+    assert "torch" in gg.available_backends("cpu")
+
+
+def test_env_var_and_context_manager(monkeypatch):
+    monkeypatch.setenv("GRPO_GUARD_BACKEND", "torch")
+    _run()
+    assert gg.last_backend() == "torch"
+    monkeypatch.setenv("GRPO_GUARD_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="GRPO_GUARD_BACKEND"):
+        _run()
+    with gg.backend("torch"):  # the context manager wins over the env var
+        _run()
+    assert gg.last_backend() == "torch"
+
+
+def test_explicit_unavailable_backend_raises():
+    reason = dispatch.unsupported_reason("cuda", torch.device("cpu"))
+    assert reason  # the CUDA extension never runs on CPU tensors
+    with gg.backend("cuda"):
+        with pytest.raises(gg.BackendUnavailable, match="'cuda' requested but unavailable on cpu"):
+            _run()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with gg.backend("fast"):
+            pass
+
+
+def test_context_manager_restores(monkeypatch):
+    monkeypatch.delenv("GRPO_GUARD_BACKEND", raising=False)
+    with gg.backend("torch"):
+        with gg.backend("auto"):
+            assert dispatch.requested() == "auto"
+        assert dispatch.requested() == "torch"
+    assert dispatch.requested() == "auto"
