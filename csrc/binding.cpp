@@ -1,0 +1,265 @@
+// grpo_guard._C: torch binding of the CUDA launchers in gg_kernels.h (kernels in sde_step.cu, policy_loss.cu).
+//
+// Called by grpo_guard/ops/cuda_backend.py, which prepares the inputs: contiguous CUDA tensors, latent inputs
+// in one storage dtype T, compute-dtype (TC: float64 for float64, else float32) tensors where the API says TC,
+// sigmas as float64 (B,) tensors or Python floats. The autograd.Functions live in Python.
+#include <torch/extension.h>
+
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <optional>
+#include <vector>
+
+#include "gg_kernels.h"
+
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+int dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return GG_F32;
+    case at::kDouble: return GG_F64;
+    case at::kHalf: return GG_F16;
+    case at::kBFloat16: return GG_BF16;
+    default: TORCH_CHECK(false, "grpo_guard._C: unsupported dtype ", t);
+  }
+  return -1;
+}
+
+at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+const void* ptr_or_null(const OptTensor& t) { return t.has_value() && t->defined() ? t->data_ptr() : nullptr; }
+
+void check_latent(const char* name, const Tensor& t, const Tensor& like, at::ScalarType dtype) {
+  TORCH_CHECK(t.is_cuda(), "grpo_guard._C: ", name, " must be a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK(t.device() == like.device(), "grpo_guard._C: ", name, " must be on ", like.device());
+  TORCH_CHECK(t.is_contiguous(), "grpo_guard._C: ", name, " must be contiguous");
+  TORCH_CHECK(t.numel() == like.numel(), "grpo_guard._C: ", name, " has ", t.numel(), " elements, expected ",
+              like.numel());
+  TORCH_CHECK(t.scalar_type() == dtype, "grpo_guard._C: ", name, " must be ", dtype, ", got ", t.scalar_type());
+}
+
+void check_opt(const char* name, const OptTensor& t, const Tensor& like, at::ScalarType dtype) {
+  if (t.has_value() && t->defined()) check_latent(name, *t, like, dtype);
+}
+
+void check_vector(const char* name, const OptTensor& t, const Tensor& like, int64_t B, at::ScalarType dtype) {
+  if (!t.has_value() || !t->defined()) return;
+  TORCH_CHECK(t->is_cuda() && t->device() == like.device() && t->is_contiguous() && t->numel() == B &&
+                  t->scalar_type() == dtype,
+              "grpo_guard._C: ", name, " must be a contiguous ", dtype, " tensor of ", B, " elements on ",
+              like.device());
+}
+
+gg_schedule make_schedule(const Tensor& like, int64_t B, const OptTensor& sigma, const OptTensor& sigma_next,
+                          double sigma_value, double sigma_next_value, double eta, double sin_half_pi_eta,
+                          int64_t dynamics) {
+  check_vector("sigma", sigma, like, B, at::kDouble);
+  check_vector("sigma_next", sigma_next, like, B, at::kDouble);
+  TORCH_CHECK(dynamics >= GG_FLOW && dynamics <= GG_CPS, "grpo_guard._C: bad dynamics code ", dynamics);
+  gg_schedule s;
+  s.sigma = static_cast<const double*>(ptr_or_null(sigma));
+  s.sigma_next = static_cast<const double*>(ptr_or_null(sigma_next));
+  s.sigma_value = sigma_value;
+  s.sigma_next_value = sigma_next_value;
+  s.eta = eta;
+  s.sin_half_pi_eta = sin_half_pi_eta;
+  s.dynamics = static_cast<int>(dynamics);
+  return s;
+}
+
+void check_grid(int64_t B, int64_t D) {
+  TORCH_CHECK(B * gg_num_chunks(D) <= INT32_MAX, "grpo_guard._C: batch x chunks exceeds the launch grid");
+}
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "grpo_guard._C: ", what, " failed: ", cudaGetErrorString(err));
+}
+
+// -> [log_prob (B,), mean (like v, TC), std_dev_t (B,)] (+ [prev_out (like v, T)] for a rollout)
+std::vector<Tensor> sde_forward(const Tensor& v, const Tensor& x, const OptTensor& prev, const OptTensor& noise,
+                                const OptTensor& sigma, const OptTensor& sigma_next, double sigma_value,
+                                double sigma_next_value, double eta, double sin_half_pi_eta, int64_t dynamics,
+                                int64_t round_mode) {
+  const at::ScalarType T = v.scalar_type(), TC = compute_type(T);
+  const int64_t B = v.size(0), D = v.numel() / B;
+  check_grid(B, D);
+  check_latent("model_output", v, v, T);
+  check_latent("sample", x, v, T);
+  check_opt("prev_sample", prev, v, T);
+  check_opt("noise", noise, v, TC);
+  const bool rollout = !(prev.has_value() && prev->defined());
+  TORCH_CHECK(!rollout || (noise.has_value() && noise->defined()), "grpo_guard._C: a rollout needs noise");
+  const c10::cuda::CUDAGuard guard(v.device());
+  const gg_schedule sched = make_schedule(v, B, sigma, sigma_next, sigma_value, sigma_next_value, eta,
+                                          sin_half_pi_eta, dynamics);
+  const auto opts = v.options().dtype(TC);
+  Tensor log_prob = at::empty({B}, opts), mean = at::empty(v.sizes(), opts), std_dev_t = at::empty({B}, opts);
+  Tensor partial = at::empty({B * gg_num_chunks(D)}, opts);
+  Tensor prev_out = rollout ? at::empty(v.sizes(), v.options()) : Tensor();
+  gg_sde_fwd_args a;
+  a.dtype = dtype_code(T);
+  a.round_mode = static_cast<int>(round_mode);
+  a.B = B;
+  a.D = D;
+  a.v = v.data_ptr();
+  a.x = x.data_ptr();
+  a.prev_in = ptr_or_null(prev);
+  a.noise = rollout ? noise->data_ptr() : nullptr;
+  a.prev_out = rollout ? prev_out.data_ptr() : nullptr;
+  a.mean = mean.data_ptr();
+  a.log_prob = log_prob.data_ptr();
+  a.std_dev_t = std_dev_t.data_ptr();
+  a.partial = partial.data_ptr();
+  check_launch(gg_sde_forward(&a, &sched, c10::cuda::getCurrentCUDAStream().stream()), "sde_step forward");
+  std::vector<Tensor> out = {log_prob, mean, std_dev_t};
+  if (rollout) out.push_back(prev_out);
+  return out;
+}
+
+// -> [grad_v or None, grad_x or None]
+std::vector<Tensor> sde_backward(const OptTensor& g_mean, const OptTensor& g_prev, const OptTensor& g_logp,
+                                 const Tensor& prev, const Tensor& mean, bool need_v, bool need_x,
+                                 const OptTensor& sigma, const OptTensor& sigma_next, double sigma_value,
+                                 double sigma_next_value, double eta, double sin_half_pi_eta, int64_t dynamics) {
+  const at::ScalarType T = prev.scalar_type(), TC = compute_type(T);
+  const int64_t B = prev.size(0), D = prev.numel() / B;
+  check_grid(B, D);
+  check_latent("prev_sample", prev, prev, T);
+  check_latent("prev_sample_mean", mean, prev, TC);
+  check_opt("grad prev_sample_mean", g_mean, prev, TC);
+  check_opt("grad prev_sample", g_prev, prev, T);
+  check_vector("grad log_prob", g_logp, prev, B, TC);
+  const c10::cuda::CUDAGuard guard(prev.device());
+  const gg_schedule sched = make_schedule(prev, B, sigma, sigma_next, sigma_value, sigma_next_value, eta,
+                                          sin_half_pi_eta, dynamics);
+  Tensor grad_v = need_v ? at::empty(prev.sizes(), prev.options()) : Tensor();
+  Tensor grad_x = need_x ? at::empty(prev.sizes(), prev.options()) : Tensor();
+  gg_sde_bwd_args a;
+  a.dtype = dtype_code(T);
+  a.B = B;
+  a.D = D;
+  a.g_mean = ptr_or_null(g_mean);
+  a.g_prev = ptr_or_null(g_prev);
+  a.g_logp = ptr_or_null(g_logp);
+  a.prev = prev.data_ptr();
+  a.mean = mean.data_ptr();
+  a.grad_v = need_v ? grad_v.data_ptr() : nullptr;
+  a.grad_x = need_x ? grad_x.data_ptr() : nullptr;
+  if (need_v || need_x)
+    check_launch(gg_sde_backward(&a, &sched, c10::cuda::getCurrentCUDAStream().stream()), "sde_step backward");
+  return {grad_v, grad_x};
+}
+
+int old_mode(const OptTensor& mu_old, const OptTensor& v_old) {
+  if (mu_old.has_value() && mu_old->defined()) return GG_OLD_MEAN;
+  if (v_old.has_value() && v_old->defined()) return GG_OLD_V;
+  return GG_OLD_LOGP;
+}
+
+// -> [loss (), stats (4,), log_ratio (B,), bias (B,) or None, coefs (B, 2)]
+std::vector<Tensor> loss_forward(const Tensor& v, const Tensor& x, const Tensor& prev, const OptTensor& mu_old,
+                                 const OptTensor& v_old, const Tensor& adv, const OptTensor& old_logp,
+                                 const OptTensor& sigma, const OptTensor& sigma_next, double sigma_value,
+                                 double sigma_next_value, double eta, double sin_half_pi_eta, int64_t dynamics,
+                                 int64_t method, double clip_lo, double clip_hi, double adv_clip_max,
+                                 int64_t guard_weight) {
+  const at::ScalarType T = v.scalar_type(), TC = compute_type(T);
+  const int64_t B = v.size(0), D = v.numel() / B;
+  check_grid(B, D);
+  check_latent("model_output", v, v, T);
+  check_latent("sample", x, v, T);
+  check_latent("prev_sample", prev, v, T);
+  check_opt("old_prev_sample_mean", mu_old, v, TC);
+  check_opt("old_model_output", v_old, v, T);
+  check_vector("advantages", adv, v, B, TC);
+  check_vector("old_log_prob", old_logp, v, B, TC);
+  TORCH_CHECK(adv.defined(), "grpo_guard._C: advantages are required");
+  TORCH_CHECK(method >= GG_GRPO && method <= GG_GUARD, "grpo_guard._C: bad method code ", method);
+  gg_loss_config cfg;
+  cfg.method = static_cast<int>(method);
+  cfg.old_mode = old_mode(mu_old, v_old);
+  cfg.guard_weight = static_cast<int>(guard_weight);
+  cfg.clip_lo = clip_lo;
+  cfg.clip_hi = clip_hi;
+  cfg.adv_clip_max = adv_clip_max;
+  TORCH_CHECK(cfg.old_mode != GG_OLD_LOGP || (method == GG_GRPO && old_logp.has_value() && old_logp->defined()),
+              "grpo_guard._C: without an old mean or velocity only method grpo with old_log_prob is defined");
+  const c10::cuda::CUDAGuard guard(v.device());
+  const gg_schedule sched = make_schedule(v, B, sigma, sigma_next, sigma_value, sigma_next_value, eta,
+                                          sin_half_pi_eta, dynamics);
+  const auto opts = v.options().dtype(TC);
+  Tensor loss = at::empty({}, opts), stats = at::empty({4}, opts), log_ratio = at::empty({B}, opts);
+  Tensor bias = cfg.old_mode == GG_OLD_LOGP ? Tensor() : at::empty({B}, opts);
+  Tensor coefs = at::empty({B, 2}, opts), work = at::empty({3 * B}, opts);
+  Tensor partial = at::empty({B * 2 * gg_num_chunks(D)}, opts);
+  gg_loss_fwd_args a;
+  a.dtype = dtype_code(T);
+  a.B = B;
+  a.D = D;
+  a.v = v.data_ptr();
+  a.x = x.data_ptr();
+  a.prev = prev.data_ptr();
+  a.mu_old = ptr_or_null(mu_old);
+  a.v_old = ptr_or_null(v_old);
+  a.adv = adv.data_ptr();
+  a.old_logp = ptr_or_null(old_logp);
+  a.loss = loss.data_ptr();
+  a.stats = stats.data_ptr();
+  a.log_ratio = log_ratio.data_ptr();
+  a.bias = bias.defined() ? bias.data_ptr() : nullptr;
+  a.coefs = coefs.data_ptr();
+  a.partial = partial.data_ptr();
+  a.work = work.data_ptr();
+  check_launch(gg_loss_forward(&a, &sched, &cfg, c10::cuda::getCurrentCUDAStream().stream()), "policy_loss forward");
+  return {loss, stats, log_ratio, bias, coefs};
+}
+
+Tensor loss_backward(const Tensor& v, const Tensor& x, const Tensor& prev, const OptTensor& mu_old,
+                     const OptTensor& v_old, const Tensor& coefs, const Tensor& grad_loss, const OptTensor& sigma,
+                     const OptTensor& sigma_next, double sigma_value, double sigma_next_value, double eta,
+                     double sin_half_pi_eta, int64_t dynamics) {
+  const at::ScalarType T = v.scalar_type(), TC = compute_type(T);
+  const int64_t B = v.size(0), D = v.numel() / B;
+  check_grid(B, D);
+  check_latent("model_output", v, v, T);
+  check_latent("sample", x, v, T);
+  check_latent("prev_sample", prev, v, T);
+  check_opt("old_prev_sample_mean", mu_old, v, TC);
+  check_opt("old_model_output", v_old, v, T);
+  check_vector("coefs", coefs, v, 2 * B, TC);
+  check_vector("grad loss", grad_loss, v, 1, TC);
+  const c10::cuda::CUDAGuard guard(v.device());
+  const gg_schedule sched = make_schedule(v, B, sigma, sigma_next, sigma_value, sigma_next_value, eta,
+                                          sin_half_pi_eta, dynamics);
+  Tensor grad_v = at::empty(v.sizes(), v.options());
+  gg_loss_bwd_args a;
+  a.dtype = dtype_code(T);
+  a.old_mode = old_mode(mu_old, v_old);
+  a.B = B;
+  a.D = D;
+  a.v = v.data_ptr();
+  a.x = x.data_ptr();
+  a.prev = prev.data_ptr();
+  a.mu_old = ptr_or_null(mu_old);
+  a.v_old = ptr_or_null(v_old);
+  a.coefs = coefs.data_ptr();
+  a.grad_loss = grad_loss.data_ptr();
+  a.grad_v = grad_v.data_ptr();
+  check_launch(gg_loss_backward(&a, &sched, c10::cuda::getCurrentCUDAStream().stream()), "policy_loss backward");
+  return grad_v;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "grpo_guard CUDA kernels (csrc/): sde_step and policy_loss forward/backward";
+  m.attr("CHUNK") = GG_CHUNK;
+  m.def("sde_forward", &sde_forward);
+  m.def("sde_backward", &sde_backward);
+  m.def("loss_forward", &loss_forward);
+  m.def("loss_backward", &loss_backward);
+}

@@ -1,0 +1,101 @@
+/* grpo_guard CUDA kernels: the C launcher API (no torch). Formulas: grpo_guard/reference.py, SPEC.md §2-6.
+ *
+ * Every latent tensor is a contiguous flat (B, D) array. Storage dtype T (one of GG_F32/F64/F16/BF16) is
+ * shared by the latent inputs of a call; the compute dtype TC is double for T = double, float otherwise
+ * (per-sample outputs, means, partial sums and gradients of TC-typed outputs are TC).
+ *
+ * Reductions are deterministic and atomic-free: block (i, c) of the first kernel reduces chunk c
+ * (GG_CHUNK elements) of sample i into partial[i][c]; a second kernel sums the partials of each sample in
+ * a fixed order. sde_step and policy_loss use the same chunking and the same summation code, so the
+ * on-policy log-prob (and the log-ratio) are bit-identical.
+ */
+#ifndef GRPO_GUARD_KERNELS_H
+#define GRPO_GUARD_KERNELS_H
+
+#include <cuda_runtime_api.h>
+#include <stdint.h>
+
+#define GG_BLOCK 256                     /* threads per block of the chunk kernels */
+#define GG_ITEMS 8                       /* elements per thread and chunk */
+#define GG_CHUNK (GG_BLOCK * GG_ITEMS)   /* elements of one (sample, chunk) partial sum */
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum { GG_F32 = 0, GG_F64 = 1, GG_F16 = 2, GG_BF16 = 3 };                 /* storage dtypes */
+enum { GG_FLOW = 0, GG_DANCE = 1, GG_CPS = 2 };                           /* reference.DYNAMICS */
+enum { GG_GRPO = 0, GG_MEAN_REVISED = 1, GG_RATIO_NORM = 2, GG_GUARD = 3 }; /* reference.METHODS */
+enum { GG_WEIGHT_DT = 0, GG_WEIGHT_BETA_DT = 1 };                         /* reference.GUARD_WEIGHTS */
+/* policy_loss: where the old policy comes from */
+enum { GG_OLD_MEAN = 0,  /* old_prev_sample_mean mu_old (TC): Delta = mu_theta - mu_old          */
+       GG_OLD_V = 1,     /* old_model_output v_old (T):   Delta = b (v - v_old), mu_old = a x + b v_old */
+       GG_OLD_LOGP = 2   /* old_log_prob only (method grpo): log r = log p_theta - old_log_prob      */
+};
+/* sde_step rollout: extra rounding of x' when T = float but the sample dtype is narrower (mixed dtypes) */
+enum { GG_ROUND_NONE = 0, GG_ROUND_F16 = 2, GG_ROUND_BF16 = 3 };
+
+/* The step's sigmas, per sample (device float64 arrays of length B) or shared (the *_value fields). */
+typedef struct {
+  const double* sigma;       /* (B,) device, or NULL: sigma_value for every sample */
+  const double* sigma_next;  /* (B,) device, or NULL: sigma_next_value */
+  double sigma_value, sigma_next_value;
+  double eta;                /* noise_level */
+  double sin_half_pi_eta;    /* sin(eta*pi/2), computed on the host as reference.step_coefficients does */
+  int dynamics;              /* GG_FLOW / GG_DANCE / GG_CPS */
+} gg_schedule;
+
+int64_t gg_num_chunks(int64_t D);
+
+/* sde_step forward. Rollout: prev_in NULL, noise (TC) given, prev_out (T) written with x' = mu + s*noise
+ * rounded to T (and round_mode). Training: prev_in (T) given. Always writes mean (TC, (B, D)), log_prob and
+ * std_dev_t (TC, (B,)). partial: TC scratch of B * gg_num_chunks(D). */
+typedef struct {
+  int dtype; int round_mode; int64_t B, D;
+  const void* v; const void* x; const void* prev_in; const void* noise;
+  void* prev_out; void* mean; void* log_prob; void* std_dev_t; void* partial;
+} gg_sde_fwd_args;
+cudaError_t gg_sde_forward(const gg_sde_fwd_args* args, const gg_schedule* sched, cudaStream_t stream);
+
+/* sde_step backward: g = g_mean + g_prev + g_logp_i * dlogp/dmu (any of the three may be NULL);
+ * grad_v = b*g, grad_x = a*g (T; either may be NULL). prev (T) and mean (TC) are needed iff g_logp. */
+typedef struct {
+  int dtype; int64_t B, D;
+  const void* g_mean; const void* g_prev; const void* g_logp; const void* prev; const void* mean;
+  void* grad_v; void* grad_x;
+} gg_sde_bwd_args;
+cudaError_t gg_sde_backward(const gg_sde_bwd_args* args, const gg_schedule* sched, cudaStream_t stream);
+
+typedef struct {
+  int method; int old_mode; int guard_weight;
+  double clip_lo, clip_hi;   /* log1p(-eps), log1p(eps) */
+  double adv_clip_max;
+} gg_loss_config;
+
+/* policy_loss forward. Inputs v, x, prev (T), mu_old (TC, GG_OLD_MEAN) or v_old (T, GG_OLD_V); adv and
+ * old_logp (TC, (B,)). Outputs (TC): loss (1), stats (4: ratio_mean, ratio_std, clipfrac, approx_kl),
+ * log_ratio (B), bias (B, NULL for GG_OLD_LOGP), coefs (B, 2: per-sample backward coefficients).
+ * Scratch (TC): partial (B * 2 * gg_num_chunks(D)), work (3B). */
+typedef struct {
+  int dtype; int64_t B, D;
+  const void* v; const void* x; const void* prev; const void* mu_old; const void* v_old;
+  const void* adv; const void* old_logp;
+  void* loss; void* stats; void* log_ratio; void* bias; void* coefs; void* partial; void* work;
+} gg_loss_fwd_args;
+cudaError_t gg_loss_forward(const gg_loss_fwd_args* args, const gg_schedule* sched, const gg_loss_config* cfg,
+                            cudaStream_t stream);
+
+/* policy_loss backward: grad_v = grad_loss * (coefs[i,0] * u + coefs[i,1] * Delta), u = x' - mu_old
+ * (GG_OLD_LOGP: u = x' - mu_theta, Delta unused). grad_loss: device pointer to one TC. */
+typedef struct {
+  int dtype; int old_mode; int64_t B, D;
+  const void* v; const void* x; const void* prev; const void* mu_old; const void* v_old;
+  const void* coefs; const void* grad_loss; void* grad_v;
+} gg_loss_bwd_args;
+cudaError_t gg_loss_backward(const gg_loss_bwd_args* args, const gg_schedule* sched, cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* GRPO_GUARD_KERNELS_H */

@@ -1,0 +1,226 @@
+// policy_loss: the clipped policy loss of one trained timestep (SPEC §4-6; reference.policy_loss).
+//
+// Kernel 1, per (sample, chunk): partial sums of
+//   GG_OLD_MEAN / GG_OLD_V:  S1 = sum u*Delta,  S2 = sum Delta^2,  u = x' - mu_old,
+//                            Delta = mu_theta - mu_old  (GG_OLD_V: b (v - v_old), mu_old = a x + b v_old)
+//   GG_OLD_LOGP:             sum (x' - mu_theta)^2, accumulated exactly as sde_step does.
+// Kernel 2 (one block): per sample the partials are summed in sde_step's fixed order, then (TC arithmetic)
+//   flow/dance: log r = (S1 - S2/2)/(D s^2), bias = S2/(2 D s^2);  cps: log r = (2 S1 - S2)/D, bias = S2/D
+//   mean_revised = log r + bias; ratio_norm = guard = S1/(D s);  GG_OLD_LOGP: log p_theta - old_log_prob
+//   (reference.log_ratios), A = clamp(adv, +-m), r = exp(lr), r_c = exp(clamp(lr, log1p(-eps), log1p(eps))),
+//   loss = mean_i w_i max(-A r, -A r_c), stats, and the per-sample backward coefficients
+//   dloss/dv_k = c1_i u_k + c2_i Delta_k (see loss_finalize).
+// Kernel 3 (backward): grad_v = grad_loss * (c1_i u + c2_i Delta), elementwise.
+#include "gg_common.cuh"
+
+namespace gg {
+namespace {
+
+// (u, Delta) of one element for GG_OLD_MEAN / GG_OLD_V; for GG_OLD_LOGP u = x' - mu_theta, Delta = 0.
+template <typename T>
+__device__ __forceinline__ void policy_terms(int mode, typename Acc<T>::type a, typename Acc<T>::type b,
+                                             const T* v, const T* x, const T* prev,
+                                             const typename Acc<T>::type* mu_old, const T* v_old, int64_t e,
+                                             typename Acc<T>::type& u, typename Acc<T>::type& delta) {
+  using TC = typename Acc<T>::type;
+  const TC xv = load(x + e), vv = load(v + e), xp = load(prev + e);
+  if (mode == GG_OLD_LOGP) {
+    u = sub(xp, transition_mean(a, b, xv, vv));
+    delta = TC(0);
+  } else if (mode == GG_OLD_MEAN) {
+    const TC mo = mu_old[e];
+    u = sub(xp, mo);
+    delta = sub(transition_mean(a, b, xv, vv), mo);
+  } else {
+    const TC vo = load(v_old + e);
+    u = sub(xp, transition_mean(a, b, xv, vo));
+    delta = mul(b, sub(vv, vo));
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kBlock)
+loss_chunks(const T* __restrict__ v, const T* __restrict__ x, const T* __restrict__ prev,
+            const typename Acc<T>::type* __restrict__ mu_old, const T* __restrict__ v_old, int mode,
+            typename Acc<T>::type* __restrict__ partial, int64_t D, int nchunks, gg_schedule sched) {
+  using TC = typename Acc<T>::type;
+  const ChunkPos pos = chunk_pos(nchunks);
+  const Coef c = step_coef(sched, pos.sample);
+  const TC a = static_cast<TC>(c.a), b = static_cast<TC>(c.b);
+  const int64_t base = pos.sample * D;
+  TC s1 = TC(0), s2 = TC(0);
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) {
+    const int64_t d = elem_in_sample(pos.chunk, k);
+    if (d < D) {
+      TC u, delta;
+      policy_terms<T>(mode, a, b, v, x, prev, mu_old, v_old, base + d, u, delta);
+      if (mode == GG_OLD_LOGP) {
+        s1 = fma(u, u, s1);  // = sde_forward_chunks' accumulation of (x'-mu)^2
+      } else {
+        s1 = fma(u, delta, s1);
+        s2 = fma(delta, delta, s2);
+      }
+    }
+  }
+  block_sum2(s1, s2);
+  if (threadIdx.x == 0) {
+    TC* out = partial + pos.sample * 2 * nchunks;
+    out[pos.chunk] = s1;
+    out[nchunks + pos.chunk] = s2;
+  }
+}
+
+// One sample of kernel 2 (run by one thread): log-ratio, bias, surrogate, and the backward coefficients
+// dloss/dv_k = c1 u_k + c2 Delta_k. work: r (B), clipped (B), per-sample loss (B).
+template <typename TC>
+__device__ void finalize_sample(int64_t i, TC s1, TC s2, int64_t D, int64_t B, const gg_schedule& sched,
+                                const gg_loss_config& cfg, const TC* adv, const TC* old_logp, TC* log_ratio,
+                                TC* bias, TC* coefs, TC* work) {
+  const bool cps = sched.dynamics == GG_CPS;
+  const Coef c = step_coef(sched, i);
+  const TC Dt = static_cast<TC>(D), s = static_cast<TC>(c.std), b = static_cast<TC>(c.b), var = s * s;
+  // log-ratio lr and its derivative d lr / d v_k = k1 u_k + k2 Delta_k
+  TC lr, k1, k2 = TC(0);
+  const TC k_plain = cps ? TC(2) * b / Dt : b / (Dt * var);
+  if (cfg.old_mode == GG_OLD_LOGP) {
+    lr = log_prob_from_sum(s1, D, s, sched.dynamics) - old_logp[i];  // = sde_step's log p on-policy
+    k1 = k_plain;
+  } else {
+    const TC m1 = s1 / Dt, m2 = s2 / Dt;
+    const TC plain = cps ? TC(2) * m1 - m2 : (m1 - TC(0.5) * m2) / var;
+    const TC bi = cps ? m2 : m2 / (TC(2) * var);
+    bias[i] = bi;
+    if (cfg.method == GG_GRPO) {
+      lr = plain;
+      k1 = k_plain;
+      k2 = -k_plain;
+    } else if (cfg.method == GG_MEAN_REVISED) {
+      lr = plain + bi;
+      k1 = k_plain;
+    } else {  // ratio_norm, guard: mean_D[z Delta]
+      lr = m1 / s;
+      k1 = b / (Dt * s);
+    }
+  }
+  log_ratio[i] = lr;
+  // reference.clipped_surrogate and its derivative in lr as torch autograd gives it: maximum() splits a
+  // tie evenly between its arguments, clamp() passes the gradient on [lo, hi] only
+  const TC lo = static_cast<TC>(cfg.clip_lo), hi = static_cast<TC>(cfg.clip_hi);
+  const TC m = static_cast<TC>(cfg.adv_clip_max);
+  const TC A = fmin(fmax(adv[i], -m), m);
+  const TC r = exp_(lr), rc = exp_(fmin(fmax(lr, lo), hi));
+  const TC cand = -A * r, cand_c = -A * rc;
+  double w = 1.0;  // reference.sample_weights, float64 then cast
+  if (cfg.method == GG_GUARD) {
+    w = 1.0 / fabs(c.dt);
+    if (cfg.guard_weight == GG_WEIGHT_BETA_DT) w = w * c.beta;
+  }
+  const TC wt = static_cast<TC>(w);
+  const TC take_r = cand > cand_c ? TC(1) : (cand == cand_c ? TC(0.5) : TC(0));
+  const TC take_c = cand_c > cand ? TC(1) : (cand == cand_c ? TC(0.5) : TC(0));
+  const TC inside = (lr >= lo && lr <= hi) ? TC(1) : TC(0);
+  const TC dlr = wt / static_cast<TC>(B) * -A * (take_r * r + take_c * inside * rc);
+  coefs[2 * i] = dlr * k1;
+  coefs[2 * i + 1] = dlr * k2;
+  work[i] = r;
+  work[B + i] = (lr > hi || lr < lo) ? TC(1) : TC(0);
+  work[2 * B + i] = fmax(cand, cand_c) * wt;
+}
+
+// Kernel 2, one block: warps take samples (sums in sde_step's order), then thread 0 reduces over the batch
+// in sample order: loss = mean per-sample loss; stats = ratio mean, population std, clip fraction, approx KL.
+template <typename TC>
+__global__ void __launch_bounds__(kBlock)
+loss_finalize(const TC* __restrict__ partial, int nchunks, int64_t B, int64_t D, gg_schedule sched,
+              gg_loss_config cfg, const TC* __restrict__ adv, const TC* __restrict__ old_logp,
+              TC* __restrict__ log_ratio, TC* __restrict__ bias, TC* __restrict__ coefs, TC* __restrict__ work,
+              TC* __restrict__ loss, TC* __restrict__ stats) {
+  for (int64_t i = threadIdx.x >> 5; i < B; i += kWarps) {
+    const TC* p = partial + i * 2 * nchunks;
+    const TC s1 = warp_sum_partials(p, nchunks);
+    const TC s2 = cfg.old_mode == GG_OLD_LOGP ? TC(0) : warp_sum_partials(p + nchunks, nchunks);
+    if ((threadIdx.x & 31) == 0)
+      finalize_sample(i, s1, s2, D, B, sched, cfg, adv, old_logp, log_ratio, bias, coefs, work);
+  }
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  const TC Bt = static_cast<TC>(B);
+  TC sum_loss = 0, sum_r = 0, sum_clip = 0, sum_kl = 0;
+  for (int64_t i = 0; i < B; ++i) {
+    sum_r += work[i];
+    sum_clip += work[B + i];
+    sum_loss += work[2 * B + i];
+    sum_kl += log_ratio[i] * log_ratio[i];
+  }
+  const TC r_mean = sum_r / Bt;
+  TC sum_dev = 0;
+  for (int64_t i = 0; i < B; ++i) sum_dev += (work[i] - r_mean) * (work[i] - r_mean);
+  loss[0] = sum_loss / Bt;
+  stats[0] = r_mean;
+  stats[1] = sqrt(sum_dev / Bt);
+  stats[2] = sum_clip / Bt;
+  stats[3] = TC(0.5) * (sum_kl / Bt);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kBlock)
+loss_backward_kernel(const T* __restrict__ v, const T* __restrict__ x, const T* __restrict__ prev,
+                     const typename Acc<T>::type* __restrict__ mu_old, const T* __restrict__ v_old, int mode,
+                     const typename Acc<T>::type* __restrict__ coefs,
+                     const typename Acc<T>::type* __restrict__ grad_loss, T* __restrict__ grad_v, int64_t D,
+                     int nchunks, gg_schedule sched) {
+  using TC = typename Acc<T>::type;
+  const ChunkPos pos = chunk_pos(nchunks);
+  const Coef c = step_coef(sched, pos.sample);
+  const TC a = static_cast<TC>(c.a), b = static_cast<TC>(c.b);
+  const TC g = grad_loss[0];
+  const TC c1 = g * coefs[2 * pos.sample], c2 = g * coefs[2 * pos.sample + 1];
+  const int64_t base = pos.sample * D;
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) {
+    const int64_t d = elem_in_sample(pos.chunk, k);
+    if (d < D) {
+      TC u, delta;
+      policy_terms<T>(mode, a, b, v, x, prev, mu_old, v_old, base + d, u, delta);
+      store(grad_v + base + d, c1 * u + c2 * delta);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace gg
+
+extern "C" cudaError_t gg_loss_forward(const gg_loss_fwd_args* p, const gg_schedule* sched,
+                                       const gg_loss_config* cfg, cudaStream_t stream) {
+  using namespace gg;
+  const int nchunks = static_cast<int>(gg_num_chunks(p->D));
+  const unsigned int grid = static_cast<unsigned int>(p->B * nchunks);
+  GG_DISPATCH(p->dtype, {
+    using TC = typename Acc<scalar_t>::type;
+    loss_chunks<scalar_t><<<grid, kBlock, 0, stream>>>(
+        static_cast<const scalar_t*>(p->v), static_cast<const scalar_t*>(p->x), static_cast<const scalar_t*>(p->prev),
+        static_cast<const TC*>(p->mu_old), static_cast<const scalar_t*>(p->v_old), cfg->old_mode,
+        static_cast<TC*>(p->partial), p->D, nchunks, *sched);
+    loss_finalize<TC><<<1, kBlock, 0, stream>>>(
+        static_cast<const TC*>(p->partial), nchunks, p->B, p->D, *sched, *cfg, static_cast<const TC*>(p->adv),
+        static_cast<const TC*>(p->old_logp), static_cast<TC*>(p->log_ratio), static_cast<TC*>(p->bias),
+        static_cast<TC*>(p->coefs), static_cast<TC*>(p->work), static_cast<TC*>(p->loss), static_cast<TC*>(p->stats));
+  });
+  return cudaGetLastError();
+}
+
+extern "C" cudaError_t gg_loss_backward(const gg_loss_bwd_args* p, const gg_schedule* sched, cudaStream_t stream) {
+  using namespace gg;
+  const int nchunks = static_cast<int>(gg_num_chunks(p->D));
+  const unsigned int grid = static_cast<unsigned int>(p->B * nchunks);
+  GG_DISPATCH(p->dtype, {
+    using TC = typename Acc<scalar_t>::type;
+    loss_backward_kernel<scalar_t><<<grid, kBlock, 0, stream>>>(
+        static_cast<const scalar_t*>(p->v), static_cast<const scalar_t*>(p->x), static_cast<const scalar_t*>(p->prev),
+        static_cast<const TC*>(p->mu_old), static_cast<const scalar_t*>(p->v_old), p->old_mode,
+        static_cast<const TC*>(p->coefs), static_cast<const TC*>(p->grad_loss), static_cast<scalar_t*>(p->grad_v), p->D,
+        nchunks, *sched);
+  });
+  return cudaGetLastError();
+}

@@ -1,0 +1,129 @@
+// sde_step: one SDE step and its log-probability (SPEC §2; reference.sde_step), forward and backward.
+//
+// Per sample i, over its D latent elements (flat (B, D)):
+//   mu = a x + b v;  rollout: x' = round_T(mu + s z);  log p_i = mean_D[-(x'-mu)^2/(2 s^2)] - log s - log sqrt(2 pi)
+//   (cps: -mean_D[(x'-mu)^2]). Forward = chunk kernel (mu, x', partial sums of (x'-mu)^2) + finalize kernel.
+//   Backward (x' a constant in log p):  g_mu = g_mean + g_prev + g_logp_i * dlogp/dmu,
+//   dlogp/dmu = (x'-mu)/(D s^2) (cps: 2(x'-mu)/D);  grad_v = b g_mu, grad_x = a g_mu.
+#include "gg_common.cuh"
+
+namespace gg {
+namespace {
+
+template <typename T>
+__global__ void __launch_bounds__(kBlock)
+sde_forward_chunks(const T* __restrict__ v, const T* __restrict__ x, const T* __restrict__ prev_in,
+                   const typename Acc<T>::type* __restrict__ noise, T* __restrict__ prev_out,
+                   typename Acc<T>::type* __restrict__ mean, typename Acc<T>::type* __restrict__ partial,
+                   int64_t D, int nchunks, gg_schedule sched, int round_mode) {
+  using TC = typename Acc<T>::type;
+  const ChunkPos pos = chunk_pos(nchunks);
+  const Coef c = step_coef(sched, pos.sample);
+  const TC a = static_cast<TC>(c.a), b = static_cast<TC>(c.b), s = static_cast<TC>(c.std);
+  const int64_t base = pos.sample * D;
+  TC acc = TC(0), unused = TC(0);
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) {
+    const int64_t d = elem_in_sample(pos.chunk, k);
+    if (d < D) {
+      const int64_t e = base + d;
+      const TC mu = transition_mean(a, b, load(x + e), load(v + e));
+      mean[e] = mu;
+      TC xp;
+      if (prev_in != nullptr) {
+        xp = load(prev_in + e);
+      } else {  // log p is that of the stored (rounded) x'
+        xp = rounded<T>(add(mu, mul(s, noise[e])));
+        if (round_mode == GG_ROUND_BF16) xp = rounded<__nv_bfloat16>(xp);
+        if (round_mode == GG_ROUND_F16) xp = rounded<__half>(xp);
+        store(prev_out + e, xp);
+      }
+      const TC diff = sub(xp, mu);
+      acc = fma(diff, diff, acc);  // must match loss_chunks' GG_OLD_LOGP accumulation exactly
+    }
+  }
+  block_sum2(acc, unused);
+  if (threadIdx.x == 0) partial[pos.sample * nchunks + pos.chunk] = acc;
+}
+
+template <typename TC>
+__global__ void sde_finalize(const TC* __restrict__ partial, int nchunks, int64_t B, int64_t D,
+                             gg_schedule sched, TC* __restrict__ log_prob, TC* __restrict__ std_dev_t) {
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
+  for (int64_t i = warp; i < B; i += nwarps) {
+    const TC sum = warp_sum_partials(partial + i * nchunks, nchunks);
+    if ((threadIdx.x & 31) == 0) {
+      const Coef c = step_coef(sched, i);
+      log_prob[i] = log_prob_from_sum(sum, D, static_cast<TC>(c.std), sched.dynamics);
+      std_dev_t[i] = static_cast<TC>(c.std_dev_t);
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kBlock)
+sde_backward_kernel(const typename Acc<T>::type* __restrict__ g_mean, const T* __restrict__ g_prev,
+                    const typename Acc<T>::type* __restrict__ g_logp, const T* __restrict__ prev,
+                    const typename Acc<T>::type* __restrict__ mean, T* __restrict__ grad_v,
+                    T* __restrict__ grad_x, int64_t D, int nchunks, gg_schedule sched) {
+  using TC = typename Acc<T>::type;
+  const ChunkPos pos = chunk_pos(nchunks);
+  const Coef c = step_coef(sched, pos.sample);
+  const TC a = static_cast<TC>(c.a), b = static_cast<TC>(c.b), s = static_cast<TC>(c.std);
+  const TC dlogp = sched.dynamics == GG_CPS ? TC(2) / static_cast<TC>(D)
+                                            : TC(1) / (static_cast<TC>(D) * s * s);
+  const TC gl = g_logp != nullptr ? g_logp[pos.sample] * dlogp : TC(0);
+  const int64_t base = pos.sample * D;
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) {
+    const int64_t d = elem_in_sample(pos.chunk, k);
+    if (d < D) {
+      const int64_t e = base + d;
+      TC g = TC(0);
+      if (g_mean != nullptr) g += g_mean[e];
+      if (g_prev != nullptr) g += load(g_prev + e);
+      if (g_logp != nullptr) g += gl * (load(prev + e) - mean[e]);
+      if (grad_v != nullptr) store(grad_v + e, b * g);
+      if (grad_x != nullptr) store(grad_x + e, a * g);
+    }
+  }
+}
+
+unsigned int chunk_grid(int64_t B, int64_t D) { return static_cast<unsigned int>(B * gg_num_chunks(D)); }
+
+}  // namespace
+}  // namespace gg
+
+extern "C" int64_t gg_num_chunks(int64_t D) { return (D + GG_CHUNK - 1) / GG_CHUNK; }
+
+extern "C" cudaError_t gg_sde_forward(const gg_sde_fwd_args* p, const gg_schedule* sched, cudaStream_t stream) {
+  using namespace gg;
+  const int nchunks = static_cast<int>(gg_num_chunks(p->D));
+  const unsigned int fin_blocks = static_cast<unsigned int>((p->B * 32 + kBlock - 1) / kBlock);
+  GG_DISPATCH(p->dtype, {
+    using TC = typename Acc<scalar_t>::type;
+    sde_forward_chunks<scalar_t><<<chunk_grid(p->B, p->D), kBlock, 0, stream>>>(
+        static_cast<const scalar_t*>(p->v), static_cast<const scalar_t*>(p->x),
+        static_cast<const scalar_t*>(p->prev_in), static_cast<const TC*>(p->noise),
+        static_cast<scalar_t*>(p->prev_out), static_cast<TC*>(p->mean), static_cast<TC*>(p->partial), p->D,
+        nchunks, *sched, p->round_mode);
+    sde_finalize<TC><<<fin_blocks, kBlock, 0, stream>>>(static_cast<const TC*>(p->partial), nchunks, p->B, p->D,
+                                                        *sched, static_cast<TC*>(p->log_prob),
+                                                        static_cast<TC*>(p->std_dev_t));
+  });
+  return cudaGetLastError();
+}
+
+extern "C" cudaError_t gg_sde_backward(const gg_sde_bwd_args* p, const gg_schedule* sched, cudaStream_t stream) {
+  using namespace gg;
+  const int nchunks = static_cast<int>(gg_num_chunks(p->D));
+  GG_DISPATCH(p->dtype, {
+    using TC = typename Acc<scalar_t>::type;
+    sde_backward_kernel<scalar_t><<<chunk_grid(p->B, p->D), kBlock, 0, stream>>>(
+        static_cast<const TC*>(p->g_mean), static_cast<const scalar_t*>(p->g_prev),
+        static_cast<const TC*>(p->g_logp), static_cast<const scalar_t*>(p->prev), static_cast<const TC*>(p->mean),
+        static_cast<scalar_t*>(p->grad_v), static_cast<scalar_t*>(p->grad_x), p->D, nchunks, *sched);
+  });
+  return cudaGetLastError();
+}

@@ -1,0 +1,158 @@
+"""The ``cuda`` backend: the csrc extension ``grpo_guard._C`` on CUDA tensors, with the reference's contract.
+
+Kernels (csrc/sde_step.cu, csrc/policy_loss.cu) implement :mod:`grpo_guard.reference`; this module only
+prepares their inputs and wires them into autograd:
+
+- latent inputs share one storage dtype T in a kernel; where the caller mixes float32/bf16/fp16 they are upcast
+  to float32 (exact), and a rollout's x' is still rounded to ``sample.dtype`` inside the kernel;
+- compute-dtype (float32, float64 for float64) tensors: noise, old_prev_sample_mean, advantages, old_log_prob;
+- sigmas: Python floats, or float64 (B,) tensors on the device; the per-sample coefficients are derived on the
+  device in float64 exactly as :func:`reference.step_coefficients` derives them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import reference as ref
+from .requests import LossRequest, SDERequest
+
+_DYNAMICS = {"flow": 0, "dance": 1, "cps": 2}
+_METHODS = {"grpo": 0, "mean_revised": 1, "ratio_norm": 2, "guard": 3}
+_WEIGHTS = {"dt": 0, "beta_dt": 1}
+_ROUND = {torch.float16: 2, torch.bfloat16: 3}  # gg_kernels.h GG_ROUND_*
+
+_ext = None
+_ext_error = None
+
+
+def _load():
+    """The compiled module, or None (the import error is kept for unsupported_reason)."""
+    global _ext, _ext_error
+    if _ext is None and _ext_error is None:
+        try:
+            from .. import _C
+            _ext = _C
+        except (ImportError, OSError) as exc:
+            _ext_error = f"{type(exc).__name__}: {exc}"
+    return _ext
+
+
+def unsupported_reason(device):
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"the cuda backend runs on CUDA tensors only, got {device}"
+    if _load() is None:
+        return (f"the CUDA extension grpo_guard._C is not importable ({_ext_error}); build it with a CUDA "
+                "torch and nvcc: GRPO_GUARD_BUILD_CUDA=1 pip install --no-build-isolation .")
+    if not torch.cuda.is_available():
+        return "torch.cuda.is_available() is False"
+    return None
+
+
+def _schedule(req):
+    """Positional schedule arguments of the _C functions: sigma, sigma_next (float64 (B,) or None), their
+    float values otherwise, eta, sin(eta*pi/2) (as reference.step_coefficients computes it), dynamics code."""
+    sig, nxt = req.sigma, req.sigma_next
+    device = req.model_output.device
+    if isinstance(sig, torch.Tensor):
+        sig_t = sig.to(device=device, dtype=torch.float64).contiguous()
+        nxt_t = nxt.to(device=device, dtype=torch.float64).contiguous()
+        sig_v = nxt_v = 0.0
+    else:
+        sig_t = nxt_t = None
+        sig_v, nxt_v = float(sig), float(nxt)
+    eta = float(req.noise_level)
+    return (sig_t, nxt_t, sig_v, nxt_v, eta, math.sin(eta * math.pi / 2.0), _DYNAMICS[req.dynamics])
+
+
+def _storage(*tensors):
+    """Contiguous latents in one storage dtype (float32 if the given ones differ); None stays None."""
+    dtypes = {t.dtype for t in tensors if t is not None}
+    common = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    return [None if t is None else t.to(common).contiguous() for t in tensors], common
+
+
+def _c(t):
+    return None if t is None else t.contiguous()
+
+
+class _SDEStepFn(torch.autograd.Function):
+    """(v, x, prev|None, noise|None) -> (log_prob, mean, std_dev_t[, prev_out]); see csrc/sde_step.cu."""
+
+    @staticmethod
+    def forward(ctx, v, x, prev, noise, sched, round_mode):
+        outs = _ext.sde_forward(v, x, prev, noise, *sched, round_mode)
+        log_prob, mean, std_dev_t = outs[:3]
+        ctx.set_materialize_grads(False)
+        ctx.sched = sched
+        ctx.save_for_backward(prev if prev is not None else outs[3], mean)
+        ctx.mark_non_differentiable(std_dev_t)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, g_logp, g_mean, _g_std, *g_prev):
+        xp, mean = ctx.saved_tensors
+        need_v, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        g_prev = g_prev[0] if g_prev else None
+        if not (need_v or need_x) or (g_logp is None and g_mean is None and g_prev is None):
+            return None, None, None, None, None, None
+        gv, gx = _ext.sde_backward(_c(g_mean), _c(g_prev), _c(g_logp), xp, mean, need_v, need_x, *ctx.sched)
+        return gv, gx, None, None, None, None
+
+
+def sde_step(req: SDERequest) -> ref.SDEStep:
+    sample, prev = req.sample, req.prev_sample
+    cd = ref.compute_dtype(req.model_output, sample, prev)
+    (v, x, p), storage = _storage(req.model_output, sample, prev)
+    rollout = prev is None
+    round_mode = _ROUND.get(sample.dtype, 0) if rollout and storage != sample.dtype else 0
+    noise = req.noise.to(cd).contiguous() if rollout else None
+    outs = _SDEStepFn.apply(v, x, p, noise, _schedule(req), round_mode)
+    log_prob, mean, std_dev_t = outs[:3]
+    prev_out = outs[3].to(sample.dtype) if rollout else prev
+    return ref.SDEStep(prev_out, log_prob, mean, std_dev_t)
+
+
+class _PolicyLossFn(torch.autograd.Function):
+    """(v, ...) -> (loss, stats (4,), log_ratio[, bias]); gradient w.r.t. v only; see csrc/policy_loss.cu."""
+
+    @staticmethod
+    def forward(ctx, v, x, prev, mu_old, v_old, adv, old_logp, sched, cfg):
+        loss, stats, log_ratio, bias, coefs = _ext.loss_forward(v, x, prev, mu_old, v_old, adv, old_logp,
+                                                                *sched, *cfg)
+        ctx.set_materialize_grads(False)
+        ctx.sched = sched
+        ctx.save_for_backward(v, x, prev, mu_old, v_old, coefs)
+        outs = (loss, stats, log_ratio) + (() if bias is None else (bias,))
+        ctx.mark_non_differentiable(*outs[1:])
+        return outs
+
+    @staticmethod
+    def backward(ctx, g_loss, *_):
+        if g_loss is None or not ctx.needs_input_grad[0]:
+            return (None,) * 9
+        v, x, prev, mu_old, v_old, coefs = ctx.saved_tensors
+        grad_v = _ext.loss_backward(v, x, prev, mu_old, v_old, coefs, g_loss.reshape(1).contiguous(), *ctx.sched)
+        return (grad_v,) + (None,) * 8
+
+
+def policy_loss(req: LossRequest):
+    mu_old, v_old = req.old_prev_sample_mean, req.old_model_output
+    cd = ref.compute_dtype(req.model_output, req.sample, req.prev_sample, mu_old, v_old)
+    (v, x, prev, v_old), _ = _storage(req.model_output, req.sample, req.prev_sample, v_old)
+    mu_old = None if mu_old is None else mu_old.to(cd).contiguous()
+    old_logp = None
+    if mu_old is None and v_old is None:
+        old_logp = req.old_log_prob.to(cd).contiguous()
+    adv = req.advantages.detach().to(cd).contiguous()
+    lo, hi = ref.clip_bounds(req.clip_range)
+    cfg = (_METHODS[req.method], lo, hi, float(req.adv_clip_max), _WEIGHTS[req.guard_weight])
+    outs = _PolicyLossFn.apply(v, x, prev, mu_old, v_old, adv, old_logp, _schedule(req), cfg)
+    loss, packed, log_ratio = outs[:3]
+    stats = {"ratio_mean": packed[0], "ratio_std": packed[1], "clipfrac": packed[2], "approx_kl": packed[3],
+             "log_ratio": log_ratio}
+    if len(outs) > 3:
+        stats["bias"] = outs[3]
+    return loss, stats
