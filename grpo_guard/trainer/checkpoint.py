@@ -124,9 +124,10 @@ def load(path: str, accelerator, named_params: Dict[str, torch.nn.Parameter], op
     weights = load_file(os.path.join(path, "weights.safetensors"))
     missing = sorted(set(named_params) - set(weights))
     extra = sorted(set(weights) - set(named_params))
-    if missing or extra:
-        raise RuntimeError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {extra[:3]}; "
-                           "was it written with another model / LoRA config?)")
+    shapes = sorted(n for n, p in named_params.items() if n in weights and weights[n].shape != p.shape)
+    if missing or extra or shapes:
+        raise RuntimeError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {extra[:3]}, "
+                           f"other shape {shapes[:3]}; was it written with another model / LoRA config?)")
     with torch.no_grad():
         for n, p in named_params.items():
             p.copy_(weights[n].to(p.device, p.dtype))
