@@ -89,17 +89,40 @@ def format_precision(rows, shape="sd35_512"):
     return "\n".join(lines)
 
 
+def format_precision_wide(rows, shape="sd35_512"):
+    """One line per step, one column per target: relative errors (max over the batch) of each method."""
+    latent_shape, B = ALL_SHAPES[shape]
+    targets = sorted({r["target"] for r in rows})
+    by = {(r["step"], r["target"]): r for r in rows}
+    steps = sorted({r["step"] for r in rows})
+    head = ["step", "sigma"]
+    for name in ("published fp32", "grpo_guard fp32, old velocity", "grpo_guard fp32, old mean"):
+        head += [f"{name} @ {t:.0e}" for t in targets]
+    lines = [f"max over B={B} samples of |log r_hat - float64| / |float64|, latent {latent_shape}",
+             "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for i in steps:
+        cells = [str(i), f"{by[(i, targets[0])]['sigma']:.4f}"]
+        for key in ("published_rel", "gg_old_velocity_rel", "gg_old_mean_rel"):
+            cells += [f"{by[(i, t)][key]:.1e}" for t in targets]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     import argparse
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", default="sd35_512", choices=list(ALL_SHAPES))
     parser.add_argument("--targets", default="4e-7,2e-6,7e-6")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--wide", action="store_true", help="one line per step, one column per target")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     targets = [float(t) for t in args.targets.split(",")]
     rows = precision_table(args.shape, targets, seed=args.seed)
-    print(format_precision(sorted(rows, key=lambda r: (r["target"], r["step"])), args.shape))
+    if args.wide:
+        print(format_precision_wide(rows, args.shape))
+    else:
+        print(format_precision(sorted(rows, key=lambda r: (r["target"], r["step"])), args.shape))
     return 0
 
 

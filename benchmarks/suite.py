@@ -9,6 +9,8 @@ import sys
 
 import torch
 
+from grpo_guard.bench import markdown_table, read_csv
+
 from .utils import (ALL_SHAPES, DTYPES, SHAPES, copy_bandwidth, environment, format_table, parse_list, run_op,
                     speedups, write_csv)
 
@@ -71,7 +73,12 @@ def cli(argv=None) -> int:
     parser.add_argument("--rep", type=int, default=100)
     parser.add_argument("--out", default=None, help="CSV file to write")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
+    parser.add_argument("--markdown-from", default=None, metavar="CSV",
+                        help="print the rows of a CSV written by a previous run as a Markdown table, and exit")
     args = parser.parse_args(argv)
+    if args.markdown_from:
+        print(markdown_table(read_csv(args.markdown_from)))
+        return 0
     return main_run(device=args.device, shapes=args.shapes, dtypes=args.dtypes, modes=args.modes,
                     providers=args.providers, ops=args.ops, out=args.out, rep=args.rep,
                     threads=args.threads)

@@ -298,6 +298,45 @@ def format_table(rows: Sequence[Row], copy_gbps: Optional[float] = None, env: Op
     return "\n".join(lines)
 
 
+def markdown_table(rows: Sequence[Row], baseline: str = "eager") -> str:
+    """The rows as a Markdown table (times in microseconds), with the speedup over ``baseline``."""
+    base = {(r.op, r.mode, r.shape, r.dtype): r.median_ms for r in rows
+            if r.provider == baseline and r.median_ms is not None}
+    out = ["| op | mode | shape | dtype | provider | median us | p20 us | p80 us | GB/s | % of copy | "
+           f"vs {baseline} | peak extra MiB |", "|---" * 12 + "|"]
+    for r in rows:
+        if r.median_ms is None:
+            out.append(f"| {r.op} | {r.mode} | {r.shape} | {r.dtype} | {r.provider} | {r.note} ||||||| ")
+            continue
+        b = base.get((r.op, r.mode, r.shape, r.dtype))
+        out.append(f"| {r.op} | {r.mode} | {r.shape} | {r.dtype} | {r.provider} | {r.median_ms * 1e3:.1f} | "
+                   f"{r.p20_ms * 1e3:.1f} | {r.p80_ms * 1e3:.1f} | {_fmt(r.gbps, '.1f')} | "
+                   f"{_fmt(r.pct_of_copy, '.0f')} | {'' if not b else format(b / r.median_ms, '.2f') + 'x'} | "
+                   f"{_fmt(r.peak_extra_mib, '.1f')} |")
+    return "\n".join(out)
+
+
+def read_csv(path) -> List[Row]:
+    """Rows back from a CSV written by :func:`write_csv`."""
+    names = {f.name: f for f in fields(Row)}
+    rows = []
+    with Path(path).open(newline="") as fh:
+        for rec in csv.DictReader(fh):
+            kw = {}
+            for k, f in names.items():
+                val = rec.get(k, "")
+                if k in ("batch", "latent_numel"):
+                    kw[k] = int(val)
+                elif k in ("op", "mode", "provider", "shape", "dtype", "device", "note"):
+                    kw[k] = val
+                elif k == "bytes_moved":
+                    kw[k] = int(val) if val else None
+                else:
+                    kw[k] = float(val) if val else None
+            rows.append(Row(**kw))
+    return rows
+
+
 def speedups(rows: Sequence[Row], baseline: str = "eager") -> List[str]:
     """Lines 'op mode shape dtype: provider x{speedup vs baseline}' for every timed non-baseline provider."""
     base = {(r.op, r.mode, r.shape, r.dtype): r.median_ms for r in rows
