@@ -1,0 +1,86 @@
+"""policy_loss on Triton: an autograd.Function around kernels/policy_loss.py.
+
+A training step is 2 launches forward (reduce over B x chunks, then one finishing program) and 1 backward
+(elementwise grad_v). Host work: three torch.empty; no other torch op on the hot path.
+"""
+from __future__ import annotations
+
+import torch
+
+from grpo_guard import reference as ref
+from grpo_guard.kernels import policy_loss as K
+
+from .requests import LossRequest
+from .triton_launch import DYNAMICS_CODE, LAUNCH_OPTIONS, flat, geometry, sigma_args
+
+METHOD_CODE = {m: i for i, m in enumerate(ref.METHODS)}  # grpo, mean_revised, ratio_norm, guard
+
+
+class _PolicyLoss(torch.autograd.Function):
+    """forward(v, x, x', old | None, advantages, old_log_prob | None, stats, req) -> loss (0-dim).
+    ``old`` is old_prev_sample_mean (OLD 1) or old_model_output (OLD 2); ``stats`` (4 + 2B,) is filled."""
+
+    @staticmethod
+    def forward(ctx, v, x, xp, old, advantages, old_log_prob, stats, sigma, sigma_next, req, old_kind):
+        B = x.shape[0]
+        D = x.numel() // B
+        cd = stats.dtype
+        g = geometry(B, D)
+        v, x, xp = flat(v), flat(x), flat(xp)
+        old = flat(old) if old is not None else x
+        n_part = B * g.chunks
+        work = torch.empty(2 * B + 2 * n_part, dtype=cd, device=x.device)
+        coef, part = work[:2 * B], work[2 * B:]
+        loss = torch.empty((), dtype=cd, device=x.device)
+        sig = sigma_args(sigma, sigma_next, work)
+        dyn = DYNAMICS_CODE[req.dynamics]
+        lo, hi = ref.clip_bounds(req.clip_range)
+        method = METHOD_CODE[req.method]
+        K.policy_loss_reduce_kernel[(n_part,)](
+            v, x, xp, old, part, *sig[:4], req.noise_level, D, g.chunks, g.iters, n_part,
+            DYNAMICS=dyn, PER_SAMPLE=sig[4], OLD=old_kind, BLOCK=g.block, LOG_BLOCK=g.log_block,
+            num_warps=g.num_warps, **LAUNCH_OPTIONS)
+        K.policy_loss_finish_kernel[(1,)](
+            part, advantages, old_log_prob if old_log_prob is not None else work, coef, loss, stats,
+            *sig[:4], req.noise_level, lo, hi, req.adv_clip_max, B, g.chunks, D, n_part,
+            DYNAMICS=dyn, PER_SAMPLE=sig[4], OLD=old_kind, METHOD=method, BETA_DT=req.guard_weight == "beta_dt",
+            RB=g.rows, CP=g.cp, LOG_CP=g.log_cp, num_warps=g.num_warps, **LAUNCH_OPTIONS)
+        ctx.save_for_backward(v, x, xp, old, coef, sigma if sig[4] else None, sigma_next if sig[4] else None)
+        ctx.scalars = (sig[2], sig[3], req.noise_level, dyn, sig[4], old_kind,
+                       old_kind != 0 and method == 0, D, g)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g_loss):
+        v, x, xp, old, coef, sig_t, nxt_t = ctx.saved_tensors
+        sigma, sigma_next, eta, dyn, per_sample, old_kind, need_delta, D, g = ctx.scalars
+        B = x.shape[0]
+        g_v = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        K.policy_loss_backward_kernel[(B * g.chunks,)](
+            v, x, xp, old, coef, g_loss, g_v, sig_t if per_sample else coef, nxt_t if per_sample else coef,
+            sigma, sigma_next, eta, B, D, g.chunks, g.iters,
+            DYNAMICS=dyn, PER_SAMPLE=per_sample, OLD=old_kind, NEED_DELTA=need_delta, BLOCK=g.block,
+            num_warps=g.num_warps, **LAUNCH_OPTIONS)
+        return g_v, None, None, None, None, None, None, None, None, None, None
+
+
+def policy_loss(req: LossRequest):
+    """Same contract as reference.policy_loss: (loss, stats); stats are views of one detached buffer."""
+    B = req.sample.shape[0]
+    if req.old_model_output is not None:
+        old, old_kind = req.old_model_output, 2
+    elif req.old_prev_sample_mean is not None:
+        old, old_kind = req.old_prev_sample_mean, 1
+    else:
+        old, old_kind = None, 0
+    cd = ref.compute_dtype(req.model_output, req.sample, req.prev_sample, req.old_prev_sample_mean,
+                           req.old_model_output)
+    stats = torch.empty(4 + 2 * B, dtype=cd, device=req.sample.device)
+    old_log_prob = flat(req.old_log_prob) if req.old_log_prob is not None else None
+    loss = _PolicyLoss.apply(req.model_output, req.sample, req.prev_sample, old, flat(req.advantages),
+                             old_log_prob, stats, req.sigma, req.sigma_next, req, old_kind)
+    out = {"ratio_mean": stats[0], "ratio_std": stats[1], "clipfrac": stats[2], "approx_kl": stats[3],
+           "log_ratio": stats[4:4 + B]}
+    if old_kind:
+        out["bias"] = stats[4 + B:]
+    return loss, out
