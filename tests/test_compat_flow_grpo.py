@@ -14,6 +14,8 @@ import torch
 import grpo_guard as gg
 from grpo_guard.compat.flow_grpo import sde_step_with_logprob
 
+from _backends import backend_params
+
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (pip install diffusers; "
                                 "it belongs in the `test` extra)")
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
@@ -194,3 +196,28 @@ def test_bad_arguments(scheduler):
         sde_step_with_logprob(scheduler, v, t, x, x)  # prev_sample passed positionally into noise_level's slot
     with pytest.raises(ValueError, match="timestep"):
         sde_step_with_logprob(scheduler, v, scheduler.timesteps[:3], x)
+
+
+@pytest.fixture(params=backend_params())
+def bk(request):
+    name, device = request.param
+    with gg.backend(name):
+        yield name, torch.device(device)
+
+
+@pytest.mark.parametrize("sde_type", SDE_TYPES)
+def test_every_backend(scheduler, bk, sde_type, seed):
+    """The drop-in runs on whichever grpo_guard backend is chosen, with the same results."""
+    name, device = bk
+    B = 3
+    v, x = (t.to(device) for t in _inputs(B))
+    t = scheduler.timesteps[[0, 5, 8]]
+    ours = sde_step_with_logprob(scheduler, v, t, x, generator=torch.Generator().manual_seed(seed), sde_type=sde_type)
+    assert gg.last_backend() == name
+    theirs = published_sde_step(scheduler, v.cpu(), t, x.cpu(), generator=torch.Generator().manual_seed(seed),
+                                sde_type=sde_type)
+    _close(tuple(o.cpu() for o in ours), theirs, sde_type)
+    x_next = theirs[0].to(device)
+    scored = sde_step_with_logprob(scheduler, v, t, x, prev_sample=x_next, sde_type=sde_type)
+    _close((scored[0].cpu(),) + tuple(o.cpu() for o in scored[1:]),
+           published_sde_step(scheduler, v.cpu(), t, x.cpu(), prev_sample=x_next.cpu(), sde_type=sde_type), sde_type)
