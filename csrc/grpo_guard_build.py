@@ -75,7 +75,7 @@ def cuda_extension():
     if not os.path.exists(nvcc):
         return None, None, f"nvcc not found at {nvcc} (CUDA_HOME={cpp_extension.CUDA_HOME})"
     import site
-    sites = [p for p in site.getsitepackages() + [site.getusersitepackages()] if p]
+    sites = [p for p in getattr(site, "getsitepackages", list)() + [site.getusersitepackages()] if p]
     sites.append(os.path.dirname(os.path.dirname(torch.__file__)))
     include_dirs = [HERE] + _extra_include_dirs(dict.fromkeys(sites))
     header_dirs = [os.path.join(cpp_extension.CUDA_HOME, "include")] + include_dirs

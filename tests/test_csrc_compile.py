@@ -86,6 +86,7 @@ def test_binding_syntax_against_torch_headers(tmp_path):
 
 
 def test_build_helper_reports_instead_of_raising(monkeypatch):
+    monkeypatch.setenv("CUDA_HOME", os.environ.get("CUDA_HOME", ""))  # the helper may set it; restored after
     sys.path.insert(0, CSRC)
     try:
         import grpo_guard_build as gb
