@@ -67,3 +67,18 @@ def test_sde_window_trains_only_the_window(tmp_path):
     idx = [t["index"] for t in rec["updates"][0]["timesteps"]]
     assert len(idx) == 2 and idx[1] == idx[0] + 1 and idx[0] in (0, 1)
     assert trainer.last_batches[0].latents.shape[1] == 3
+
+
+@pytest.mark.parametrize("use_lora", [True, False])
+def test_kl_to_reference(use_lora, tmp_path):
+    """KL to the reference (LoRA disabled, or a frozen copy for full fine-tuning): exactly 0 while the policy is
+    the reference (first update), > 0 once it has moved."""
+    cfg = tiny("sd3", tmp_path, f"model.use_lora={str(use_lora).lower()}", "train.beta_kl=0.1",
+               "train.updates_per_step=2", "train.learning_rate=0.01", "run.save_every=0", steps=1)
+    t = Trainer(cfg)
+    assert all(("lora" in n) == use_lora for n in t.named_params)
+    if not use_lora:
+        assert len(t.params) == len(list(t.adapter.transformer.parameters()))
+    first, second = t.step()["updates"]
+    assert all(ts["kl"] == 0.0 for ts in first["timesteps"])
+    assert all(ts["kl"] > 0.0 for ts in second["timesteps"])

@@ -217,7 +217,7 @@ def from_dict(data: Optional[Dict[str, Any]], overrides=None) -> Config:
     """Build and validate a :class:`Config` from a nested dict plus ``--set`` style overrides."""
     data = _merge(data or {}, parse_overrides(overrides))
     cfg = _build(Config, data)
-    validate(cfg)
+    validate(cfg)  # the batch/group divisibility is checked by the Trainer, which knows the process count
     return cfg
 
 
@@ -245,8 +245,8 @@ def _get(cfg: Config, dotted: str):
     return node
 
 
-def validate(cfg: Config, world_size: int = 1) -> None:
-    """Value checks that types cannot express. ``world_size`` adds the group/batch divisibility check."""
+def validate(cfg: Config, world_size: Optional[int] = None) -> None:
+    """Value checks that types cannot express; with ``world_size`` also the group/batch divisibility."""
     for key, options in CHOICES.items():
         if _get(cfg, key) not in options:
             raise ConfigError(f"{key} must be one of {options}, got {_get(cfg, key)!r}")
@@ -277,8 +277,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     elif int(s.num_steps * s.timestep_fraction) < 1 or s.timestep_fraction > 1:
         raise ConfigError(f"sample.timestep_fraction={s.timestep_fraction} trains int({s.num_steps} * fraction) = "
                           f"{int(s.num_steps * s.timestep_fraction)} steps; it must be >= 1 and fraction <= 1")
-    per_step = s.batch_size * s.num_batches * world_size
-    if per_step % s.group_size:
+    per_step = s.batch_size * s.num_batches * (world_size or 1)
+    if world_size is not None and per_step % s.group_size:
         raise ConfigError(f"images per step = sample.batch_size * sample.num_batches * processes = {s.batch_size} * "
                           f"{s.num_batches} * {world_size} = {per_step} must be a multiple of sample.group_size "
                           f"({s.group_size})")
