@@ -82,3 +82,24 @@ def test_kl_to_reference(use_lora, tmp_path):
     first, second = t.step()["updates"]
     assert all(ts["kl"] == 0.0 for ts in first["timesteps"])
     assert all(ts["kl"] > 0.0 for ts in second["timesteps"])
+
+
+def test_evaluate_with_ema_and_cli(tmp_path):
+    """``grpo-guard train`` end to end with EMA and evaluation every step; evaluation is deterministic and uses
+    the EMA weights (which differ from the trained ones)."""
+    from grpo_guard.cli import main as cli_main
+    from _trainer import CONFIGS
+
+    rc = cli_main(["train", str(CONFIGS / "tiny_sd3.yaml"), "--output-dir", str(tmp_path), "--set", "run.num_steps=2",
+                   "--set", "run.progress=false", "--set", "run.eval_every=1", "--set", "train.ema=true",
+                   "--set", "train.learning_rate=0.05", "--set", "train.ema_decay=0.5"])
+    assert rc == 0
+    recs = [json.loads(s) for s in open(tmp_path / "metrics.jsonl")]
+    assert all({"eval/brightness_mean", "eval/gold/jpeg_compressibility_mean", "eval/proxy_mean"} <= set(r)
+               for r in recs)
+    t = Trainer(tiny("sd3", tmp_path, "train.ema=true", steps=2))
+    assert t.resume() and t.global_step == 2
+    a, b = t.evaluate(), t.evaluate()
+    assert a == b
+    raw = t.evaluate(use_ema=False)
+    assert raw != a and all(torch.isfinite(torch.tensor(v)) for v in raw.values())

@@ -48,12 +48,18 @@ class FlowAdapter:
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
 
+    @property
+    def latent_scale(self) -> int:
+        """Pixels per latent pixel: the VAE's downscale factor, 1 without a VAE (pixel-space models)."""
+        return self.pipe.vae_scale_factor if getattr(self.pipe, "vae", None) is not None else 1
+
     def to(self, device) -> "FlowAdapter":
         self.pipe.to(device)
         return self
 
     # --- what subclasses implement ------------------------------------------------------------------
-    def encode_prompts(self, prompts: Sequence[str]) -> Cond:
+    def encode_prompts(self, prompts: Sequence[str], negative_prompt: str = "") -> Cond:
+        """Prompt embeddings of a batch (and, for CFG, of ``negative_prompt``), detached."""
         raise NotImplementedError
 
     def latent_shape(self) -> Tuple[int, ...]:
@@ -80,11 +86,11 @@ class FlowAdapter:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Final latents -> images (B, 3, H, W) float32 in [0, 1]. Without a VAE (``pipe.vae is None``, e.g. a
-        pixel-space toy model) the latents' first 3 channels are taken as the image in [-1, 1]."""
+        pixel-space toy model) the latents' first 3 channels (or 1, repeated) are the image in [-1, 1]."""
         x = self.unpack(latents)
         vae = getattr(self.pipe, "vae", None)
         if vae is None:
-            img = x[:, :3]
+            img = x[:, :3] if x.shape[1] >= 3 else x[:, :1].expand(-1, 3, -1, -1)
         else:
             cfg = vae.config
             x = x.to(vae.dtype) / cfg.scaling_factor + (cfg.shift_factor or 0.0)

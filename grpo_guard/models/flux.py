@@ -29,7 +29,7 @@ class Adapter(FlowAdapter):
     family = "flux"
 
     def _latent_side(self) -> int:
-        return 2 * (self.resolution // (self.pipe.vae_scale_factor * 2))
+        return 2 * (self.resolution // (self.latent_scale * 2))
 
     def encode_prompts(self, prompts: Sequence[str], negative_prompt: str = "") -> FluxCond:
         with torch.no_grad():
@@ -68,21 +68,22 @@ class Adapter(FlowAdapter):
                      return_dict=False)[0]
 
     def unpack(self, latents):
-        return self.pipe._unpack_latents(latents, self.resolution, self.resolution, self.pipe.vae_scale_factor)
+        return self.pipe._unpack_latents(latents, self.resolution, self.resolution, self.latent_scale)
 
 
-def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, transformer=None, with_vae: bool = True):
     """A random tiny ``FluxPipeline`` built in memory: 1+1-layer transformer with guidance embedding;
-    at 16 px the packed latent is 16 tokens x 16."""
+    at 16 px the packed latent is 16 tokens x 16. ``transformer`` / ``with_vae`` as in :func:`.sd3.tiny_pipeline`."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
-    torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                         pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 4, 8))
+    if transformer is None:
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                             pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 4, 8))
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096)
-    pipe = PIPELINE(transformer=transformer, scheduler=scheduler, vae=tiny.vae(4, seed + 1),
+    pipe = PIPELINE(transformer=transformer, scheduler=scheduler, vae=tiny.vae(4, seed + 1) if with_vae else None,
                     text_encoder=tiny.clip_text_encoder(32, False, seed=seed + 2), tokenizer=tiny.clip_tokenizer(),
                     text_encoder_2=tiny.t5_text_encoder(32, seed + 3), tokenizer_2=tiny.t5_tokenizer())
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)

@@ -35,7 +35,7 @@ class Adapter(FlowAdapter):
         return SD3Cond(prompt_embeds=pe, pooled=pp, neg_prompt_embeds=ne, neg_pooled=npool)
 
     def latent_shape(self) -> Tuple[int, ...]:
-        side = self.resolution // self.pipe.vae_scale_factor
+        side = self.resolution // self.latent_scale
         return (self.transformer.config.in_channels, side, side)
 
     def sigmas(self, num_steps: int) -> List[float]:
@@ -61,17 +61,29 @@ class Adapter(FlowAdapter):
         return uncond + guidance_scale * (text - uncond)
 
 
-def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, sample_size: int = 8):
-    """A random tiny ``StableDiffusion3Pipeline`` built in memory: 2-layer transformer, latents 4 x 8 x 8 at 16 px."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+def tiny_transformer(seed: int = 0, sample_size: int = 8, in_channels: int = 4):
+    """A random 2-layer ``SD3Transformer2DModel`` matching the tiny text encoders (joint dim 32, pooled 32)."""
+    from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(sample_size=sample_size, patch_size=1, in_channels=4, out_channels=4,
-                                        num_layers=2, attention_head_dim=8, num_attention_heads=2,
-                                        joint_attention_dim=32, caption_projection_dim=16,
-                                        pooled_projection_dim=32, pos_embed_max_size=32)
+    return SD3Transformer2DModel(sample_size=sample_size, patch_size=1, in_channels=in_channels,
+                                 out_channels=in_channels, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+                                 joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
+                                 pos_embed_max_size=32)
+
+
+def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, transformer=None, with_vae: bool = True):
+    """A random tiny ``StableDiffusion3Pipeline`` built in memory: latents 4 x 8 x 8 at 16 px.
+
+    ``transformer``: use this one instead of :func:`tiny_transformer` (e.g. a pretrained toy model; its
+    ``joint_attention_dim`` must be 32 and ``pooled_projection_dim`` 32). ``with_vae=False``: a pixel-space
+    pipeline (latents are images; see :meth:`FlowAdapter.decode`)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    transformer = transformer if transformer is not None else tiny_transformer(seed)
     pipe = PIPELINE(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=tiny.vae(4, seed + 1),
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=tiny.vae(4, seed + 1) if with_vae else None,
         text_encoder=tiny.clip_text_encoder(16, True, 16, seed + 2), tokenizer=tiny.clip_tokenizer(),
         text_encoder_2=tiny.clip_text_encoder(16, True, 16, seed + 3), tokenizer_2=tiny.clip_tokenizer(),
         text_encoder_3=tiny.t5_text_encoder(32, seed + 4), tokenizer_3=tiny.t5_tokenizer())

@@ -95,6 +95,7 @@ class RewardsConfig:
 class DataConfig:
     prompts: List[str] = field(default_factory=list)  # inline prompts, or:
     prompt_file: Optional[str] = None   # .txt (one per line) or .jsonl ({"prompt": ..., other = metadata})
+    eval_prompts: List[str] = field(default_factory=list)  # for run.eval_every; empty = the first training prompts
 
 
 @dataclass
@@ -104,6 +105,9 @@ class RunConfig:
     seed: int = 42
     save_every: int = 60                # checkpoint every k steps (and at the end); 0 = only at the end
     keep_last: int = 5                  # checkpoints kept
+    eval_every: int = 0                 # every k steps: ODE samples of data.eval_prompts (EMA weights if
+                                        # train.ema), all rewards logged as eval/...; 0 = never
+    eval_num_steps: int = 0             # denoising steps for evaluation; 0 = sample.num_steps (flow_grpo: 40)
     mixed_precision: str = "bf16"       # no | bf16 | fp16 (accelerate autocast)
     cpu: bool = False                   # force the CPU (accelerate's cpu=True; also for 2-process CPU tests)
     tensorboard: bool = True
@@ -266,8 +270,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         raise ConfigError(f"train.clip_range must be in (0, 1), got {t.clip_range}")
     if not 0 < s.noise_level <= (1 if s.dynamics == "cps" else 10):
         raise ConfigError(f"sample.noise_level must be > 0 (<= 1 for cps), got {s.noise_level}")
-    if t.beta_kl < 0 or not 0 <= t.ema_decay < 1 or t.warmup_steps < 0 or cfg.run.save_every < 0:
-        raise ConfigError("train.beta_kl, train.warmup_steps, run.save_every must be >= 0 and train.ema_decay in [0, 1)")
+    if min(t.beta_kl, t.warmup_steps, cfg.run.save_every, cfg.run.eval_every, cfg.run.eval_num_steps) < 0 or \
+            not 0 <= t.ema_decay < 1:
+        raise ConfigError("train.beta_kl, train.warmup_steps, run.save_every, run.eval_every, run.eval_num_steps "
+                          "must be >= 0 and train.ema_decay in [0, 1)")
     if s.sde_window_size > 0:
         lo, hi = (s.sde_window_range + [None, None])[:2]
         if len(s.sde_window_range) != 2 or not 0 <= lo < hi or hi + s.sde_window_size - 1 > s.num_steps - 1:

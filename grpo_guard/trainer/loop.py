@@ -9,6 +9,7 @@ gold_rewards=[...], prompts=[...])``), so other code (the demo) reuses the loop 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -22,7 +23,7 @@ from ..models import FlowAdapter, build_adapter
 from . import checkpoint, rewards as rw
 from .config import Config, ConfigError, validate
 from .metrics import MetricsLogger
-from .rollout import RolloutBatch, plan_step, sample_batch
+from .rollout import RolloutBatch, generate, plan_step, sample_batch
 from .update import EMA, Updater
 
 
@@ -197,7 +198,7 @@ class Trainer:
         return out
 
     def step(self) -> Dict:
-        """One training step; returns (and logs) its metrics record."""
+        """One training step (plus an evaluation every ``run.eval_every``); returns and logs its metrics."""
         t0 = time.perf_counter()
         batches = self.rollout()
         t1 = time.perf_counter()
@@ -206,6 +207,8 @@ class Trainer:
         t2 = time.perf_counter()
         record = self._record(batches, gathered, updates, t1 - t0, t2 - t1)
         self.global_step += 1
+        if self.cfg.run.eval_every and self.global_step % self.cfg.run.eval_every == 0:
+            record.update(self.evaluate())
         self.last_batches, self.last_record, self.last_gathered = batches, record, gathered
         self.logger.log(self.global_step, record)
         return record
@@ -226,6 +229,31 @@ class Trainer:
         rec["time/update_s"] = t_update
         rec["stored_mib"] = sum(b.stored_bytes() for b in batches) / 2 ** 20
         return rec
+
+    @torch.no_grad()
+    def evaluate(self, prompts: Optional[Sequence[str]] = None, use_ema: bool = True) -> Dict[str, float]:
+        """Deterministic ODE samples of ``prompts`` (default: ``data.eval_prompts``, else the first
+        ``sample.batch_size`` training prompts), split over processes, with the EMA weights when kept. Returns
+        ``eval/<reward>_mean`` for every proxy and gold reward (and ``eval/proxy_mean``)."""
+        cfg = self.cfg
+        prompts = list(prompts or cfg.data.eval_prompts or self.prompts[:cfg.sample.batch_size])
+        r, w = self.acc.process_index, self.acc.num_processes
+        idx = list(range(len(prompts)))[r::w]
+        ema = self.ema.applied(self.params) if (use_ema and self.ema is not None) else contextlib.nullcontext()
+        sums = torch.zeros(len(self.proxy) + len(self.gold) + 2, dtype=torch.float64, device=self.adapter.device)
+        with ema:
+            for i in range(0, len(idx), cfg.sample.batch_size):
+                chunk = idx[i:i + cfg.sample.batch_size]
+                ps = [prompts[k] for k in chunk]
+                x = generate(self.adapter, self.adapter.transformer, ps, cfg, chunk, cfg.run.eval_num_steps or None,
+                             autocast=self.acc.autocast)
+                vals = rw.evaluate(self.proxy + self.gold, self.adapter.decode(x), ps, [{} for _ in ps])
+                proxy = rw.weighted_sum(vals, self.proxy)
+                cols = [vals[q.name] for q in self.proxy + self.gold] + [proxy, torch.ones_like(proxy)]
+                sums += torch.stack([c.double().sum() for c in cols])
+        sums = self.acc.reduce(sums, reduction="sum") if w > 1 else sums
+        names = [q.name if q in self.proxy else f"gold/{q.name}" for q in self.proxy + self.gold] + ["proxy"]
+        return {f"eval/{n}_mean": float(sums[j] / sums[-1]) for j, n in enumerate(names)}
 
     # --- checkpoints and the whole run ---------------------------------------------------------------
     @property

@@ -125,8 +125,7 @@ def sample_batch(adapter: FlowAdapter, model: torch.nn.Module, prompts: Sequence
     start = window_start(step, cfg)
     train_idx = trained_steps(s, start)
     sde_idx = set(train_idx) if s.sde_window_size > 0 else set(range(s.num_steps))
-    cond = adapter.encode_prompts(prompts, s.negative_prompt) if adapter.family == "sd3" else \
-        adapter.encode_prompts(prompts)
+    cond = adapter.encode_prompts(prompts, s.negative_prompt)
     init_keys = group_ids if s.same_noise_per_group else sample_ids
     init_gens = [torch.Generator().manual_seed(mix_seed(cfg.run.seed, step, 4, k)) for k in init_keys]
     step_gens = [torch.Generator().manual_seed(mix_seed(cfg.run.seed, step, 5, k)) for k in sample_ids]
@@ -157,6 +156,24 @@ def sample_batch(adapter: FlowAdapter, model: torch.nn.Module, prompts: Sequence
         sigmas=[sigmas[j] for j in train_idx] + [sigmas[train_idx[-1] + 1]],
         latents=torch.stack(lat, 1), old_velocity=torch.stack(vel, 1), old_log_prob=torch.stack(logp, 1))
     return batch, x
+
+
+@torch.no_grad()
+def generate(adapter: FlowAdapter, model: torch.nn.Module, prompts: Sequence[str], cfg: Config, seeds: Sequence[int],
+             num_steps: Optional[int] = None, autocast=None) -> torch.Tensor:
+    """Deterministic (ODE, Euler) sampling for evaluation: final latents of ``prompts``, one seed each."""
+    s = cfg.sample
+    n = num_steps or s.num_steps
+    sigmas = adapter.sigmas(n)
+    cond = adapter.encode_prompts(prompts, s.negative_prompt)
+    gens = [torch.Generator().manual_seed(mix_seed(cfg.run.seed, k, 6)) for k in seeds]
+    x = _noise(gens, adapter.latent_shape(), adapter.device, DTYPES[cfg.model.dtype])
+    ctx = autocast or _null
+    for i in range(n):
+        with ctx():
+            v = adapter.velocity(model, x, sigmas[i], cond, s.guidance_scale, cfg=True)
+        x = (x.float() + (sigmas[i + 1] - sigmas[i]) * v.float()).to(x.dtype)
+    return x
 
 
 class _null:
