@@ -15,15 +15,15 @@ CPS = tl.constexpr(2)
 
 @triton.jit
 def load_sigmas(sig_ptr, nxt_ptr, sigma, sigma_next, rows, mask, PER_SAMPLE: tl.constexpr):
-    """(sigma, sigma') in float64 for ``rows`` (a scalar row or a vector): from the float64 (B,) tensors
-    when PER_SAMPLE, else the float64 scalars broadcast to the rows' shape."""
+    """(sigma, sigma') in float64: for ``rows`` (a row index or a vector of them) from the float64 (B,)
+    tensors when PER_SAMPLE, else the float64 scalars themselves (coefficients are then computed once and
+    broadcast)."""
     if PER_SAMPLE:
         sig = tl.load(sig_ptr + rows, mask=mask, other=0.5).to(tl.float64)
         nxt = tl.load(nxt_ptr + rows, mask=mask, other=0.25).to(tl.float64)
-    else:
-        zero = (rows * 0).to(tl.float64)
-        sig = sigma + zero
-        nxt = sigma_next + zero
+    else:  # "+ float64 0": the interpreter passes tl.float64 arguments as Python floats, typed float32
+        sig = sigma + tl.zeros([], tl.float64)
+        nxt = sigma_next + tl.zeros([], tl.float64)
     return sig, nxt
 
 
@@ -38,6 +38,7 @@ def step_coefficients(sig, nxt, eta, DYNAMICS: tl.constexpr):
            b = (1-sigma) c - sigma (1-sigma');  beta = b/dt
     Returns (std_dev_t, s, a, b, beta, dt), float64, shaped like ``sig``.
     """
+    eta = eta + tl.zeros([], tl.float64)  # exact: see load_sigmas
     dt = nxt - sig
     if DYNAMICS == CPS:
         pi = tl.full([], 3.141592653589793, tl.float64)
@@ -87,7 +88,9 @@ def tree_sum_rows(t, LOG_N: tl.constexpr):
 @triton.jit
 def tree_sum(acc, LOG_N: tl.constexpr):
     """Sum of a [2**LOG_N] vector by the fixed pairwise tree of :func:`tree_sum_rows`, as a scalar."""
-    return tl.sum(tree_sum_rows(acc[None, :], LOG_N), axis=0)
+    for _ in tl.static_range(LOG_N):
+        acc = tl.sum(tl.reshape(acc, (acc.shape[0] // 2, 2)), axis=1)
+    return tl.sum(acc, axis=0)
 
 
 @triton.jit

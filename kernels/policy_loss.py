@@ -81,6 +81,9 @@ def policy_loss_finish_kernel(part_ptr, adv_ptr, old_lp_ptr, coef_ptr, loss_ptr,
     stats = [ratio_mean, ratio_std, clipfrac, approx_kl, log_ratio (B), bias (B)], ratio stats from
     expm1(log_ratio) (reference.summarize); loss = mean_i per-sample loss."""
     CD: tl.constexpr = loss_ptr.dtype.element_ty
+    lo = lo + tl.zeros([], tl.float64)  # exact float64 in both modes (see common.load_sigmas)
+    hi = hi + tl.zeros([], tl.float64)
+    adv_max = adv_max + tl.zeros([], tl.float64)
     s_loss = tl.zeros([RB], tl.float64)
     s_exc = tl.zeros([RB], tl.float64)
     s_exc2 = tl.zeros([RB], tl.float64)

@@ -48,7 +48,8 @@ def geometry(B: int, D: int) -> Geometry:
     iters = max(iters, triton.cdiv(D, block * MAX_CHUNKS))
     chunks = triton.cdiv(D, block * iters)
     cp = triton.next_power_of_2(chunks)
-    rows = max(1, min(triton.next_power_of_2(B), 2048 // cp))
+    # finish tiles of rows x cp partials: at most one row per thread (the per-row float64 math is long)
+    rows = max(1, min(triton.next_power_of_2(B), max(4, 512 // cp)))
     return Geometry(block, block.bit_length() - 1, iters, chunks, cp, cp.bit_length() - 1, rows, 4)
 
 
