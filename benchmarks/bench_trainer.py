@@ -1,0 +1,139 @@
+"""Time trainer steps (rollout + update) of an SD3.5-M-sized transformer, random init from its config (no
+download), with the fused ops (backend "auto") vs the reference ops (backend "torch").
+
+    python benchmarks/bench_trainer.py                    # NVIDIA GPU: SD3.5-M transformer, bf16, 512 px latents
+    python benchmarks/bench_trainer.py --tiny --steps 1   # CPU smoke run of this script (tiny transformer)
+
+Text encoders and VAE are left out (random prompt embeddings of SD3's shapes, reward on the latents' first
+channels): what is timed is the transformer, our ops and the trainer around them. Reports images/s and the
+share of step time spent in sde_step / policy_loss *forward* calls (measured with a device synchronization
+around each call in a separate pass; their backward runs inside the transformer's backward and is not split out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import grpo_guard as gg  # noqa: E402
+from grpo_guard.models.base import Cond  # noqa: E402
+from grpo_guard.models import sd3  # noqa: E402
+from grpo_guard.trainer import Reward, Trainer, from_dict  # noqa: E402
+
+SD35M = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+             num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+             pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13)))
+TINY = dict(sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32)
+
+
+class RandomPromptAdapter(sd3.Adapter):
+    """SD3 adapter whose prompt embeddings are random tensors of the real shapes (333 tokens = 77 CLIP + 256 T5)."""
+
+    def encode_prompts(self, prompts, negative_prompt=""):
+        c = self.transformer.config
+        g = torch.Generator().manual_seed(len(prompts))
+        dt = next(self.transformer.parameters()).dtype
+
+        def rnd(*shape):
+            return torch.randn(*shape, generator=g).to(self.device, dt)
+        B, L = len(prompts), (333 if c.joint_attention_dim == 4096 else 16)
+        return sd3.SD3Cond(prompt_embeds=rnd(B, L, c.joint_attention_dim), pooled=rnd(B, c.pooled_projection_dim),
+                           neg_prompt_embeds=rnd(B, L, c.joint_attention_dim), neg_pooled=rnd(B, c.pooled_projection_dim))
+
+
+def build(args, out_dir):
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    dtype = "float32" if device == "cpu" else "bfloat16"
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(**(TINY if args.tiny else SD35M)).to(device, getattr(torch, dtype))
+    pipe = sd3.PIPELINE(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None,
+                        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                        text_encoder_3=None, tokenizer_3=None)
+    side = 8 if args.tiny else 64  # 512 px / VAE factor 8
+    adapter = RandomPromptAdapter(pipe, resolution=side)
+    per_step = args.batch_size * args.num_batches
+    cfg = from_dict({
+        "model": {"family": "sd3", "tiny": True, "dtype": dtype, "resolution": side},
+        "sample": {"num_steps": 10, "group_size": per_step // 2, "batch_size": args.batch_size,
+                   "num_batches": args.num_batches},
+        "train": {"updates_per_step": 1, "method": "guard"},
+        "rewards": {"proxy": [{"name": "brightness"}]}, "data": {"prompts": [f"p{i}" for i in range(16)]},
+        "run": {"output_dir": out_dir, "mixed_precision": "no" if device == "cpu" else "bf16", "progress": False,
+                "tensorboard": False, "cpu": device == "cpu"}})
+    return Trainer(cfg, adapter=adapter, proxy_rewards=[Reward("brightness", lambda im, p, m: im.mean((1, 2, 3)))],
+                   gold_rewards=[]), device
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_ops(device, acc):
+    """Wrap gg.sde_step / gg.policy_loss with synchronizing timers (accumulating into ``acc``)."""
+    real = {n: getattr(gg, n) for n in ("sde_step", "policy_loss")}
+
+    def wrap(name):
+        def f(*a, **k):
+            sync(device)
+            t0 = time.perf_counter()
+            out = real[name](*a, **k)
+            sync(device)
+            acc[name] = acc.get(name, 0.0) + time.perf_counter() - t0
+            return out
+        return f
+    for n in real:
+        setattr(gg, n, wrap(n))
+    return lambda: [setattr(gg, n, f) for n, f in real.items()]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--num-batches", type=int, default=2)
+    p.add_argument("--backends", default="torch,auto")
+    p.add_argument("--out", default="")
+    args = p.parse_args(argv)
+    rows = []
+    for name in args.backends.split(","):
+        with tempfile.TemporaryDirectory() as d, gg.backend(name):
+            trainer, device = build(args, d)
+            trainer.step()  # warm-up (kernel compilation, allocator)
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                trainer.step()
+            sync(device)
+            step_s = (time.perf_counter() - t0) / args.steps
+            acc = {}
+            restore = timed_ops(device, acc)
+            try:
+                trainer.step()
+            finally:
+                restore()
+            images = args.batch_size * args.num_batches
+            rows.append(dict(backend=name, ran=gg.last_backend(), device=torch.cuda.get_device_name() if device == "cuda"
+                             else "cpu", step_s=step_s, images_per_s=images / step_s,
+                             ops_fwd_s=sum(acc.values()), ops_share=sum(acc.values()) / step_s, **acc))
+            print(json.dumps(rows[-1]))
+            del trainer
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
