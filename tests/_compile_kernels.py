@@ -1,0 +1,102 @@
+"""Compile every Triton kernel of grpo_guard to an sm_90 cubin, no GPU needed (not a test module).
+
+Run as ``python tests/_compile_kernels.py DTYPE`` with TRITON_INTERPRET unset (the kernels must be decorated
+as compiled JITFunctions); prints one JSON line per (kernel, variant): ok, cubin bytes, shared memory, error.
+DTYPE is the latent inputs' dtype (fp32, bf16, fp16, fp64); the compute dtype follows (fp64 for fp64, else fp32).
+"""
+import json
+import os
+import sys
+import tempfile
+import traceback
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+from grpo_guard.kernels import policy_loss as PL
+from grpo_guard.kernels import sde_step as SDE
+
+TARGET = GPUTarget("cuda", 90, 32)
+BLOCK, LOG_BLOCK, CP, LOG_CP, RB = 1024, 10, 64, 6, 8
+OPTIONS = {"num_warps": 4, "enable_fp_fusion": False}  # what the wrappers launch with
+
+
+def pointer_types(T, CD):
+    """Element type of every pointer argument, by name."""
+    return {"v_ptr": T, "x_ptr": T, "xp_ptr": T, "xp_out_ptr": T, "z_ptr": CD, "mean_ptr": CD, "part_ptr": CD,
+            "log_prob_ptr": CD, "std_dev_t_ptr": CD, "g_prev_ptr": T, "g_mean_ptr": CD, "g_lp_ptr": CD,
+            "g_v_ptr": T, "g_x_ptr": T, "sig_ptr": "fp64", "nxt_ptr": "fp64", "adv_ptr": "fp32",
+            "old_lp_ptr": CD, "coef_ptr": CD, "loss_ptr": CD, "stats_ptr": CD, "g_loss_ptr": CD}
+
+
+def variants(T, full):
+    """(kernel, label, constexprs, extra pointer types). ``full``: every OLD/METHOD/dynamics variant too."""
+    CD = "fp64" if T == "fp64" else "fp32"
+    geo = dict(BLOCK=BLOCK, LOG_BLOCK=LOG_BLOCK)
+    fin = dict(RB=RB, CP=CP, LOG_CP=LOG_CP)
+    dyns = (0, 1, 2) if full else (0,)
+    for dyn in dyns:
+        for rollout in (True, False):
+            yield SDE.sde_step_reduce_kernel, f"dyn{dyn}-rollout{int(rollout)}", dict(
+                DYNAMICS=dyn, PER_SAMPLE=True, ROLLOUT=rollout, **geo), {}
+        yield SDE.sde_step_finish_kernel, f"dyn{dyn}", dict(DYNAMICS=dyn, PER_SAMPLE=True, **fin), {}
+        yield SDE.sde_step_backward_kernel, f"dyn{dyn}", dict(
+            DYNAMICS=dyn, PER_SAMPLE=True, HAS_G_PREV=True, HAS_G_MEAN=True, HAS_G_LP=True, NEED_G_V=True,
+            NEED_G_X=True, BLOCK=BLOCK), {}
+    olds = (0, 1, 2) if full else (1,)
+    for old in olds:
+        old_ty = {"old_ptr": CD if old == 1 else T}
+        methods = (0,) if old == 0 else ((0, 1, 2, 3) if full else (0,))
+        yield PL.policy_loss_reduce_kernel, f"old{old}", dict(
+            DYNAMICS=0, PER_SAMPLE=True, OLD=old, **geo), old_ty
+        for method in methods:
+            for dyn in (dyns if method == 0 else (0,)):
+                yield PL.policy_loss_finish_kernel, f"old{old}-method{method}-dyn{dyn}", dict(
+                    DYNAMICS=dyn, PER_SAMPLE=not full or dyn != 2, OLD=old, METHOD=method,
+                    BETA_DT=method == 3, **fin), old_ty
+        for need_delta in ((False, True) if old else (False,)):
+            yield PL.policy_loss_backward_kernel, f"old{old}-delta{int(need_delta)}", dict(
+                DYNAMICS=0, PER_SAMPLE=True, OLD=old, NEED_DELTA=need_delta, BLOCK=BLOCK), old_ty
+
+
+def signature(kernel, T, constexprs, extra):
+    CD = "fp64" if T == "fp64" else "fp32"
+    ptrs = dict(pointer_types(T, CD), **extra)
+    sig = {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + ptrs[name]
+        elif kernel.params[i].annotation_type:
+            sig[name] = kernel.params[i].annotation_type
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def compile_one(kernel, T, constexprs, extra):
+    sig = signature(kernel, T, constexprs, extra)
+    try:
+        src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
+    except (AssertionError, TypeError, KeyError):  # older layouts key constexprs by argument index
+        idx = {(kernel.arg_names.index(k),): v for k, v in constexprs.items()}
+        src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=idx)
+    return triton.compile(src, target=TARGET, options=OPTIONS)
+
+
+def main(T, full):
+    os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="grpo_guard_triton_cache_"))
+    for kernel, label, constexprs, extra in variants(T, full):
+        row = {"kernel": kernel.__name__ if hasattr(kernel, "__name__") else str(kernel), "variant": label}
+        try:
+            c = compile_one(kernel, T, constexprs, extra)
+            row.update(ok=True, cubin_bytes=len(c.asm["cubin"]), shared=int(c.metadata.shared),
+                       sm90=".target sm_90" in c.asm["ptx"])
+        except Exception:  # reported, the test fails on it
+            row.update(ok=False, error=traceback.format_exc(limit=3)[-2000:])
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], "--full" in sys.argv[2:])
