@@ -103,3 +103,17 @@ def test_evaluate_with_ema_and_cli(tmp_path):
     assert a == b
     raw = t.evaluate(use_ema=False)
     assert raw != a and all(torch.isfinite(torch.tensor(v)) for v in raw.values())
+
+
+def test_same_initial_noise_per_group(tmp_path):
+    t = Trainer(tiny("sd3", tmp_path, "sample.same_noise_per_group=true", "sample.group_size=2", "run.save_every=0",
+                     steps=1))
+    t.step()
+    lat = torch.cat([b.latents for b in t.last_batches])
+    x0, groups = lat[:, 0], torch.cat([b.group_ids for b in t.last_batches]).tolist()  # x_0: the initial noise
+    for i in range(len(groups)):
+        for j in range(len(groups)):
+            assert torch.equal(x0[i], x0[j]) == (groups[i] == groups[j])
+    # the SDE noise stays per sample: after the first step, members of a group differ
+    pairs = [(i, j) for i in range(len(groups)) for j in range(i + 1, len(groups)) if groups[i] == groups[j]]
+    assert pairs and all(not torch.equal(lat[i, 1], lat[j, 1]) for i, j in pairs)

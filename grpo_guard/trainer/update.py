@@ -49,6 +49,11 @@ class Updater:
         self.cfg, self.acc, self.adapter, self.model = cfg, accelerator, adapter, model
         self.params, self.optimizer, self.lr_scheduler, self.ema = params, optimizer, lr_scheduler, ema
         self.reference, self.ref_model = reference, ref_model
+        kind = getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type))
+        if kind != "NO" and not kind.startswith("MULTI_"):
+            raise NotImplementedError(f"accelerate distributed type {kind}: the trainer synchronizes gradients as "
+                                      "DDP does (one averaged reduce per optimizer step); DeepSpeed / FSDP are not "
+                                      "supported yet -- launch with plain multi-GPU (DDP)")
         self.manual_sync = accelerator.num_processes > 1
 
     def _sync_grads(self):
