@@ -117,3 +117,22 @@ def test_same_initial_noise_per_group(tmp_path):
     # the SDE noise stays per sample: after the first step, members of a group differ
     pairs = [(i, j) for i in range(len(groups)) for j in range(i + 1, len(groups)) if groups[i] == groups[j]]
     assert pairs and all(not torch.equal(lat[i, 1], lat[j, 1]) for i, j in pairs)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_export_lora_loads_in_diffusers(family, tmp_path):
+    """The exported LoRA, loaded into a fresh pipeline with ``load_lora_weights``, gives the trained velocity."""
+    from grpo_guard.models import build_adapter
+
+    t = Trainer(tiny(family, tmp_path / "run", "train.learning_rate=0.05", "run.save_every=0", steps=2))
+    t.train()
+    t.export_lora(str(tmp_path / "lora"))
+    fresh = build_adapter(t.cfg.model, seed=t.cfg.run.seed)
+    x = torch.randn(2, *fresh.latent_shape())
+    cond = fresh.encode_prompts(["a red cat", "digit 7"])
+    before = fresh.velocity(fresh.transformer, x, 0.8, cond, 3.0)
+    fresh.pipe.load_lora_weights(str(tmp_path / "lora"))
+    got = fresh.velocity(fresh.transformer, x, 0.8, cond, 3.0)
+    want = t.adapter.velocity(t.adapter.transformer, x, 0.8, cond, 3.0)
+    assert not torch.allclose(before, want)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

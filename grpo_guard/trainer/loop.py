@@ -266,6 +266,21 @@ class Trainer:
         return checkpoint.save(self.checkpoint_dir, self.global_step, self.acc, self.named_params, self.optimizer,
                                self.lr_scheduler, state, self.ema.shadow if self.ema else None, self.cfg.run.keep_last)
 
+    def export_lora(self, directory: str) -> str:
+        """Write the trained LoRA in diffusers' format (``pipe.load_lora_weights(directory)`` loads it);
+        main process only. Returns the directory."""
+        if not self.cfg.model.use_lora:
+            raise ValueError("export_lora needs model.use_lora: true (full fine-tuning: save the transformer)")
+        from peft.utils import get_peft_model_state_dict
+
+        if self.acc.is_main_process:
+            layers = get_peft_model_state_dict(self.adapter.transformer)
+            meta = self.adapter.transformer.peft_config["default"].to_dict()  # keeps alpha (scale = alpha / r)
+            type(self.adapter.pipe).save_lora_weights(directory, transformer_lora_layers=layers,
+                                                      transformer_lora_adapter_metadata=meta)
+        self.acc.wait_for_everyone()
+        return directory
+
     def resume(self, path: Optional[str] = None) -> bool:
         """Load ``path`` or the latest complete checkpoint of this run; False if there is none."""
         path = path or checkpoint.latest(self.checkpoint_dir)
