@@ -55,6 +55,7 @@ class FlowAdapter:
 
     def to(self, device) -> "FlowAdapter":
         self.pipe.to(device)
+        self.__dict__.pop("_negative", None)  # cached negative-prompt embeddings (sd3) live on the old device
         return self
 
     # --- what subclasses implement ------------------------------------------------------------------

@@ -26,13 +26,24 @@ class SD3Cond(Cond):
 class Adapter(FlowAdapter):
     family = "sd3"
 
-    def encode_prompts(self, prompts: Sequence[str], negative_prompt: str = "") -> SD3Cond:
+    def _encode(self, prompts: Sequence[str]):
         with torch.no_grad():
-            pe, ne, pp, npool = self.pipe.encode_prompt(
+            pe, _, pooled, _ = self.pipe.encode_prompt(
                 prompt=list(prompts), prompt_2=None, prompt_3=None, device=self.device,
-                do_classifier_free_guidance=True, negative_prompt=[negative_prompt] * len(prompts),
-                max_sequence_length=self.max_sequence_length)
-        return SD3Cond(prompt_embeds=pe, pooled=pp, neg_prompt_embeds=ne, neg_pooled=npool)
+                do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length)
+        return pe, pooled
+
+    def encode_prompts(self, prompts: Sequence[str], negative_prompt: str = "") -> SD3Cond:
+        """The negative prompt is encoded once per adapter and expanded (a view): stored rollouts hold only the
+        per-sample positive embeddings."""
+        cache = self.__dict__.setdefault("_negative", {})
+        if negative_prompt not in cache:
+            cache[negative_prompt] = self._encode([negative_prompt])
+        ne, npool = cache[negative_prompt]
+        pe, pooled = self._encode(prompts)
+        B = len(prompts)
+        return SD3Cond(prompt_embeds=pe, pooled=pooled, neg_prompt_embeds=ne.expand(B, *ne.shape[1:]),
+                       neg_pooled=npool.expand(B, *npool.shape[1:]))
 
     def latent_shape(self) -> Tuple[int, ...]:
         side = self.resolution // self.latent_scale
