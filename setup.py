@@ -46,4 +46,8 @@ def _cuda_extension():
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc"))
 ext_modules, cmdclass = _cuda_extension()
 
-setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)
+# the demo's shipped base-model weights (grpo_guard/demo/assets/, < 1 MB)
+PACKAGE_DATA = {"grpo_guard.demo": ["assets/*.safetensors"]}
+
+setup(packages=PACKAGES, package_dir=PACKAGE_DIR, package_data=PACKAGE_DATA, ext_modules=ext_modules,
+      cmdclass=cmdclass)
