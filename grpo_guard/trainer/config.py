@@ -73,7 +73,8 @@ class TrainConfig:
     beta_kl: float = 0.0                # KL to the reference (LoRA disabled / frozen copy); Guard: 0
     ema: bool = False                   # keep an EMA of the trained weights (saved; used by evaluate())
     ema_decay: float = 0.9
-    timestep_grad_norms: bool = True    # log each trained timestep's own gradient norm (needs a grad copy)
+    timestep_grad_norms: bool = True    # log each trained timestep's own gradient norm (keeps one float32
+                                        # copy of the trained parameters' gradients)
     max_nonfinite_in_a_row: int = 3     # skipped (non-finite) updates in a row before the run stops
     find_unused_parameters: bool = False
 

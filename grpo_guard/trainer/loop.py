@@ -101,6 +101,7 @@ class Trainer:
         self.skipped_total = 0
         self.last_batches: List[RolloutBatch] = []
         self.last_record: Dict = {}
+        self.last_gathered: Dict[str, torch.Tensor] = {}
 
     # --- setup ---------------------------------------------------------------------------------------
     def _setup_model(self):

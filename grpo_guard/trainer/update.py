@@ -56,19 +56,34 @@ class Updater:
                                       "supported yet -- launch with plain multi-GPU (DDP)")
         self.manual_sync = accelerator.num_processes > 1
 
-    def _sync_grads(self):
-        """Average the accumulated gradients over processes with one flat ``accelerator.reduce``."""
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        flat = self.acc.reduce(flat, reduction="mean")
-        offset = 0
-        for p, g in zip(self.params, grads):
-            p.grad = flat[offset:offset + g.numel()].view_as(p).clone()
-            offset += g.numel()
+    BUCKET = 1 << 25  # elements per all-reduce (128 MiB of float32)
 
-    def _grad_vector(self) -> torch.Tensor:
-        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
-                          for p in self.params])
+    def _sync_grads(self):
+        """Average the accumulated gradients over processes: ``accelerator.reduce`` on flat buckets."""
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        bucket, size = [], 0
+        for p in self.params + [None]:
+            if p is not None and (size + p.numel() <= self.BUCKET or not bucket):
+                bucket.append(p)
+                size += p.numel()
+                continue
+            flat = self.acc.reduce(torch.cat([q.grad.reshape(-1) for q in bucket]), reduction="mean")
+            offset = 0
+            for q in bucket:
+                q.grad.copy_(flat[offset:offset + q.numel()].view_as(q))
+                offset += q.numel()
+            bucket, size = ([p], p.numel()) if p is not None else ([], 0)
+
+    def _timestep_grad_norm(self, prev: List[torch.Tensor]) -> torch.Tensor:
+        """Norm of the gradient added since ``prev`` (updated in place to the current one): one grad copy."""
+        sq = torch.zeros((), dtype=torch.float64, device=self.adapter.device)
+        for p, old in zip(self.params, prev):
+            if p.grad is not None:
+                sq += (p.grad.float() - old).square().sum().double()
+                old.copy_(p.grad)
+        return sq.sqrt()
 
     def step(self, batches: Sequence[RolloutBatch]) -> Dict:
         """One optimizer step over ``batches`` (all with the same trained steps). Returns its metrics:
@@ -80,7 +95,7 @@ class Updater:
         scale = 1.0 / (K * len(batches))
         stats = torch.zeros(K, len(STAT_KEYS), dtype=torch.float64, device=self.adapter.device)
         nonfinite = torch.zeros((), device=self.adapter.device)
-        prev = self._grad_vector() if t.timestep_grad_norms else None
+        prev = [torch.zeros_like(p, dtype=torch.float32) for p in self.params] if t.timestep_grad_norms else None
         sync_ctx = (lambda: self.acc.no_sync(self.model)) if self.manual_sync else contextlib.nullcontext
         for k in range(K):
             for b in batches:
@@ -106,10 +121,8 @@ class Updater:
                     self.acc.backward(total * scale)
                 row = [loss, st["ratio_mean"], st["ratio_std"], st["clipfrac"], st["approx_kl"], kl]
                 stats[k, :6] += torch.stack([r.detach().double() for r in row]) / len(batches)
-            if prev is not None:
-                cur = self._grad_vector()
-                stats[k, 6] = (cur - prev).norm().double()  # this timestep's gradient (local, before averaging)
-                prev = cur
+            if prev is not None:  # this timestep's own gradient (local, before averaging over processes)
+                stats[k, 6] = self._timestep_grad_norm(prev)
         if self.manual_sync:
             self._sync_grads()
         grad_norm = self.acc.clip_grad_norm_(self.params, t.max_grad_norm)
