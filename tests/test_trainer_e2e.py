@@ -7,7 +7,7 @@ import torch
 
 from _trainer import one_thread, tiny  # noqa: F401 (fixture)
 
-from grpo_guard.trainer import Trainer, checkpoint
+from grpo_guard.trainer import Reward, Trainer, checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,13 +43,14 @@ def test_end_to_end(family, tmp_path):
         assert torch.equal(saved[n], p.detach().cpu())
 
 
-@pytest.mark.parametrize("family,method", [("sd3", "guard"), ("sd3", "grpo"), ("sd3", "mean_revised"),
-                                           ("sd3", "ratio_norm"), ("flux", "guard")])
-def test_on_policy_ratio_is_exactly_one(family, method, tmp_path):
+@pytest.mark.parametrize("family,method,dynamics", [
+    ("sd3", "guard", "flow"), ("sd3", "grpo", "flow"), ("sd3", "mean_revised", "flow"), ("sd3", "ratio_norm", "flow"),
+    ("flux", "guard", "flow"), ("flux", "guard", "dance"), ("sd3", "grpo", "cps")])
+def test_on_policy_ratio_is_exactly_one(family, method, dynamics, tmp_path):
     """First update after a rollout: ratio exactly 1 (mean 1, std 0, nothing clipped) at every timestep. The
     second update of the same rollout is off-policy, so its ratio must differ: the check can fail."""
-    cfg = tiny(family, tmp_path, f"train.method={method}", "train.updates_per_step=2", "train.learning_rate=0.05",
-               "run.save_every=0", steps=1)
+    cfg = tiny(family, tmp_path, f"train.method={method}", f"sample.dynamics={dynamics}", "train.updates_per_step=2",
+               "train.learning_rate=0.05", "run.save_every=0", steps=1)
     rec = Trainer(cfg).step()
     first, second = rec["updates"]
     for t in first["timesteps"]:
@@ -136,3 +137,26 @@ def test_export_lora_loads_in_diffusers(family, tmp_path):
     want = t.adapter.velocity(t.adapter.transformer, x, 0.8, cond, 3.0)
     assert not torch.allclose(before, want)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_prompt_files(suffix, tmp_path):
+    """Prompts from a .txt (one per line) or .jsonl file; .jsonl fields other than "prompt" reach the rewards as
+    metadata."""
+    path = tmp_path / f"prompts{suffix}"
+    if suffix == ".txt":
+        path.write_text("a red cat\n\na blue dog\n")
+    else:
+        path.write_text('{"prompt": "a red cat", "tag": 1}\n{"prompt": "a blue dog", "tag": 2}\n')
+    seen = []
+
+    def spy(images, prompts, metadata):
+        seen.extend(zip(prompts, metadata))
+        return images.mean(dim=(1, 2, 3))
+
+    cfg = tiny("sd3", tmp_path / "run", "data.prompts=[]", f"data.prompt_file={path}", "run.save_every=0", steps=1)
+    t = Trainer(cfg, proxy_rewards=[Reward("spy", spy)], gold_rewards=[])
+    t.step()
+    assert t.prompts == ["a red cat", "a blue dog"]
+    want = {"a red cat": {"tag": 1}, "a blue dog": {"tag": 2}} if suffix == ".jsonl" else {"a red cat": {}, "a blue dog": {}}
+    assert len(seen) == 8 and all(m == want[p] for p, m in seen)
