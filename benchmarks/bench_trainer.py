@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import grpo_guard as gg  # noqa: E402
-from grpo_guard.models.base import Cond  # noqa: E402
 from grpo_guard.models import sd3  # noqa: E402
 from grpo_guard.trainer import Reward, Trainer, from_dict  # noqa: E402
 
@@ -46,7 +45,8 @@ class RandomPromptAdapter(sd3.Adapter):
             return torch.randn(*shape, generator=g).to(self.device, dt)
         B, L = len(prompts), (333 if c.joint_attention_dim == 4096 else 16)
         return sd3.SD3Cond(prompt_embeds=rnd(B, L, c.joint_attention_dim), pooled=rnd(B, c.pooled_projection_dim),
-                           neg_prompt_embeds=rnd(B, L, c.joint_attention_dim), neg_pooled=rnd(B, c.pooled_projection_dim))
+                           neg_prompt_embeds=rnd(B, L, c.joint_attention_dim),
+                           neg_pooled=rnd(B, c.pooled_projection_dim))
 
 
 def build(args, out_dir):
@@ -124,8 +124,9 @@ def main(argv=None):
             finally:
                 restore()
             images = args.batch_size * args.num_batches
-            rows.append(dict(backend=name, ran=gg.last_backend(), device=torch.cuda.get_device_name() if device == "cuda"
-                             else "cpu", step_s=step_s, images_per_s=images / step_s,
+            gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+            rows.append(dict(backend=name, ran=gg.last_backend(), device=gpu, step_s=step_s,
+                             images_per_s=images / step_s,
                              ops_fwd_s=sum(acc.values()), ops_share=sum(acc.values()) / step_s, **acc))
             print(json.dumps(rows[-1]))
             del trainer

@@ -158,5 +158,6 @@ def test_prompt_files(suffix, tmp_path):
     t = Trainer(cfg, proxy_rewards=[Reward("spy", spy)], gold_rewards=[])
     t.step()
     assert t.prompts == ["a red cat", "a blue dog"]
-    want = {"a red cat": {"tag": 1}, "a blue dog": {"tag": 2}} if suffix == ".jsonl" else {"a red cat": {}, "a blue dog": {}}
+    want = {"a red cat": {"tag": 1}, "a blue dog": {"tag": 2}} if suffix == ".jsonl" else \
+        {"a red cat": {}, "a blue dog": {}}
     assert len(seen) == 8 and all(m == want[p] for p, m in seen)

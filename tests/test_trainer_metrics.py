@@ -1,6 +1,5 @@
 """The metrics file: reward means/stds (proxy and gold) and, per trained timestep, ratio mean/std, clip fraction,
 approx KL and that timestep's own gradient norm (checked against a direct autograd computation)."""
-import json
 import os
 
 import pytest

@@ -71,7 +71,8 @@ def save(root: str, step: int, accelerator, named_params: Dict[str, torch.Tensor
         save_file({n: t.detach().contiguous().cpu() for n, t in named_params.items()},
                   os.path.join(tmp, "weights.safetensors"))
         if ema_shadow is not None:
-            save_file({n: s.contiguous().cpu() for n, s in zip(names, ema_shadow)}, os.path.join(tmp, "ema.safetensors"))
+            save_file({n: s.contiguous().cpu() for n, s in zip(names, ema_shadow)},
+                      os.path.join(tmp, "ema.safetensors"))
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         torch.save(lr_scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
     accelerator.wait_for_everyone()

@@ -79,7 +79,8 @@ class Trainer:
     """Flow-GRPO / GRPO-Guard on one diffusers flow-matching model, single or multi-process (accelerate)."""
 
     def __init__(self, cfg: Config, adapter: Optional[FlowAdapter] = None,
-                 proxy_rewards: Optional[Sequence[rw.Reward]] = None, gold_rewards: Optional[Sequence[rw.Reward]] = None,
+                 proxy_rewards: Optional[Sequence[rw.Reward]] = None,
+                 gold_rewards: Optional[Sequence[rw.Reward]] = None,
                  prompts: Optional[Sequence[str]] = None, metadata: Optional[Sequence[dict]] = None,
                  accelerator=None):
         self.cfg = cfg
@@ -307,7 +308,8 @@ class Trainer:
             rec = self.step()
             if bar is not None:
                 t = [ts for u in rec["updates"] for ts in u["timesteps"]]
-                bar.set_postfix(proxy=f"{rec['reward/proxy_mean']:.4g}", ratio=f"{sum(d['ratio_mean'] for d in t) / len(t):.6f}",
+                bar.set_postfix(proxy=f"{rec['reward/proxy_mean']:.4g}",
+                                ratio=f"{sum(d['ratio_mean'] for d in t) / len(t):.6f}",
                                 clip=f"{sum(d['clipfrac'] for d in t) / len(t):.2f}",
                                 gnorm=f"{rec['updates'][-1]['grad_norm']:.3g}")
                 bar.update(1)
