@@ -44,7 +44,8 @@ def geometry(B: int, D: int) -> Geometry:
         iters = 1
     else:
         block = COMPILED_BLOCK
-        iters = min(8, max(1, D // (block * 64)))  # ~64 chunks per sample, up to 8K elements per program
+        # >= 64 programs per sample, <= 4K elements each: enough programs in flight to cover memory latency
+        iters = min(4, max(1, D // (block * 64)))
     iters = max(iters, triton.cdiv(D, block * MAX_CHUNKS))
     chunks = triton.cdiv(D, block * iters)
     cp = triton.next_power_of_2(chunks)
