@@ -256,7 +256,7 @@ def test_ratio_norm_removes_the_negative_bias():
     B, D = 512, 256
     x = torch.randn(1, D, dtype=torch.float64).expand(B, D)
     v_old = torch.randn(1, D, dtype=torch.float64).expand(B, D)
-    v = v_old + 0.02 * torch.randn(1, D, dtype=torch.float64)
+    v = v_old + 0.1 * torch.randn(1, D, dtype=torch.float64)  # bias ~ 15 standard errors
     roll = ref.sde_step(v_old, x, 0.3, 0.2, noise=torch.randn(B, D, dtype=torch.float64))
     adv = torch.zeros(B, dtype=torch.float64)
     _, plain = gg.policy_loss(v, x, roll.prev_sample, 0.3, 0.2, adv, method="grpo", old_model_output=v_old)
