@@ -18,7 +18,7 @@ try:
     from .triton_policy_loss import policy_loss as _policy_loss
     from .triton_sde_step import sde_step as _sde_step
     _IMPORT_ERROR = None
-except ImportError as exc:  # triton missing or broken: the backend reports why instead of failing import
+except Exception as exc:  # triton missing or broken: the backend reports why instead of failing import
     triton_launch = None
     _IMPORT_ERROR = exc
 
@@ -43,7 +43,8 @@ def unsupported_reason(device) -> Optional[str]:
         if os.environ.get("TRITON_INTERPRET") == "1":
             return ("TRITON_INTERPRET=1 was set after grpo_guard's Triton kernels were imported (they are "
                     "compiled for a GPU); set it before importing grpo_guard to run them on CPU")
-        return "Triton runs on CPU tensors only under its interpreter: set TRITON_INTERPRET=1 before importing grpo_guard"
+        return ("Triton runs on CPU tensors only under its interpreter: set TRITON_INTERPRET=1 before importing "
+                "grpo_guard")
     return f"Triton kernels run on CUDA devices (or CPU under TRITON_INTERPRET=1), not {device.type}"
 
 
