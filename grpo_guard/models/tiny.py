@@ -59,3 +59,21 @@ def vae(latent_channels: int = 4, seed: int = 0):
                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                          layers_per_block=1, latent_channels=latent_channels, norm_num_groups=4, sample_size=16,
                          scaling_factor=1.5, shift_factor=0.06, use_quant_conv=False, use_post_quant_conv=False)
+
+
+def clip_model(seed: int = 0, image_size: int = 32):
+    """A random tiny ``CLIPModel`` (1 text + 1 vision layer, width 16) and its ``CLIPProcessor`` (the character
+    tokenizer above, a ``CLIPImageProcessor`` at ``image_size``): a stand-in for the CLIP score / PickScore
+    reward weights. ``model.save_pretrained(d); processor.save_pretrained(d)`` makes a local reward path."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    text = dict(vocab_size=2 + 2 * len(CHARS), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=MAX_CLIP_TOKENS, bos_token_id=0, eos_token_id=1,
+                pad_token_id=1)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=image_size, patch_size=image_size // 4)
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    images = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                crop_size={"height": image_size, "width": image_size})
+    return model, CLIPProcessor(image_processor=images, tokenizer=clip_tokenizer())

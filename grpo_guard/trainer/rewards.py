@@ -62,9 +62,16 @@ def contrast(images, prompts, metadata):
     return images.float().mean(dim=1).flatten(1).std(dim=1)
 
 
+def _features(out) -> torch.Tensor:
+    """Projected embeddings from ``get_image_features`` / ``get_text_features``: a tensor in transformers 4, an
+    output object whose ``pooler_output`` holds the projection in transformers 5."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
 class ClipScore:
-    """Cosine similarity of CLIP image and text embeddings (times ``scale``), from a local checkpoint path.
-    PickScore is the same computation with the PickScore model (``logit_scale`` as the scale)."""
+    """Cosine similarity of CLIP image and text embeddings (times ``scale``), from a local checkpoint path (or a
+    hub id that transformers may download). PickScore is the same computation with the PickScore model
+    (``logit_scale`` as the scale). ``device``: where the CLIP model runs (default: the images' device)."""
 
     def __init__(self, model_path: str, processor_path: str = "", scale: float = 1.0, use_logit_scale: bool = False,
                  device: str = ""):
@@ -74,20 +81,22 @@ class ClipScore:
         self.model = CLIPModel.from_pretrained(model_path).eval().requires_grad_(False)
         self.scale, self.use_logit_scale = float(scale), use_logit_scale
         self._device = device
+        self.max_length = min(77, self.model.config.text_config.max_position_embeddings)
 
     @torch.no_grad()
     def __call__(self, images, prompts, metadata):
-        dev = images.device
+        dev = torch.device(self._device) if self._device else images.device
         if next(self.model.parameters()).device != dev:
             self.model.to(dev)
         inputs = self.processor(images=list(_uint8(images)), text=list(prompts), padding=True, truncation=True,
-                                max_length=77, return_tensors="pt").to(dev)
-        img = self.model.get_image_features(pixel_values=inputs["pixel_values"])
-        txt = self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+                                max_length=self.max_length, return_tensors="pt").to(dev)
+        img = _features(self.model.get_image_features(pixel_values=inputs["pixel_values"]))
+        txt = _features(self.model.get_text_features(input_ids=inputs["input_ids"],
+                                                     attention_mask=inputs["attention_mask"]))
         img = img / img.norm(dim=-1, keepdim=True)
         txt = txt / txt.norm(dim=-1, keepdim=True)
         scale = self.model.logit_scale.exp() if self.use_logit_scale else self.scale
-        return (scale * (img * txt).sum(-1)).float()
+        return (scale * (img * txt).sum(-1)).float().to(images.device)
 
 
 def pickscore(model_path: str, processor_path: str = "", **kw):
@@ -132,8 +141,19 @@ def resolve(name: str, kwargs: dict = None) -> RewardFn:
 
 
 def from_specs(specs) -> List[Reward]:
-    """:class:`Reward` objects from config ``RewardSpec`` entries."""
-    return [Reward(s.name, resolve(s.name, s.kwargs), float(s.weight)) for s in specs]
+    """:class:`Reward` objects from config ``RewardSpec`` entries. A reward that cannot be built (missing weights
+    path, bad kwargs, failing factory) raises :class:`RewardError` naming it."""
+    out = []
+    for s in specs:
+        try:
+            fn = resolve(s.name, s.kwargs)
+        except RewardError:
+            raise
+        except Exception as exc:
+            raise RewardError(f"reward {s.name!r} (kwargs {dict(s.kwargs)}) could not be built: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        out.append(Reward(s.name, fn, float(s.weight)))
+    return out
 
 
 def evaluate(rewards: Sequence[Reward], images: torch.Tensor, prompts: Sequence[str],
