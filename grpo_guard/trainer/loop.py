@@ -24,7 +24,7 @@ from . import checkpoint, rewards as rw
 from .config import Config, ConfigError, validate
 from .metrics import MetricsLogger
 from .rollout import RolloutBatch, generate, plan_step, sample_batch
-from .update import EMA, Updater
+from .update import EMA, Updater, check_distributed
 
 
 class NonFiniteLossError(RuntimeError):
@@ -85,6 +85,7 @@ class Trainer:
                  accelerator=None):
         self.cfg = cfg
         self.acc = accelerator or make_accelerator(cfg)
+        check_distributed(self.acc)  # before any model is built or prepared (DeepSpeed's prepare fails first)
         validate(cfg, world_size=self.acc.num_processes)
         torch.manual_seed(cfg.run.seed)
         self.adapter = adapter or build_adapter(cfg.model, seed=cfg.run.seed)

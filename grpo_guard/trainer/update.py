@@ -19,7 +19,7 @@ import torch
 
 import grpo_guard as gg
 
-from .config import Config
+from .config import Config, ConfigError
 from .rollout import RolloutBatch
 
 STAT_KEYS = ("loss", "ratio_mean", "ratio_std", "clipfrac", "approx_kl", "kl", "grad_norm")
@@ -39,6 +39,34 @@ def kl_to_reference(v: torch.Tensor, v_ref: torch.Tensor, x: torch.Tensor, x_nex
     return self_lp - theta_lp
 
 
+class UnsupportedDistributedError(ConfigError, NotImplementedError):
+    """The accelerate launch config asks for a distributed mode this trainer does not implement."""
+
+
+_WHY = {
+    "FSDP": "FSDP2's prepare replaces the trained parameters with sharded DTensors (the trainer's parameter list, its "
+            "per-timestep gradient norms, its all-ranks skip of non-finite steps and its safetensors checkpoints "
+            "assume whole local tensors), and FSDP1 wraps the transformer that the rollout calls directly",
+    "DEEPSPEED": "DeepSpeed's engine owns gradient accumulation, clipping and the optimizer step and keeps ZeRO "
+                 "gradients in its own partitioned buffers, while this trainer accumulates over timesteps and "
+                 "micro-batches itself, measures each timestep's gradient norm and skips non-finite steps",
+}
+
+
+def check_distributed(accelerator) -> None:
+    """Refuse accelerate modes other than single process and DDP-style multi-process (MULTI_GPU / MULTI_CPU /
+    other MULTI_* devices), with what is supported and what to use instead."""
+    kind = getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type))
+    if kind == "NO" or kind.startswith("MULTI_"):
+        return
+    why = _WHY.get(kind, "the trainer synchronizes gradients itself, as DDP does")
+    raise UnsupportedDistributedError(
+        f"accelerate distributed type {kind} is not supported: {why}. Supported: one process, or DDP-style "
+        "multi-process (`accelerate launch --multi_gpu --num_processes N -m grpo_guard.train CONFIG` with a config "
+        "without deepspeed_config / fsdp_config, or torchrun). Every process holds the whole frozen model and the "
+        "trained weights (LoRA by default, model.use_lora: true); see configs/README.md, Limits")
+
+
 class Updater:
     """Owns the optimizer step. ``model`` is the (accelerate-prepared) transformer, ``params`` its trainable
     parameters; ``reference`` a context manager factory under which ``ref_model`` is the frozen reference
@@ -49,11 +77,7 @@ class Updater:
         self.cfg, self.acc, self.adapter, self.model = cfg, accelerator, adapter, model
         self.params, self.optimizer, self.lr_scheduler, self.ema = params, optimizer, lr_scheduler, ema
         self.reference, self.ref_model = reference, ref_model
-        kind = getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type))
-        if kind != "NO" and not kind.startswith("MULTI_"):
-            raise NotImplementedError(f"accelerate distributed type {kind}: the trainer synchronizes gradients as "
-                                      "DDP does (one averaged reduce per optimizer step); DeepSpeed / FSDP are not "
-                                      "supported yet -- launch with plain multi-GPU (DDP)")
+        check_distributed(accelerator)
         self.manual_sync = accelerator.num_processes > 1
 
     BUCKET = 1 << 25  # elements per all-reduce (128 MiB of float32)

@@ -1,0 +1,34 @@
+"""accelerate modes the trainer does not implement (FSDP, DeepSpeed) are refused before any model is built, with
+what is supported; DDP-style modes pass. (accelerate never selects FSDP or DeepSpeed for cpu=True, so the
+accelerator here is a stand-in that reports the distributed type.)"""
+from types import SimpleNamespace
+
+import pytest
+from accelerate.utils import DistributedType
+
+from _trainer import tiny
+
+from grpo_guard.trainer import ConfigError, Trainer
+from grpo_guard.trainer.update import UnsupportedDistributedError, check_distributed
+
+
+@pytest.mark.parametrize("kind,why", [("FSDP", "DTensors"), ("DEEPSPEED", "owns gradient accumulation"),
+                                      ("MEGATRON_LM", "synchronizes gradients itself")])
+def test_unsupported_modes_are_refused_before_the_model(kind, why, tmp_path, monkeypatch):
+    import grpo_guard.trainer.loop as loop
+
+    def no_build(*a, **k):
+        raise AssertionError("the model was built before the distributed mode was checked")
+
+    monkeypatch.setattr(loop, "build_adapter", no_build)
+    acc = SimpleNamespace(distributed_type=DistributedType[kind], num_processes=2, process_index=0)
+    with pytest.raises(UnsupportedDistributedError) as info:
+        Trainer(tiny("sd3", tmp_path), accelerator=acc)
+    msg = str(info.value)
+    assert f"distributed type {kind} is not supported" in msg and why in msg and "--multi_gpu" in msg
+    assert isinstance(info.value, ConfigError) and isinstance(info.value, NotImplementedError)
+
+
+@pytest.mark.parametrize("kind", ["NO", "MULTI_CPU", "MULTI_GPU"])
+def test_ddp_style_modes_pass(kind):
+    check_distributed(SimpleNamespace(distributed_type=DistributedType[kind]))
