@@ -72,3 +72,13 @@ def test_missing_weights_path_names_the_reward(name, tmp_path):
     cfg = tiny("sd3", tmp_path, _spec(name, missing))
     with pytest.raises(RewardError, match=rf"reward '{name}'.*could not be built.*no_such_model"):
         rw.from_specs(cfg.rewards.proxy)
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("{name: clip_score, kwargs: {model_pth: x}}", r"reward 'clip_score'.*could not be built: TypeError.*model_pth"),
+    ("{name: brightness, kwargs: {scale: 2}}", r"reward 'brightness'.*could not be built: TypeError"),
+])
+def test_unknown_reward_kwargs_are_errors(spec, match, tmp_path):
+    cfg = tiny("sd3", tmp_path, f"rewards.proxy=[{spec}]")
+    with pytest.raises(RewardError, match=match):
+        rw.from_specs(cfg.rewards.proxy)
