@@ -4,6 +4,7 @@
     grpo-guard demo --ablations          # also mean_revised and ratio_norm
     grpo-guard demo --steps 120          # longer run;  --full: the longer, stronger preset
     grpo-guard demo pretrain             # re-create the shipped base weights (deterministic from --seed)
+                                         # into runs/demo-pretrain/; use them with --weights PATH
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
     p.add_argument("action", nargs="?", choices=["run", "pretrain"], default="run",
                    help="run (default): train and compare the methods; pretrain: re-create the base weights")
-    p.add_argument("--out", help="output folder (default runs/demo-<date>/; pretrain: the packaged asset)")
+    p.add_argument("--out", help="output folder (default runs/demo-<date>/; pretrain: runs/demo-pretrain/)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, help="training steps per method")
     p.add_argument("--full", action="store_true", help=f"a longer, stronger run ({FULL_STEPS} steps)")
@@ -37,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
 def _pretrain(args) -> int:
     from . import model, pretrain
 
-    out = args.out or model.ASSET
+    out = args.out or os.path.join("runs", "demo-pretrain") + os.sep
     if out.endswith(os.sep) or os.path.isdir(out):
         out = os.path.join(out, os.path.basename(model.ASSET))
     pretrain.run(out=out, seed=args.seed, iters=args.iters or pretrain.DEFAULT_ITERS, progress=not args.no_progress)
