@@ -69,6 +69,23 @@ def transition_mean(x, v, a, b):
 
 
 @triton.jit
+def chunk_of_program(C, D, BLOCK: tl.constexpr, ITERS):
+    """(pid, row, start, base) of this program. Grid axis 0 is B x C chunks: program pid reduces chunk
+    pid % C of row pid // C, the elements [start, start + BLOCK*ITERS) of the row that begins at base (int64)."""
+    pid = tl.program_id(0)
+    row = pid // C
+    return pid, row, (pid % C) * (BLOCK * ITERS), row.to(tl.int64) * D
+
+
+@triton.jit
+def row_step_coefficients(sig_ptr, nxt_ptr, sigma, sigma_next, eta, row, DYNAMICS: tl.constexpr,
+                          PER_SAMPLE: tl.constexpr):
+    """:func:`step_coefficients` of one row: its (sigma, sigma') loaded (PER_SAMPLE) or broadcast, float64."""
+    sig, nxt = load_sigmas(sig_ptr, nxt_ptr, sigma, sigma_next, row, True, PER_SAMPLE)
+    return step_coefficients(sig, nxt, eta, DYNAMICS)
+
+
+@triton.jit
 def accumulate_sq_dev(acc, xp, mu, mask):
     """acc + (x' - mu)^2, elementwise (masked lanes add 0): the log-prob's running sum."""
     d = xp - mu

@@ -11,8 +11,8 @@ u = x' - mu_theta, k_d = 0). METHOD: 0 grpo, 1 mean_revised, 2 ratio_norm, 3 gua
 import triton
 import triton.language as tl
 
-from .common import (CPS, accumulate_sq_dev, load_sigmas, log_prob_from_total, rounded_for, row_totals,
-                     step_coefficients, transition_mean, tree_sum)
+from .common import (CPS, accumulate_sq_dev, chunk_of_program, load_sigmas, log_prob_from_total, rounded_for,
+                     row_step_coefficients, row_totals, step_coefficients, transition_mean, tree_sum)
 
 
 @triton.jit
@@ -32,13 +32,10 @@ def policy_loss_reduce_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, part_ptr,
                               DYNAMICS: tl.constexpr, PER_SAMPLE: tl.constexpr, OLD: tl.constexpr,
                               BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr):
     """part[p] = chunk sum of u*Delta (OLD 1, 2) or (x'-mu)^2 (OLD 0); part[NP + p] = chunk sum of Delta^2."""
-    pid = tl.program_id(0)
-    row = pid // C
-    start = (pid % C) * (BLOCK * ITERS)
-    base = row.to(tl.int64) * D
+    pid, row, start, base = chunk_of_program(C, D, BLOCK, ITERS)
     CD: tl.constexpr = part_ptr.dtype.element_ty
-    sig, nxt = load_sigmas(sig_ptr, nxt_ptr, sigma, sigma_next, row, True, PER_SAMPLE)
-    _, _, a64, b64, _, _ = step_coefficients(sig, nxt, eta, DYNAMICS)
+    _, _, a64, b64, _, _ = row_step_coefficients(sig_ptr, nxt_ptr, sigma, sigma_next, eta, row, DYNAMICS,
+                                                  PER_SAMPLE)
     a = a64.to(CD)
     b = b64.to(CD)
     acc1 = tl.zeros([BLOCK], CD)
@@ -178,13 +175,10 @@ def policy_loss_backward_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, coef_ptr, g_loss_
                                 NEED_DELTA: tl.constexpr, BLOCK: tl.constexpr):
     """grad_v = (k_u*u + k_d*Delta) * grad_loss, elementwise; grad_loss (0-dim) is read here, not multiplied
     by another launch. NEED_DELTA is False when k_d == 0 (then v is not read for OLD 1, 2)."""
-    pid = tl.program_id(0)
-    row = pid // C
-    start = (pid % C) * (BLOCK * ITERS)
-    base = row.to(tl.int64) * D
+    pid, row, start, base = chunk_of_program(C, D, BLOCK, ITERS)
     CD: tl.constexpr = coef_ptr.dtype.element_ty
-    sig, nxt = load_sigmas(sig_ptr, nxt_ptr, sigma, sigma_next, row, True, PER_SAMPLE)
-    _, _, a64, b64, _, _ = step_coefficients(sig, nxt, eta, DYNAMICS)
+    _, _, a64, b64, _, _ = row_step_coefficients(sig_ptr, nxt_ptr, sigma, sigma_next, eta, row, DYNAMICS,
+                                                  PER_SAMPLE)
     a = a64.to(CD)
     b = b64.to(CD)
     g = tl.load(g_loss_ptr).to(CD)

@@ -8,8 +8,8 @@ the mean pointer (float32, or float64 for float64 inputs).
 import triton
 import triton.language as tl
 
-from .common import (CPS, accumulate_sq_dev, load_sigmas, log_prob_from_total, rounded_for, row_totals,
-                     step_coefficients, transition_mean, tree_sum)
+from .common import (CPS, accumulate_sq_dev, chunk_of_program, load_sigmas, log_prob_from_total, rounded_for,
+                     row_step_coefficients, row_totals, step_coefficients, transition_mean, tree_sum)
 
 
 @triton.jit
@@ -20,13 +20,10 @@ def sde_step_reduce_kernel(v_ptr, x_ptr, xp_ptr, z_ptr, xp_out_ptr, mean_ptr, pa
                            BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr):
     """mu = a*x + b*v -> mean (B, D); rollout: x' = round(mu + s*z) -> xp_out; part[p] = sum (x'-mu)^2 over
     this program's chunk (x' as stored), accumulated elementwise then summed by a fixed tree."""
-    pid = tl.program_id(0)
-    row = pid // C
-    start = (pid % C) * (BLOCK * ITERS)
-    base = row.to(tl.int64) * D
+    pid, row, start, base = chunk_of_program(C, D, BLOCK, ITERS)
     CD: tl.constexpr = mean_ptr.dtype.element_ty
-    sig, nxt = load_sigmas(sig_ptr, nxt_ptr, sigma, sigma_next, row, True, PER_SAMPLE)
-    _, std, a64, b64, _, _ = step_coefficients(sig, nxt, eta, DYNAMICS)
+    _, std, a64, b64, _, _ = row_step_coefficients(sig_ptr, nxt_ptr, sigma, sigma_next, eta, row, DYNAMICS,
+                                                  PER_SAMPLE)
     a = a64.to(CD)
     b = b64.to(CD)
     s = std.to(CD)
@@ -76,13 +73,10 @@ def sde_step_backward_kernel(xp_ptr, mean_ptr, g_prev_ptr, g_mean_ptr, g_lp_ptr,
                              NEED_G_X: tl.constexpr, BLOCK: tl.constexpr):
     """g_mu = g_prev + g_mean + g_lp_i * k_i * (x' - mu), k = 1/(s^2 D) (flow, dance) or 2/D (cps);
     g_v = b*g_mu, g_x = a*g_mu (x' is a constant of log_prob)."""
-    pid = tl.program_id(0)
-    row = pid // C
-    start = (pid % C) * (BLOCK * ITERS)
-    base = row.to(tl.int64) * D
+    pid, row, start, base = chunk_of_program(C, D, BLOCK, ITERS)
     CD: tl.constexpr = mean_ptr.dtype.element_ty
-    sig, nxt = load_sigmas(sig_ptr, nxt_ptr, sigma, sigma_next, row, True, PER_SAMPLE)
-    _, std, a64, b64, _, _ = step_coefficients(sig, nxt, eta, DYNAMICS)
+    _, std, a64, b64, _, _ = row_step_coefficients(sig_ptr, nxt_ptr, sigma, sigma_next, eta, row, DYNAMICS,
+                                                  PER_SAMPLE)
     a = a64.to(CD)
     b = b64.to(CD)
     if HAS_G_LP:
