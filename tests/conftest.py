@@ -13,6 +13,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+import grpo_guard as gg  # noqa: E402
+from _backends import backend_params  # noqa: E402
+
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU (torch.cuda.is_available() is False)")
@@ -28,3 +31,12 @@ def seed():
     torch.manual_seed(s)
     print(f"torch seed {s}")
     return s
+
+
+@pytest.fixture(params=backend_params())
+def bk(request):
+    """(backend name, device) for every backend on every device of this machine, run inside
+    ``grpo_guard.backend(name)``; unavailable ones are skipped with the backend's own reason."""
+    name, device = request.param
+    with gg.backend(name):
+        yield name, torch.device(device)

@@ -14,7 +14,6 @@ import torch
 import grpo_guard as gg
 from grpo_guard.compat.flow_grpo import sde_step_with_logprob
 
-from _backends import backend_params
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (pip install diffusers; "
                                 "it belongs in the `test` extra)")
@@ -196,13 +195,6 @@ def test_bad_arguments(scheduler):
         sde_step_with_logprob(scheduler, v, t, x, x)  # prev_sample passed positionally into noise_level's slot
     with pytest.raises(ValueError, match="timestep"):
         sde_step_with_logprob(scheduler, v, scheduler.timesteps[:3], x)
-
-
-@pytest.fixture(params=backend_params())
-def bk(request):
-    name, device = request.param
-    with gg.backend(name):
-        yield name, torch.device(device)
 
 
 @pytest.mark.parametrize("sde_type", SDE_TYPES)

@@ -7,17 +7,10 @@ import torch
 import grpo_guard as gg
 from grpo_guard import reference as ref
 
-from _backends import DTYPES, backend_params, tolerances
+from _backends import DTYPES, tolerances
 from _cases import latents, sd35_sigmas
 
 DYNAMICS = ["flow", "dance", "cps"]
-
-
-@pytest.fixture(params=backend_params())
-def bk(request):
-    name, device = request.param
-    with gg.backend(name):
-        yield name, torch.device(device)
 
 
 def oracle(v, x, sigma, sigma_next, **kw):
