@@ -7,9 +7,9 @@
 
 The math is SPEC.md, implemented once in :mod:`grpo_guard.reference`.
 """
-from .api import SDEStep, group_advantages, policy_loss, sde_step
+from .api import SDEStep, group_advantages, kl_to_reference, policy_loss, sde_step
 from .dispatch import BackendUnavailable, available_backends, backend, last_backend
 
 __version__ = "0.1.0"
-__all__ = ["sde_step", "policy_loss", "group_advantages", "SDEStep", "backend", "last_backend",
+__all__ = ["sde_step", "policy_loss", "group_advantages", "kl_to_reference", "SDEStep", "backend", "last_backend",
            "available_backends", "BackendUnavailable", "__version__"]

@@ -97,3 +97,17 @@ def group_advantages(rewards: torch.Tensor, group_ids: Union[torch.Tensor, Seque
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     return ref.group_advantages(rewards, group_ids.to(rewards.device), global_std=global_std, eps=eps)
+
+
+def kl_to_reference(prev_sample_mean: torch.Tensor, ref_prev_sample_mean: torch.Tensor,
+                    std_dev_t: torch.Tensor) -> torch.Tensor:
+    """Per-sample KL(p_theta || p_ref) of one SDE step (SPEC §4), from what :func:`sde_step` returned for the
+    policy and for the reference model: ``mean_D (mu_theta - mu_ref)^2 / (2 std_dev_t^2)``, shape (B,).
+    Differentiable w.r.t. ``prev_sample_mean``; add ``beta_kl * kl.mean()`` to the loss (off in GRPO-Guard)."""
+    requests._latent("prev_sample_mean", prev_sample_mean)
+    requests._latent("ref_prev_sample_mean", ref_prev_sample_mean, like=prev_sample_mean)
+    B = prev_sample_mean.shape[0]
+    if not isinstance(std_dev_t, torch.Tensor) or std_dev_t.shape != (B,):
+        raise ValueError(f"std_dev_t must be a tensor of shape ({B},) (sde_step's std_dev_t), got "
+                         f"{getattr(std_dev_t, 'shape', type(std_dev_t).__name__)}")
+    return ref.kl_to_reference(prev_sample_mean, ref_prev_sample_mean, std_dev_t)

@@ -266,6 +266,17 @@ def policy_loss(model_output: torch.Tensor, sample: torch.Tensor, prev_sample: t
     return loss, stats
 
 
+def kl_to_reference(mean: torch.Tensor, mean_ref: torch.Tensor, std_dev_t: torch.Tensor) -> torch.Tensor:
+    """KL(p_theta || p_ref) of one step per sample (SPEC §4): mean_D (mu_theta - mu_ref)^2 / (2 std_dev_t^2), (B,).
+
+    ``std_dev_t`` is the schedule's noise scale of SPEC §2 (what :func:`sde_step` returns), not the transition
+    std s = std_dev_t*sqrt(-dt): the published Flow-GRPO KL divides by std_dev_t^2."""
+    B = mean.shape[0]
+    diff = mean.reshape(B, -1) - mean_ref.reshape(B, -1).to(mean.dtype)
+    std = std_dev_t.to(device=mean.device, dtype=mean.dtype).reshape(-1)
+    return diff.square().mean(dim=1) / (2.0 * std * std)
+
+
 def summarize(log_ratio: torch.Tensor, clipped: torch.Tensor, bias: Optional[torch.Tensor]):
     """The logged statistics (SPEC §4), all detached: ratio mean/std (population), clip fraction,
     approx KL = mean(log r^2)/2 of the method's log-ratio, and per sample log_ratio and bias (when known)."""

@@ -27,16 +27,12 @@ STAT_KEYS = ("loss", "ratio_mean", "ratio_std", "clipfrac", "approx_kl", "kl", "
 
 def kl_to_reference(v: torch.Tensor, v_ref: torch.Tensor, x: torch.Tensor, x_next: torch.Tensor, sigma: float,
                     sigma_next: float, cfg: Config) -> torch.Tensor:
-    """KL(p_theta || p_ref) of one step, per sample, through the public API only: with mu_ref the reference
-    mean, KL = log p_ref(mu_ref) - log p_theta(mu_ref) (same transition std). Differentiable w.r.t. ``v``."""
-    kw = dict(noise_level=cfg.sample.noise_level, dynamics=cfg.sample.dynamics)
-    ref = gg.sde_step(v_ref, x, sigma, sigma_next, prev_sample=x_next, **kw)
-    mu_ref = ref.prev_sample_mean.detach()
-    self_lp = gg.sde_step(v_ref.to(mu_ref.dtype), x.to(mu_ref.dtype), sigma, sigma_next, prev_sample=mu_ref,
-                          **kw).log_prob
-    theta_lp = gg.sde_step(v.to(mu_ref.dtype), x.to(mu_ref.dtype), sigma, sigma_next, prev_sample=mu_ref,
-                           **kw).log_prob
-    return self_lp - theta_lp
+    """KL(p_theta || p_ref) of one step, per sample (SPEC §4, :func:`grpo_guard.kl_to_reference`), from the
+    policy's and the reference's transition means. Differentiable w.r.t. ``v``."""
+    kw = dict(noise_level=cfg.sample.noise_level, dynamics=cfg.sample.dynamics, prev_sample=x_next)
+    ref = gg.sde_step(v_ref, x, sigma, sigma_next, **kw)
+    cur = gg.sde_step(v, x, sigma, sigma_next, **kw)
+    return gg.kl_to_reference(cur.prev_sample_mean, ref.prev_sample_mean.detach(), cur.std_dev_t)
 
 
 class UnsupportedDistributedError(ConfigError, NotImplementedError):
@@ -123,7 +119,8 @@ class Updater:
         sync_ctx = (lambda: self.acc.no_sync(self.model)) if self.manual_sync else contextlib.nullcontext
         for k in range(K):
             for b in batches:
-                x, x_next = b.latents[:, k], b.latents[:, k + 1]
+                # contiguous like the rollout's latents: a strided bf16 input rounds differently in a Linear
+                x, x_next = b.latents[:, k].contiguous(), b.latents[:, k + 1].contiguous()
                 sig, nxt = b.sigmas[k], b.sigmas[k + 1]
                 with sync_ctx():
                     with self.acc.autocast():
