@@ -23,6 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
     ("model.tiny=false", r"exactly one of model\.pretrained"),
     ("rewards.proxy=[]", r"rewards\.proxy is empty"),
     ("sample.sde_window_size=2", r"sde_window_range"),
+    ("rewards.gold=[{name: brightness}]", r"rewards\.gold\[0\]\.name 'brightness' is already used by rewards\.proxy\[0\]"),
+    ("train.cfg=false", r"train\.cfg=false but sample\.guidance_scale=4\.5"),
 ])
 def test_bad_config_is_an_error(override, match, tmp_path):
     with pytest.raises(ConfigError, match=match):
@@ -58,6 +60,17 @@ def test_reward_that_raises_names_reward_and_prompt(tmp_path):
 
     t = _trainer(tmp_path, proxy=[Reward("ocr", broken)])
     with pytest.raises(RewardError, match=r"reward 'ocr' raised KeyError.*no OCR model.*prompts"):
+        t.step()
+
+
+def test_injected_rewards_with_one_name_are_refused(tmp_path):
+    """Values are keyed by name: a gold reward named like the proxy would silently replace (and be optimized as)
+    the proxy."""
+    def ones(images, prompts, metadata):
+        return torch.ones(images.shape[0])
+
+    t = _trainer(tmp_path, proxy=[Reward("score", ones)], gold=[Reward("score", ones)])
+    with pytest.raises(RewardError, match="two rewards are named 'score'"):
         t.step()
 
 

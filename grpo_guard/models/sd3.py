@@ -63,7 +63,8 @@ class Adapter(FlowAdapter):
             pooled = torch.cat([cond["neg_pooled"], cond["pooled"]])
         else:
             hidden, enc, pooled = latents, cond["prompt_embeds"], cond["pooled"]
-        t = torch.full((hidden.shape[0],), sigma * 1000.0, device=latents.device, dtype=latents.dtype)
+        # float32 like StableDiffusion3Pipeline's scheduler timesteps (bf16 would round 1000*sigma by up to 2)
+        t = torch.full((hidden.shape[0],), sigma * 1000.0, device=latents.device, dtype=torch.float32)
         out = model(hidden_states=hidden, timestep=t, encoder_hidden_states=enc, pooled_projections=pooled,
                     return_dict=False)[0]
         if not guided:

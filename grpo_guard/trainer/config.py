@@ -294,10 +294,18 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                           f"({t.updates_per_step}): each update takes an equal share of the rollout micro-batches")
     if not cfg.rewards.proxy:
         raise ConfigError("rewards.proxy is empty: list at least one reward to optimize")
+    seen = {}
     for kind in ("proxy", "gold"):
         for i, spec in enumerate(getattr(cfg.rewards, kind)):
             if not spec.name:
                 raise ConfigError(f"rewards.{kind}[{i}].name is empty")
+            if spec.name in seen:  # results are keyed by name: a duplicate would overwrite (and mix up) another
+                raise ConfigError(f"rewards.{kind}[{i}].name {spec.name!r} is already used by {seen[spec.name]}; "
+                                  "give every proxy and gold reward a distinct name")
+            seen[spec.name] = f"rewards.{kind}[{i}]"
+    if not t.cfg and cfg.model.family == "sd3" and s.guidance_scale > 1.0:
+        raise ConfigError(f"train.cfg=false but sample.guidance_scale={s.guidance_scale} > 1: the rollout velocity "
+                          "uses classifier-free guidance, so the update must too (or sample with guidance_scale 1)")
     if not cfg.data.prompts and not cfg.data.prompt_file:
         raise ConfigError("no prompts: set data.prompts (a list) or data.prompt_file")
 

@@ -162,6 +162,8 @@ def evaluate(rewards: Sequence[Reward], images: torch.Tensor, prompts: Sequence[
     B = images.shape[0]
     out = {}
     for r in rewards:
+        if r.name in out:  # values are keyed by name: a second reward of that name would replace the first
+            raise RewardError(f"two rewards are named {r.name!r}; proxy and gold rewards need distinct names")
         try:
             val = r.fn(images, list(prompts), list(metadata))
         except Exception as exc:
