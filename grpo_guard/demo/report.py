@@ -31,7 +31,7 @@ def _peak_gold(run: Dict):
     return step, run["evals"][step]["gold"]
 
 
-def verdict(runs: Dict[str, Dict], base: Dict) -> str:
+def verdict(runs: Dict[str, Dict], base: Dict, settings: Dict) -> str:
     """An honest, number-based reading of grpo vs guard (empty if either is missing)."""
     if "grpo" not in runs or "guard" not in runs:
         return ""
@@ -62,8 +62,11 @@ def verdict(runs: Dict[str, Dict], base: Dict) -> str:
             lines.append(f"- {LABELS[m]}: importance-ratio mean over the off-policy updates, highest-noise trained "
                          f"timestep (sigma {sig[0]:.2f}) {mean[0]:.6f}, lowest-noise (sigma {sig[-1]:.2f}) "
                          f"{mean[-1]:.6f}.")
-    lines.append("- One seed, 80 evaluation images: differences of a few 0.01 in gold are within run-to-run noise; "
-                 "rerun with `--seed` to check.")
+    lines.append(f"- One seed, {10 * settings['eval_per_digit']} evaluation images: differences of a few 0.01 in "
+                 "gold are within run-to-run noise; rerun with `--seed` to check.")
+    lines.append(f"- Both methods use clip_range {settings['clip_range']:g} (only `train.method` differs). The published "
+                 "GRPO-Guard recipe pairs RatioNorm with a tighter 2e-6 / 4e-6, so Guard here is clipped less "
+                 "than in the paper.")
     return "\n".join(lines)
 
 
@@ -108,7 +111,7 @@ def write(out: str, command: str, settings: Dict, base: Dict, runs: Dict[str, Di
         lines.append(f"| {LABELS.get(m, m)} | {max(r['evals'])} | {f['proxy_logit']:.2f} | {f['digit_prob']:.3f} | "
                      f"{f['realism']:.3f} | {f['gold']:.3f} | {pg:.3f} ({ps}) |")
     lines += ["", f"Raw base scores (the normalizers): digit prob {base['raw']['digit_prob']:.4f}, realism "
-              f"{base['raw']['realism']:.4f}.", "", "## Reading", "", verdict(runs, base) or "(grpo and guard were "
+              f"{base['raw']['realism']:.4f}.", "", "## Reading", "", verdict(runs, base, settings) or "(grpo and guard were "
               "not both run)", "",
               "Per-timestep gradient-norm spread (max / min over trained timesteps, mean over all updates): "
               + ", ".join(f"{m} {s:.1f}x" for m, s in figs["grad_spread"].items()) + ".", "",
