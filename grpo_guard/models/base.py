@@ -16,10 +16,6 @@ class Cond(dict):
 
     shared: Tuple[str, ...] = ()
 
-    def select(self, index) -> "Cond":
-        out = type(self)({k: (v if k in self.shared else v[index]) for k, v in self.items()})
-        return out
-
 
 class FlowAdapter:
     """A diffusers pipeline seen by the trainer. Subclasses set ``family`` and implement the methods below.
@@ -29,7 +25,6 @@ class FlowAdapter:
     """
 
     family = ""
-    cond_class = Cond
 
     def __init__(self, pipe, resolution: int, max_sequence_length: int = 256):
         self.pipe = pipe
@@ -97,9 +92,6 @@ class FlowAdapter:
             x = x.to(vae.dtype) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
             img = vae.decode(x, return_dict=False)[0]
         return (img.float() / 2 + 0.5).clamp(0, 1)
-
-    def trainable_dtype_note(self) -> str:
-        return str(next(self.transformer.parameters()).dtype)
 
 
 def build_adapter(model_cfg, device: Optional[torch.device] = None, seed: int = 0) -> FlowAdapter:

@@ -85,9 +85,15 @@ def save(root: str, step: int, accelerator, named_params: Dict[str, torch.Tensor
             with open(os.path.join(tmp, name), "rb") as f:
                 os.fsync(f.fileno())
         _fsync_dir(tmp)
-        shutil.rmtree(final, ignore_errors=True)
+        stale = None
+        if os.path.exists(final):  # saving a step again (after a resume): move the old one aside, never delete first
+            stale = final + ".replaced"
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(final, stale)
         os.replace(tmp, final)
         _fsync_dir(root)
+        if stale is not None:
+            shutil.rmtree(stale, ignore_errors=True)
         if keep_last > 0:
             for old in list_complete(root)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
