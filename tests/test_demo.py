@@ -119,3 +119,9 @@ def test_demo_end_to_end(tmp_path, one_thread):
         assert any((out / m / "tensorboard").iterdir())
         ev = json.loads((out / m / "eval.json").read_text())["evals"]
         assert sorted(ev) == ["0", "1", "2"] and all(math.isfinite(v) for e in ev.values() for v in e.values())
+
+
+def test_clip_range_flag_is_checked(tmp_path):
+    from grpo_guard.demo.cli import main as demo_main
+    with pytest.raises(SystemExit, match=r"--clip-range must be in \(0, 1\), got 2.0"):
+        demo_main(["--clip-range", "2", "--out", str(tmp_path / "x"), "--steps", "1"])

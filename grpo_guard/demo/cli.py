@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ablations", action="store_true", help="also run mean_revised and ratio_norm")
     p.add_argument("--eval-every", type=int, help="evaluate the fixed sample set every k steps")
     p.add_argument("--weights", help="base weights (.safetensors; default: the shipped ones)")
+    p.add_argument("--clip-range", type=float, help="the clip range of every method (default 1e-4, Flow-GRPO's; "
+                                                     "GRPO-Guard's paper uses 2e-6 / 4e-6)")
     p.add_argument("--iters", type=int, help="pretrain: optimizer iterations")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -68,6 +70,10 @@ def run(args, argv) -> str:
         s.eval_every = args.eval_every
     if args.weights:
         s.weights = args.weights
+    if args.clip_range is not None:
+        if not 0 < args.clip_range < 1:
+            raise SystemExit(f"grpo-guard demo: --clip-range must be in (0, 1), got {args.clip_range}")
+        s.clip_range = args.clip_range
     if args.ablations:
         s.methods = ["grpo", "mean_revised", "ratio_norm", "guard"]
     progress = not args.no_progress
