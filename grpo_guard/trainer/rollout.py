@@ -141,7 +141,7 @@ def sample_batch(adapter: FlowAdapter, model: torch.nn.Module, prompts: Sequence
             out = gg.sde_step(v, x, sig, nxt, noise_level=s.noise_level, dynamics=s.dynamics, noise=z)
             x_next = out.prev_sample
         else:
-            x_next = (x.float() + (nxt - sig) * v.float()).to(x.dtype)  # Euler (ODE) step
+            x_next = euler_step(x, v, sig, nxt)
         if i in train_idx:
             lat.append(x)
             vel.append(v)
@@ -172,8 +172,13 @@ def generate(adapter: FlowAdapter, model: torch.nn.Module, prompts: Sequence[str
     for i in range(n):
         with ctx():
             v = adapter.velocity(model, x, sigmas[i], cond, s.guidance_scale, cfg=True)
-        x = (x.float() + (sigmas[i + 1] - sigmas[i]) * v.float()).to(x.dtype)
+        x = euler_step(x, v, sigmas[i], sigmas[i + 1])
     return x
+
+
+def euler_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+    """The deterministic (ODE) flow step x' = x + (sigma' - sigma) v, in float32, stored in x's dtype."""
+    return (x.float() + (sigma_next - sigma) * v.float()).to(x.dtype)
 
 
 class _null:
