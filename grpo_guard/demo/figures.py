@@ -59,12 +59,7 @@ def rewards_plot(path: str, runs: Dict[str, Dict], base: Dict) -> None:
     axes[0].set(title="proxy reward (optimized): linear-classifier logit", xlabel="step")
     axes[1].set(title="gold (never optimized), base = 1.00", xlabel="step")
     axes[2].set(title="gold components (eval set)", xlabel="step")
-    for ax in axes:
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, axes)
 
 
 def ratio_plot(path: str, runs: Dict[str, Dict]) -> None:
@@ -82,11 +77,7 @@ def ratio_plot(path: str, runs: Dict[str, Dict]) -> None:
     axes[1].set(title="importance ratio std (per timestep)", xlabel="sigma (1 = pure noise)", yscale="log")
     for ax in axes:
         ax.invert_xaxis()
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, axes)
 
 
 def grad_norm_plot(path: str, runs: Dict[str, Dict]) -> Dict[str, float]:
@@ -102,11 +93,7 @@ def grad_norm_plot(path: str, runs: Dict[str, Dict]) -> Dict[str, float]:
                 label=f"{LABELS.get(m, m)}: max/min = {spreads[m]:.1f}x")
     ax.set(title="per-timestep gradient norm / median", xlabel="sigma (1 = pure noise)", yscale="log")
     ax.invert_xaxis()
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, [ax])
     return spreads
 
 
@@ -129,9 +116,7 @@ def sample_grid(path: str, base_images, runs: Dict[str, Dict], per_digit: int, c
         ax.set_yticks([])
         ax.set_xticks([])
         ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def write_all(out: str, runs: Dict[str, Dict], base: Dict, per_digit: int) -> Dict[str, object]:
@@ -143,3 +128,13 @@ def write_all(out: str, runs: Dict[str, Dict], base: Dict, per_digit: int) -> Di
     spreads = grad_norm_plot(os.path.join(out, files["grad"]), runs)
     sample_grid(os.path.join(out, files["samples"]), base["images"], runs, per_digit)
     return {"files": files, "grad_spread": spreads}
+
+
+def _save(plt, fig, path: str, legend_axes=()) -> None:
+    """Legend and grid on ``legend_axes``, then the common layout, a 110-dpi PNG, and the figure closed."""
+    for ax in legend_axes:
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
