@@ -55,7 +55,9 @@ def build(args, out_dir):
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     dtype = "float32" if device == "cpu" else "bfloat16"
     torch.manual_seed(0)
-    transformer = SD3Transformer2DModel(**(TINY if args.tiny else SD35M)).to(device, getattr(torch, dtype))
+    with torch.device(device):  # random init on the device itself (2.5 B parameters on a CPU take minutes)
+        transformer = SD3Transformer2DModel(**(TINY if args.tiny else SD35M))
+    transformer = transformer.to(device, getattr(torch, dtype))
     pipe = sd3.PIPELINE(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None,
                         text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                         text_encoder_3=None, tokenizer_3=None)
@@ -64,7 +66,7 @@ def build(args, out_dir):
     per_step = args.batch_size * args.num_batches
     cfg = from_dict({
         "model": {"family": "sd3", "tiny": True, "dtype": dtype, "resolution": side},
-        "sample": {"num_steps": 10, "group_size": per_step // 2, "batch_size": args.batch_size,
+        "sample": {"num_steps": 10, "group_size": max(2, per_step // 2), "batch_size": args.batch_size,
                    "num_batches": args.num_batches},
         "train": {"updates_per_step": 1, "method": "guard"},
         "rewards": {"proxy": [{"name": "brightness"}]}, "data": {"prompts": [f"p{i}" for i in range(16)]},

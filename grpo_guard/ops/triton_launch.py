@@ -16,6 +16,9 @@ from grpo_guard.kernels import sde_step as _k
 DYNAMICS_CODE = {"flow": 0, "dance": 1, "cps": 2}
 MAX_CHUNKS = 1024          # partials per sample: the finish kernels tree-sum at most this many
 COMPILED_BLOCK = 1024      # elements per loop iteration of a compiled program (4 warps x 8 per thread)
+COMPILED_WARPS = 4         # warps per program of the latent-sized kernels
+MIN_PROGRAMS = 64          # aim: at least this many programs per sample ...
+MAX_ITERS = 4              # ... each at most MAX_ITERS * COMPILED_BLOCK elements (benchmarks/tune_triton.py)
 INTERPRETED_BLOCK = 1 << 16  # the interpreter pays per program and iteration, not per element
 LAUNCH_OPTIONS = {"enable_fp_fusion": False}  # no FMA contraction: mu rounds identically in every kernel
 
@@ -44,14 +47,15 @@ def geometry(B: int, D: int) -> Geometry:
         iters = 1
     else:
         block = COMPILED_BLOCK
-        # >= 64 programs per sample, <= 4K elements each: enough programs in flight to cover memory latency
-        iters = min(4, max(1, D // (block * 64)))
+        # enough programs in flight to cover memory latency, each a few BLOCKs long
+        iters = min(MAX_ITERS, max(1, D // (block * MIN_PROGRAMS)))
     iters = max(iters, triton.cdiv(D, block * MAX_CHUNKS))
     chunks = triton.cdiv(D, block * iters)
     cp = triton.next_power_of_2(chunks)
     # finish tiles of rows x cp partials: at most one row per thread (the per-row float64 math is long)
     rows = max(1, min(triton.next_power_of_2(B), max(4, 512 // cp)))
-    return Geometry(block, block.bit_length() - 1, iters, chunks, cp, cp.bit_length() - 1, rows, 4)
+    return Geometry(block, block.bit_length() - 1, iters, chunks, cp, cp.bit_length() - 1, rows,
+                    4 if interpreted() else COMPILED_WARPS)
 
 
 def sigma_args(sigma, sigma_next, dummy: torch.Tensor):

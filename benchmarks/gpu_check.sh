@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The GPU checks of one short device session, most valuable first, each step time-boxed so the whole script
+# ends within BUDGET seconds (default 540). Run from the repository root on a machine with an NVIDIA GPU:
+#
+#   OUT=/some/dir BUDGET=540 bash benchmarks/gpu_check.sh
+#
+# 1. install (editable, no deps; wheels in .whl/ first, e.g. diffusers, where the machine lacks them)
+# 2. build the CUDA extension in place (background) while the op tests run on the GPU (triton + torch backends)
+# 3. the op tests again for the cuda backend, and tests/test_cuda_backend.py
+# 4. op benchmarks (eager, gg-torch, gg-triton, gg-cuda; every SPEC shape, bf16 + fp32) -> results.csv
+# 5. trainer step of an SD3.5-M-sized transformer, fused vs reference ops -> trainer.json
+# 6. Triton launch-geometry sweep -> tune.log
+# 7. torch.compile of the published formulas at two shapes -> results_compile.csv
+set -u
+OUT=${OUT:-$PWD/gpu_out}
+BUDGET=${BUDGET:-540}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+T0=$(date +%s)
+left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+cap() { local l; l=$(left); (( l < $1 )) && echo $(( l > 1 ? l : 1 )) || echo "$1"; }  # min(step cap, time left)
+step() { echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
+
+step environment
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__,
+  'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
+nvcc --version | tail -2 | head -1
+
+step install
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+GRPO_GUARD_BUILD_CUDA=0 python3 -m pip install -q --no-deps --no-build-isolation -e . > /tmp/install.log 2>&1 \
+  || { echo "install failed:"; tail -20 /tmp/install.log; }
+python3 -c "import grpo_guard, diffusers; print('grpo_guard', grpo_guard.__file__, 'diffusers', diffusers.__version__)"
+
+step "build the CUDA extension (background)"
+( GRPO_GUARD_BUILD_CUDA=1 GRPO_GUARD_CUDA_ARCHS=${GRPO_GUARD_CUDA_ARCHS:-90} MAX_JOBS=4 \
+    timeout "$(cap 300)" python3 setup.py build_ext --inplace > "$OUT/build_ext.log" 2>&1
+  echo "build_ext exit status $?" >> "$OUT/build_ext.log" ) &
+BUILD=$!
+
+OPS_TESTS="tests/test_sde_step.py tests/test_policy_loss.py tests/test_triton_kernels.py tests/test_dispatch.py
+  tests/test_validation.py tests/test_kl_to_reference.py tests/test_group_advantages.py tests/test_compat_flow_grpo.py"
+step "op tests on the GPU: triton and torch backends"
+timeout "$(cap 240)" python3 -m pytest -q -n 8 -p no:cacheprovider --timeout 120 -rfE $OPS_TESTS -k "not cuda-cuda" \
+  > "$OUT/tests.log" 2>&1
+echo "pytest exit status $?"; tail -5 "$OUT/tests.log"
+
+step "wait for the CUDA extension"
+wait $BUILD
+tail -3 "$OUT/build_ext.log"
+step "op tests on the GPU: cuda backend"
+timeout "$(cap 150)" python3 -m pytest -q -n 8 -p no:cacheprovider --timeout 120 -rfE tests/test_cuda_backend.py \
+  $OPS_TESTS -k "cuda-cuda or test_cuda_backend" >> "$OUT/tests.log" 2>&1
+echo "pytest exit status $?"; tail -5 "$OUT/tests.log"
+
+step "op benchmarks"
+timeout "$(cap 170)" python3 benchmarks/run_gpu.py --providers eager,gg-torch,gg-triton,gg-cuda --rep 50 \
+  --out "$OUT/results.csv" > "$OUT/bench.log" 2>&1
+echo "run_gpu exit status $?"; grep -E "copy bandwidth|x faster|slower|error" "$OUT/bench.log" | head -40
+
+step "trainer step, SD3.5-M-sized transformer"
+timeout "$(cap 150)" python3 benchmarks/bench_trainer.py --steps 1 --batch-size 2 --num-batches 1 \
+  --out "$OUT/trainer.json" 2>&1 | grep -v "kept in float32"
+
+step "Triton launch-geometry sweep"
+timeout "$(cap 100)" python3 benchmarks/tune_triton.py --budget "$(( $(cap 100) - 40 ))" > "$OUT/tune.log" 2>&1
+cat "$OUT/tune.log"
+
+step "torch.compile baselines"
+timeout "$(cap 150)" python3 benchmarks/run_gpu.py --providers eager,compile --shapes sd35_512,wan_480p --dtypes bf16 \
+  --rep 50 --out "$OUT/results_compile.csv" > "$OUT/bench_compile.log" 2>&1
+echo "run_gpu (compile) exit status $?"; tail -12 "$OUT/bench_compile.log"
+step done

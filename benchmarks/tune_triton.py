@@ -1,0 +1,109 @@
+"""Sweep the Triton launch geometry (grpo_guard/ops/triton_launch.py: COMPILED_BLOCK, COMPILED_WARPS,
+MIN_PROGRAMS, MAX_ITERS) on an NVIDIA GPU and print, per configuration, the median time of the ops that a
+training step runs: policy_loss forward+backward, sde_step forward (scoring a stored x') and rollout.
+
+    python benchmarks/tune_triton.py [--shapes sd35_512,flux_1024,wan_480p] [--dtype bf16] [--budget 120]
+    TRITON_INTERPRET=1 python benchmarks/tune_triton.py --device cpu --shapes cpu_small --rep 2 --budget 0  # smoke
+
+Changing the geometry changes the order of the float sums (never the math): every configuration is checked
+to keep the on-policy log-ratio exactly 0 before it is timed. Stops starting new configurations after
+``--budget`` seconds and prints what it has.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import grpo_guard as gg  # noqa: E402
+from grpo_guard.ops import triton_launch  # noqa: E402
+
+from benchmarks import bench_policy_loss, bench_sde_step  # noqa: E402
+from benchmarks.utils import ALL_SHAPES, DTYPES, measure, parse_list, quantiles  # noqa: E402
+from grpo_guard.bench import mode_callables  # noqa: E402
+
+KNOBS = ("COMPILED_BLOCK", "COMPILED_WARPS", "MIN_PROGRAMS", "MAX_ITERS")
+TASKS = (("policy_loss", "full", bench_policy_loss), ("sde_step", "forward", bench_sde_step),
+         ("sde_step", "rollout", bench_sde_step))
+
+
+def configurations():
+    """The current default first, then BLOCK x warps at the default chunking, then chunking variants."""
+    default = tuple(getattr(triton_launch, k) for k in KNOBS)
+    grid = [default]
+    for block, warps in itertools.product((512, 1024, 2048, 4096), (4, 8)):
+        grid.append((block, warps, default[2], default[3]))
+    for min_programs, max_iters in ((32, 8), (128, 2), (256, 1), (16, 16)):
+        grid.append((default[0], default[1], min_programs, max_iters))
+    seen, out = set(), []
+    for c in grid:
+        if c not in seen:
+            seen.add(c)
+            out.append(c)
+    return out
+
+
+def on_policy_exact(case) -> bool:
+    """log p_theta - old_log_prob == 0 exactly when theta == old (sde_step scores and policy_loss agree)."""
+    with torch.no_grad():
+        old = gg.sde_step(case["v"], case["x"], case["sigma"], case["sigma_next"], bench_sde_step.NOISE_LEVEL,
+                          prev_sample=case["x_next"]).log_prob
+        _, stats = gg.policy_loss(case["v"], case["x"], case["x_next"], case["sigma"], case["sigma_next"],
+                                  torch.zeros_like(old), old_log_prob=old, noise_level=bench_sde_step.NOISE_LEVEL,
+                                  method="grpo")
+    return bool((stats["log_ratio"] == 0).all())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default="sd35_512,flux_1024,wan_480p")
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    p.add_argument("--rep", type=int, default=50)
+    p.add_argument("--budget", type=float, default=120.0, help="seconds after which no new configuration starts")
+    p.add_argument("--device", default="cuda", help="cuda; cpu only as a smoke test under TRITON_INTERPRET=1")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("tune_triton.py needs an NVIDIA GPU", file=sys.stderr)
+        return 2
+    shapes = parse_list(args.shapes, ALL_SHAPES, "shape")
+    dtype = DTYPES[args.dtype]
+    cases = {(op, s): mod.make_case(s, dtype, device) for op, _, mod in TASKS for s in shapes}
+    providers = {op: next(q for q in mod.providers() if q.name == "gg-triton") for op, _, mod in TASKS}
+    header = "  ".join(f"{k.lower():>14}" for k in KNOBS)
+    cols = [f"{op}:{mode}:{s}" for op, mode, _ in TASKS for s in shapes]
+    print(f"{header}  exact  " + "  ".join(cols) + "   (median us)", flush=True)
+    start = time.perf_counter()
+    results = []
+    for config in configurations():
+        if results and time.perf_counter() - start > args.budget:
+            print(f"budget of {args.budget:.0f} s spent; stopping", flush=True)
+            break
+        for k, v in zip(KNOBS, config):
+            setattr(triton_launch, k, v)
+        times = []
+        with gg.backend("triton"):
+            exact = all(on_policy_exact(cases[("sde_step", s)]) for s in shapes)
+            for op, mode, _ in TASKS:
+                for s in shapes:
+                    fn, before = mode_callables(providers[op], cases[(op, s)], mode)
+                    times.append(quantiles(measure(fn, device, rep=args.rep, before=before))[0] * 1e3)
+        results.append((config, exact, times))
+        print("  ".join(f"{v:>14}" for v in config) + f"  {str(exact):>5}  " +
+              "  ".join(f"{t:>{len(c)}.1f}" for t, c in zip(times, cols)), flush=True)
+    if results:
+        base = results[0][2]
+        best = min(results, key=lambda r: sum(t / b for t, b in zip(r[2], base)))
+        print(f"\nbest by mean relative time: {dict(zip(KNOBS, best[0]))} exact={best[1]} "
+              f"({sum(t / b for t, b in zip(best[2], base)) / len(base):.3f} of the default)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
