@@ -9,7 +9,7 @@
 # 3. the op tests again for the cuda backend, and tests/test_cuda_backend.py
 # 4. op benchmarks (eager, gg-torch, gg-triton, gg-cuda; every SPEC shape, bf16 + fp32) -> results.csv
 # 5. trainer step of an SD3.5-M-sized transformer, fused vs reference ops -> trainer.json
-# 6. Triton launch-geometry sweep -> tune.log
+# 6. Triton launch-geometry sweep (GPU time from CUDA-graph replay) -> printed
 # 7. torch.compile of the published formulas at two shapes -> results_compile.csv
 set -u
 OUT=${OUT:-$PWD/gpu_out}
@@ -63,15 +63,15 @@ timeout "$(cap 170)" python3 benchmarks/run_gpu.py --providers eager,gg-torch,gg
 echo "run_gpu exit status $?"; grep -E "copy bandwidth|x faster|slower|error" "$OUT/bench.log" | head -40
 
 step "trainer step, SD3.5-M-sized transformer"
-timeout "$(cap 150)" python3 benchmarks/bench_trainer.py --steps 1 --batch-size 2 --num-batches 1 \
+timeout "$(cap 150)" python3 benchmarks/bench_trainer.py --steps ${TRAINER_STEPS:-2} --batch-size 2 --num-batches 1 \
   --out "$OUT/trainer.json" 2>&1 | grep -v "kept in float32"
 
 step "Triton launch-geometry sweep"
-timeout "$(cap 100)" python3 benchmarks/tune_triton.py --budget "$(( $(cap 100) - 40 ))" > "$OUT/tune.log" 2>&1
-cat "$OUT/tune.log"
+timeout "$(cap 100)" python3 benchmarks/tune_triton.py --budget "$(( $(cap 100) - 45 ))" > /tmp/tune.log 2>&1
+cat /tmp/tune.log
 
 step "torch.compile baselines"
 timeout "$(cap 150)" python3 benchmarks/run_gpu.py --providers eager,compile --shapes sd35_512,wan_480p --dtypes bf16 \
-  --rep 50 --out "$OUT/results_compile.csv" > "$OUT/bench_compile.log" 2>&1
-echo "run_gpu (compile) exit status $?"; tail -12 "$OUT/bench_compile.log"
+  --rep 50 --out "$OUT/results_compile.csv" > /tmp/bench_compile.log 2>&1
+echo "run_gpu (compile) exit status $?"; grep -E "^(op|sde_step|policy_loss) " /tmp/bench_compile.log
 step done

@@ -1,6 +1,6 @@
 """Sweep the Triton launch geometry (grpo_guard/ops/triton_launch.py: COMPILED_BLOCK, COMPILED_WARPS,
-MIN_PROGRAMS, MAX_ITERS) on an NVIDIA GPU and print, per configuration, the median time of the ops that a
-training step runs: policy_loss forward+backward, sde_step forward (scoring a stored x') and rollout.
+MIN_PROGRAMS, MAX_ITERS) on an NVIDIA GPU and print, per configuration, the GPU time per call (CUDA-graph
+replay after an L2 flush, host overhead removed: ``grpo_guard.bench.graph_time``) of the ops that a training step runs: policy_loss forward+backward, sde_step forward (scoring a stored x') and rollout.
 
     python benchmarks/tune_triton.py [--shapes sd35_512,flux_1024,wan_480p] [--dtype bf16] [--budget 120]
     TRITON_INTERPRET=1 python benchmarks/tune_triton.py --device cpu --shapes cpu_small --rep 2 --budget 0  # smoke
@@ -26,7 +26,7 @@ from grpo_guard.ops import triton_launch  # noqa: E402
 
 from benchmarks import bench_policy_loss, bench_sde_step  # noqa: E402
 from benchmarks.utils import ALL_SHAPES, DTYPES, measure, parse_list, quantiles  # noqa: E402
-from grpo_guard.bench import mode_callables  # noqa: E402
+from grpo_guard.bench import graph_time, mode_callables  # noqa: E402
 
 KNOBS = ("COMPILED_BLOCK", "COMPILED_WARPS", "MIN_PROGRAMS", "MAX_ITERS")
 TASKS = (("policy_loss", "full", bench_policy_loss), ("sde_step", "forward", bench_sde_step),
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     providers = {op: next(q for q in mod.providers() if q.name == "gg-triton") for op, _, mod in TASKS}
     header = "  ".join(f"{k.lower():>14}" for k in KNOBS)
     cols = [f"{op}:{mode}:{s}" for op, mode, _ in TASKS for s in shapes]
-    print(f"{header}  exact  " + "  ".join(cols) + "   (median us)", flush=True)
+    print(f"{header}  exact  " + "  ".join(cols) + "   (GPU us per call, CUDA graph replay)", flush=True)
     start = time.perf_counter()
     results = []
     for config in configurations():
@@ -93,7 +93,10 @@ def main(argv=None) -> int:
             for op, mode, _ in TASKS:
                 for s in shapes:
                     fn, before = mode_callables(providers[op], cases[(op, s)], mode)
-                    times.append(quantiles(measure(fn, device, rep=args.rep, before=before))[0] * 1e3)
+                    if device.type == "cuda":  # the GPU's time (CUDA graph replay): launch overhead is not tuned here
+                        times.append(graph_time(fn, device, rep=args.rep, before=before) * 1e3)
+                    else:
+                        times.append(quantiles(measure(fn, device, rep=args.rep, before=before))[0] * 1e3)
         results.append((config, exact, times))
         print("  ".join(f"{v:>14}" for v in config) + f"  {str(exact):>5}  " +
               "  ".join(f"{t:>{len(c)}.1f}" for t, c in zip(times, cols)), flush=True)

@@ -10,6 +10,9 @@ per-call times; on CUDA each call is timed with CUDA events after flushing the L
 each latent-sized output written once per pass) / median time, compared with a device copy bandwidth
 (``dst.copy_(src)`` of a large tensor, read + write) measured in the same run. Peak extra memory is
 ``torch.cuda.max_memory_allocated`` during the call minus what was allocated before it (CUDA only).
+On CUDA, :func:`graph_time` also gives the GPU's own time per call (CUDA-graph replay, host overhead removed):
+at these sizes a call's wall time is mostly Python and kernel launches, which a training step hides behind
+the transformer's kernels.
 """
 from __future__ import annotations
 
@@ -91,6 +94,47 @@ def measure(fn: Callable[[], object], device, *, warmup: int = 5, rep: int = 50,
             if i >= 2 and time.perf_counter() > deadline:
                 break
     return times
+
+
+def graph_time(fn: Callable[[], object], device, *, rep: int = 20,
+               before: Optional[Callable[[], None]] = None) -> Optional[float]:
+    """GPU time of one call in milliseconds with the host's launch overhead removed: ``[L2 flush, fn]``
+    captured in a CUDA graph and replayed ``rep`` times, minus a graph of the flush alone. None off CUDA.
+    ``measure`` times what a caller waits for (Python, dispatch, launches); this, what the GPU works. Raises
+    if ``fn`` cannot be captured (a host synchronization inside it, say)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    flush = _L2Flush(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up on a side stream, as CUDA graph capture requires
+        for _ in range(3):
+            if before is not None:
+                before()
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    synchronize(device)
+    graphs = []
+    for body in ((lambda: (flush(), fn())), flush):
+        if before is not None:
+            before()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            body()
+        graphs.append(g)
+    per_call = []
+    for g in graphs:
+        g.replay()
+        synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(rep):
+            g.replay()
+        end.record()
+        synchronize(device)
+        per_call.append(start.elapsed_time(end) / rep)
+    return max(per_call[0] - per_call[1], 0.0)
 
 
 def quantiles(times: Sequence[float], qs: Sequence[float] = QUANTILES) -> List[float]:
@@ -208,6 +252,8 @@ class Row:
     gbps: Optional[float] = None
     pct_of_copy: Optional[float] = None
     peak_extra_mib: Optional[float] = None
+    graph_ms: Optional[float] = None      # GPU time without host overhead (graph_time), CUDA only
+    graph_gbps: Optional[float] = None
     note: str = ""
 
 
@@ -234,6 +280,11 @@ def run_op(op: str, providers: Iterable[Provider], cases: Iterable[dict], modes:
                         fn, before = mode_callables(p, case, mode)
                         times = measure(fn, device, warmup=warmup, rep=rep, max_seconds=max_seconds, before=before)
                         row.peak_extra_mib = peak_extra_memory(fn, device, before)
+                        try:  # not "backward": its forward ran outside the capture, on another stream
+                            if mode != "backward":
+                                row.graph_ms = graph_time(fn, device, before=before)
+                        except Exception as exc:  # noqa: BLE001  (not capturable: reported, not fatal)
+                            row.note = f"no graph time: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
                 except Skip as exc:
                     row.note = f"skipped: {exc}"
                     rows.append(row)
@@ -248,6 +299,8 @@ def run_op(op: str, providers: Iterable[Provider], cases: Iterable[dict], modes:
                 row.gbps = row.bytes_moved / (row.median_ms * 1e-3) / 1e9
                 if copy_gbps:
                     row.pct_of_copy = 100.0 * row.gbps / copy_gbps
+                if row.graph_ms:
+                    row.graph_gbps = row.bytes_moved / (row.graph_ms * 1e-3) / 1e9
                 rows.append(row)
             if case.get("leaf") is not None:
                 case["leaf"].grad = None
@@ -283,7 +336,8 @@ def format_row(r: Row) -> str:
         return f"{r.op:<12} {r.mode:<8} {r.provider:<10} {r.shape:<10} {r.dtype:<8} {r.note}"
     return (f"{r.op:<12} {r.mode:<8} {r.provider:<10} {r.shape:<10} {r.dtype:<8} "
             f"{r.median_ms * 1e3:>10.1f} {r.p20_ms * 1e3:>10.1f} {r.p80_ms * 1e3:>10.1f} "
-            f"{_fmt(r.gbps, '8.1f'):>8} {_fmt(r.pct_of_copy, '6.1f'):>6} {_fmt(r.peak_extra_mib, '9.1f'):>9}")
+            f"{_fmt(r.gbps, '8.1f'):>8} {_fmt(r.pct_of_copy, '6.1f'):>6} {_fmt(r.peak_extra_mib, '9.1f'):>9} "
+            f"{_fmt(None if r.graph_ms is None else r.graph_ms * 1e3, '9.1f'):>9} {_fmt(r.graph_gbps, '8.1f'):>8}")
 
 
 def format_table(rows: Sequence[Row], copy_gbps: Optional[float] = None, env: Optional[dict] = None) -> str:
@@ -293,7 +347,8 @@ def format_table(rows: Sequence[Row], copy_gbps: Optional[float] = None, env: Op
     if copy_gbps is not None:
         lines.append(f"copy bandwidth: {copy_gbps:.1f} GB/s")
     lines.append(f"{'op':<12} {'mode':<8} {'provider':<10} {'shape':<10} {'dtype':<8} "
-                 f"{'median_us':>10} {'p20_us':>10} {'p80_us':>10} {'GB/s':>8} {'%copy':>6} {'extra_MiB':>9}")
+                 f"{'median_us':>10} {'p20_us':>10} {'p80_us':>10} {'GB/s':>8} {'%copy':>6} {'extra_MiB':>9} "
+                 f"{'graph_us':>9} {'graph_GB/s':>8}")
     lines.extend(format_row(r) for r in rows)
     return "\n".join(lines)
 
@@ -303,16 +358,17 @@ def markdown_table(rows: Sequence[Row], baseline: str = "eager") -> str:
     base = {(r.op, r.mode, r.shape, r.dtype): r.median_ms for r in rows
             if r.provider == baseline and r.median_ms is not None}
     out = ["| op | mode | shape | dtype | provider | median us | p20 us | p80 us | GB/s | % of copy | "
-           f"vs {baseline} | peak extra MiB |", "|---" * 12 + "|"]
+           f"vs {baseline} | peak extra MiB | GPU us (graph) | GPU GB/s |", "|---" * 14 + "|"]
     for r in rows:
         if r.median_ms is None:
-            out.append(f"| {r.op} | {r.mode} | {r.shape} | {r.dtype} | {r.provider} | {r.note} ||||||| ")
+            out.append(f"| {r.op} | {r.mode} | {r.shape} | {r.dtype} | {r.provider} | {r.note} ||||||||| ")
             continue
         b = base.get((r.op, r.mode, r.shape, r.dtype))
         out.append(f"| {r.op} | {r.mode} | {r.shape} | {r.dtype} | {r.provider} | {r.median_ms * 1e3:.1f} | "
                    f"{r.p20_ms * 1e3:.1f} | {r.p80_ms * 1e3:.1f} | {_fmt(r.gbps, '.1f')} | "
                    f"{_fmt(r.pct_of_copy, '.0f')} | {'' if not b else format(b / r.median_ms, '.2f') + 'x'} | "
-                   f"{_fmt(r.peak_extra_mib, '.1f')} |")
+                   f"{_fmt(r.peak_extra_mib, '.1f')} | "
+                   f"{_fmt(None if r.graph_ms is None else r.graph_ms * 1e3, '.1f')} | {_fmt(r.graph_gbps, '.0f')} |")
     return "\n".join(out)
 
 

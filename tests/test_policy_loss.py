@@ -73,10 +73,11 @@ def float32_sum_bound(v, x, roll, kw, dtype, dynamics, method):
         return torch.zeros(v.shape[0], dtype=torch.float64)
     coef = ref.step_coefficients(0.7, 0.6, 0.7, dynamics)
     B = v.shape[0]
+    v, x, xp, kw = v.detach().cpu(), x.cpu(), roll.prev_sample.cpu(), {k: t.cpu() for k, t in kw.items()}
     mu_old = (ref.transition_mean(kw["old_model_output"], x, coef, torch.float64) if "old_model_output" in kw
               else kw["old_prev_sample_mean"].double().reshape(B, -1))
     delta = ref.transition_mean(v, x, coef, torch.float64) - mu_old
-    u = roll.prev_sample.double().reshape(B, -1) - mu_old
+    u = xp.double().reshape(B, -1) - mu_old
     D = u.shape[1]
     k = 4 * math.log2(D) * 2.0 ** -24
     b1 = k * (delta.abs() * (u.abs() + mu_old.abs())).mean(dim=1)
@@ -90,8 +91,8 @@ def mean_rounding_noise(kind, roll, dtype, dynamics, method):
     ulp |u|_rms / sqrt(12 D); mapped to each method's scale by the reference. Zero for the exact kinds."""
     if kind != "old_prev_sample_mean" or dtype == torch.float64:
         return 0.0
-    mu = roll.prev_sample_mean.double().reshape(roll.prev_sample_mean.shape[0], -1)
-    u = roll.prev_sample.double().reshape(mu.shape) - mu
+    mu = roll.prev_sample_mean.double().cpu().reshape(roll.prev_sample_mean.shape[0], -1)
+    u = roll.prev_sample.double().cpu().reshape(mu.shape) - mu
     ulp = 2.0 ** -23 * mu.abs().max()
     s1 = 6 * ulp / math.sqrt(12) * u.square().mean().sqrt() / math.sqrt(mu.shape[1])
     std = ref.step_coefficients(0.7, 0.6, 0.7, dynamics).std.double()
@@ -211,9 +212,9 @@ def test_float32_precision_bound(bk, D, seed):
         v = perturb_for_log_ratio(case["v_old"], case["x"], case["x_next"], s, n, targets.to(device))
         _, st = gg.policy_loss(v, case["x"], case["x_next"], s, n, torch.ones(B, device=device), method="guard",
                                old_model_output=case["v_old"])
-        _, want = ref.policy_loss(v.double(), case["x"].double(), case["x_next"].double(), s, n,
+        _, want = ref.policy_loss(v.double().cpu(), case["x"].double().cpu(), case["x_next"].double().cpu(), s, n,
                                   torch.ones(B, dtype=torch.float64), method="guard",
-                                  old_model_output=case["v_old"].double())
+                                  old_model_output=case["v_old"].double().cpu())
         assert (want["log_ratio"].abs() >= 0.9e-6).all()
         rel = ((st["log_ratio"].double().cpu() - want["log_ratio"].cpu()).abs() / want["log_ratio"].abs().cpu())
         worst = max(worst, rel.max().item())
@@ -234,9 +235,9 @@ def test_old_mean_storage_precision(bk, seed):
                                   torch.tensor([2e-6, -2e-6], dtype=torch.float64, device=device))
         _, st = gg.policy_loss(v, case["x"], case["x_next"], s, n, torch.ones(B, device=device), method="guard",
                                old_prev_sample_mean=roll.prev_sample_mean)
-        _, want = ref.policy_loss(v.double(), case["x"].double(), case["x_next"].double(), s, n,
+        _, want = ref.policy_loss(v.double().cpu(), case["x"].double().cpu(), case["x_next"].double().cpu(), s, n,
                                   torch.ones(B, dtype=torch.float64), method="guard",
-                                  old_model_output=case["v_old"].double())
+                                  old_model_output=case["v_old"].double().cpu())
         rel = (st["log_ratio"].double().cpu() - want["log_ratio"].cpu()).abs() / want["log_ratio"].abs().cpu()
         assert rel.max().item() < 5e-3, rel
 
