@@ -58,6 +58,8 @@ __device__ __forceinline__ float log_(float a) { return logf(a); }
 __device__ __forceinline__ double log_(double a) { return ::log(a); }
 __device__ __forceinline__ float exp_(float a) { return expf(a); }
 __device__ __forceinline__ double exp_(double a) { return ::exp(a); }
+__device__ __forceinline__ float expm1_(float a) { return expm1f(a); }
+__device__ __forceinline__ double expm1_(double a) { return ::expm1(a); }
 
 // ---- per-sample coefficients: reference.step_coefficients, in float64, same operation order -----------
 struct Coef {

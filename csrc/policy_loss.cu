@@ -123,7 +123,7 @@ __device__ void finalize_sample(int64_t i, TC s1, TC s2, int64_t D, int64_t B, c
   const TC dlr = wt / static_cast<TC>(B) * -A * (take_r * r + take_c * inside * rc);
   coefs[2 * i] = dlr * k1;
   coefs[2 * i + 1] = dlr * k2;
-  work[i] = r;
+  work[i] = expm1_(lr);  // r - 1 without float32's 6e-8 resolution near 1 (reference.summarize)
   work[B + i] = (lr > hi || lr < lo) ? TC(1) : TC(0);
   work[2 * B + i] = fmax(cand, cand_c) * wt;
 }
@@ -153,11 +153,11 @@ loss_finalize(const TC* __restrict__ partial, int nchunks, int64_t B, int64_t D,
     sum_loss += work[2 * B + i];
     sum_kl += log_ratio[i] * log_ratio[i];
   }
-  const TC r_mean = sum_r / Bt;
+  const TC excess_mean = sum_r / Bt;  // ratio stats from r - 1, as reference.summarize
   TC sum_dev = 0;
-  for (int64_t i = 0; i < B; ++i) sum_dev += (work[i] - r_mean) * (work[i] - r_mean);
+  for (int64_t i = 0; i < B; ++i) sum_dev += (work[i] - excess_mean) * (work[i] - excess_mean);
   loss[0] = sum_loss / Bt;
-  stats[0] = r_mean;
+  stats[0] = TC(1) + excess_mean;
   stats[1] = sqrt(sum_dev / Bt);
   stats[2] = sum_clip / Bt;
   stats[3] = TC(0.5) * (sum_kl / Bt);
