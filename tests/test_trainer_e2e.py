@@ -30,9 +30,9 @@ def test_end_to_end(family, tmp_path):
             assert torch.isfinite(torch.tensor(r[key]))
         ts = r["updates"][0]["timesteps"]
         assert [t["index"] for t in ts] == [0, 1, 2]
-    # storage: per trained step x_j + v_old (D float32 each) + log-prob, plus one final latent, 8 samples
+    # storage: per trained step x_j + v_old (D float32 each), plus one final latent, 8 samples
     D = 256
-    assert last["stored_mib"] * 2 ** 20 == 8 * ((3 + 1) * D * 4 + 3 * D * 4 + 3 * 4)
+    assert last["stored_mib"] * 2 ** 20 == 8 * ((3 + 1) * D * 4 + 3 * D * 4)  # latents + velocities, no more
     # the checkpoint written at the end is complete and holds the trained weights
     path = checkpoint.latest(trainer.checkpoint_dir)
     assert path.endswith("step-00000002")

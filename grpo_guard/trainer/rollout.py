@@ -12,7 +12,6 @@ Stored per trained step j and sample (D = latent elements, model dtype = the tra
 
 - ``latents[:, k]``        x_j                          D x model dtype
 - ``old_velocity[:, k]``   v_old_j (after CFG)          D x model dtype   (``policy_loss(old_model_output=)``)
-- ``old_log_prob[:, k]``   log p_old(x_{j+1} | x_j)     4 bytes (float32)
 
 plus x_{last+1} once per trajectory and the prompt embeddings once per sample. For SD3.5-M at 512 px in bf16
 (D = 65,536) that is 256 KiB per trained step per sample; a float32 old mean instead of the velocity would add
@@ -94,13 +93,12 @@ class RolloutBatch:
     sigmas: List[float]           # sigma_j for each trained j, then sigma_{last+1}
     latents: torch.Tensor         # (B, K+1, *latent)
     old_velocity: torch.Tensor    # (B, K, *latent)
-    old_log_prob: torch.Tensor    # (B, K) float32
     rewards: Dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B,) float32
     proxy_reward: Optional[torch.Tensor] = None
     advantages: Optional[torch.Tensor] = None
 
     def stored_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.latents, self.old_velocity, self.old_log_prob))
+        return sum(t.numel() * t.element_size() for t in (self.latents, self.old_velocity))
 
 
 def _noise(gens: Sequence[torch.Generator], shape, device, dtype) -> torch.Tensor:
@@ -130,7 +128,7 @@ def sample_batch(adapter: FlowAdapter, model: torch.nn.Module, prompts: Sequence
     init_gens = [torch.Generator().manual_seed(mix_seed(cfg.run.seed, step, 4, k)) for k in init_keys]
     step_gens = [torch.Generator().manual_seed(mix_seed(cfg.run.seed, step, 5, k)) for k in sample_ids]
     x = _noise(init_gens, shape, device, dtype)
-    lat, vel, logp = [], [], []
+    lat, vel = [], []
     ctx = autocast or _null
     for i in range(s.num_steps):
         sig, nxt = sigmas[i], sigmas[i + 1]
@@ -145,7 +143,6 @@ def sample_batch(adapter: FlowAdapter, model: torch.nn.Module, prompts: Sequence
         if i in train_idx:
             lat.append(x)
             vel.append(v)
-            logp.append(out.log_prob.float())
         x = x_next
         if i == train_idx[-1]:
             lat.append(x)
@@ -154,7 +151,7 @@ def sample_batch(adapter: FlowAdapter, model: torch.nn.Module, prompts: Sequence
         sample_ids=torch.tensor(list(sample_ids), dtype=torch.long),
         group_ids=torch.tensor(list(group_ids), dtype=torch.long), cond=cond, steps=train_idx,
         sigmas=[sigmas[j] for j in train_idx] + [sigmas[train_idx[-1] + 1]],
-        latents=torch.stack(lat, 1), old_velocity=torch.stack(vel, 1), old_log_prob=torch.stack(logp, 1))
+        latents=torch.stack(lat, 1), old_velocity=torch.stack(vel, 1))
     return batch, x
 
 
