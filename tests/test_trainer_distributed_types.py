@@ -1,6 +1,6 @@
-"""accelerate modes the trainer does not implement (FSDP, DeepSpeed) are refused before any model is built, with
-what is supported; DDP-style modes pass. (accelerate never selects FSDP or DeepSpeed for cpu=True, so the
-accelerator here is a stand-in that reports the distributed type.)"""
+"""accelerate modes the trainer does not implement (FSDP1, DeepSpeed) are refused before any model is built, with
+what is supported; DDP-style modes and FSDP2 pass. (accelerate never selects FSDP or DeepSpeed for cpu=True, so
+the accelerator here is a stand-in that reports the distributed type; tests/test_trainer_fsdp.py runs FSDP2.)"""
 from types import SimpleNamespace
 
 import pytest
@@ -12,7 +12,7 @@ from grpo_guard.trainer import ConfigError, Trainer
 from grpo_guard.trainer.update import UnsupportedDistributedError, check_distributed
 
 
-@pytest.mark.parametrize("kind,why", [("FSDP", "DTensors"), ("DEEPSPEED", "owns gradient accumulation"),
+@pytest.mark.parametrize("kind,why", [("FSDP", "fsdp_version: 2"), ("DEEPSPEED", "owns gradient accumulation"),
                                       ("MEGATRON_LM", "synchronizes gradients itself")])
 def test_unsupported_modes_are_refused_before_the_model(kind, why, tmp_path, monkeypatch):
     import grpo_guard.trainer.loop as loop
@@ -32,3 +32,12 @@ def test_unsupported_modes_are_refused_before_the_model(kind, why, tmp_path, mon
 @pytest.mark.parametrize("kind", ["NO", "MULTI_CPU", "MULTI_GPU"])
 def test_ddp_style_modes_pass(kind):
     check_distributed(SimpleNamespace(distributed_type=DistributedType[kind]))
+
+
+def test_fsdp2_passes_and_fsdp1_is_refused():
+    def acc(version):
+        return SimpleNamespace(distributed_type=DistributedType.FSDP,
+                               state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version)))
+    check_distributed(acc(2))
+    with pytest.raises(UnsupportedDistributedError, match="fsdp_version: 2"):
+        check_distributed(acc(1))

@@ -6,6 +6,9 @@
 - ``rng-<rank>.pt``        python / numpy / torch (and CUDA) RNG states of each process
 - ``state.json``           step, counters, config -- written last; its presence marks a complete checkpoint
 
+Under FSDP2 (``model`` given) the weights, the EMA and the optimizer state are gathered into whole tensors
+first (collectives), so a checkpoint has the same files and layout whatever the number of processes wrote it.
+
 Written atomically: everything goes to a hidden temporary directory that is renamed into place only when
 complete, so a run killed mid-write leaves no directory that looks like a checkpoint. ``latest`` finds the
 newest complete one.
@@ -22,6 +25,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from . import sharding
 
 PATTERN = re.compile(r"^step-(\d{8})$")
 
@@ -55,8 +60,9 @@ def set_rng_state(state: Dict) -> None:
 
 
 def save(root: str, step: int, accelerator, named_params: Dict[str, torch.Tensor], optimizer, lr_scheduler,
-         state: Dict, ema_shadow: Optional[Sequence[torch.Tensor]] = None, keep_last: int = 0) -> str:
-    """Write checkpoint ``step`` under ``root`` (collective: call on every process). Returns its path."""
+         state: Dict, ema_shadow: Optional[Sequence[torch.Tensor]] = None, keep_last: int = 0, model=None) -> str:
+    """Write checkpoint ``step`` under ``root`` (collective: call on every process). Returns its path.
+    ``model``: the FSDP2-sharded module, when the parameters are sharded (None otherwise)."""
     final = os.path.join(root, f"step-{step:08d}")
     tmp = os.path.join(root, f".tmp-step-{step:08d}")
     main = accelerator.is_main_process
@@ -66,14 +72,16 @@ def save(root: str, step: int, accelerator, named_params: Dict[str, torch.Tensor
         os.makedirs(tmp)
     accelerator.wait_for_everyone()
     torch.save(rng_state(), os.path.join(tmp, f"rng-{accelerator.process_index}.pt"))
+    sharded = model is not None
+    weights = {n: sharding.full(t.detach()).contiguous().cpu() for n, t in named_params.items()}
+    ema = None if ema_shadow is None else \
+        {n: sharding.full(s).contiguous().cpu() for n, s in zip(named_params, ema_shadow)}
+    optim_state = sharding.optimizer_state(model, optimizer, sharded)
     if main:
-        names = list(named_params)
-        save_file({n: t.detach().contiguous().cpu() for n, t in named_params.items()},
-                  os.path.join(tmp, "weights.safetensors"))
-        if ema_shadow is not None:
-            save_file({n: s.contiguous().cpu() for n, s in zip(names, ema_shadow)},
-                      os.path.join(tmp, "ema.safetensors"))
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        save_file(weights, os.path.join(tmp, "weights.safetensors"))
+        if ema is not None:
+            save_file(ema, os.path.join(tmp, "ema.safetensors"))
+        torch.save(optim_state, os.path.join(tmp, "optimizer.pt"))
         torch.save(lr_scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
     accelerator.wait_for_everyone()
     if main:
@@ -121,8 +129,9 @@ def latest(root: str) -> Optional[str]:
 
 
 def load(path: str, accelerator, named_params: Dict[str, torch.nn.Parameter], optimizer, lr_scheduler,
-         ema_shadow: Optional[Sequence[torch.Tensor]] = None) -> Dict:
-    """Restore a checkpoint written by :func:`save` into the given objects; returns its ``state.json``."""
+         ema_shadow: Optional[Sequence[torch.Tensor]] = None, model=None) -> Dict:
+    """Restore a checkpoint written by :func:`save` into the given objects; returns its ``state.json``.
+    ``model``: the FSDP2-sharded module, when the parameters are sharded (collective then)."""
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
     if state.get("num_processes") != accelerator.num_processes:
@@ -137,13 +146,16 @@ def load(path: str, accelerator, named_params: Dict[str, torch.nn.Parameter], op
                            f"other shape {shapes[:3]}; was it written with another model / LoRA config?)")
     with torch.no_grad():
         for n, p in named_params.items():
-            p.copy_(weights[n].to(p.device, p.dtype))
-    if ema_shadow is not None:
-        ema = load_file(os.path.join(path, "ema.safetensors"))
-        for n, s in zip(named_params, ema_shadow):
-            s.copy_(ema[n].to(s.device))
-    device = next(iter(named_params.values())).device
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=device, weights_only=False))
+            p.copy_(sharding.sharded_like(weights[n], p))
+        if ema_shadow is not None:
+            ema = load_file(os.path.join(path, "ema.safetensors"))
+            for n, s in zip(named_params, ema_shadow):
+                s.copy_(sharding.sharded_like(ema[n], s))
+    sharded = model is not None
+    device = sharding.local(next(iter(named_params.values()))).device
+    optim_state = {} if sharded and not accelerator.is_main_process else \
+        torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu" if sharded else device, weights_only=False)
+    sharding.load_optimizer_state(model, optimizer, optim_state, sharded)
     lr_scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
     set_rng_state(torch.load(os.path.join(path, f"rng-{accelerator.process_index}.pt"), weights_only=False))
     return state

@@ -20,7 +20,7 @@ import torch
 import grpo_guard as gg
 
 from ..models import FlowAdapter, build_adapter
-from . import checkpoint, rewards as rw
+from . import checkpoint, rewards as rw, sharding
 from .config import Config, ConfigError, validate
 from .metrics import MetricsLogger
 from .rollout import RolloutBatch, generate, plan_step, sample_batch
@@ -129,6 +129,13 @@ class Trainer:
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         self.model, self.optimizer = self.acc.prepare(transformer, optimizer)
         self.lr_scheduler = lr_scheduler  # stepped once per optimizer step by the Updater (not prepared)
+        self.sharded = sharding.is_fsdp2(self.acc)
+        if self.sharded:  # FSDP2 shards in place: the trained parameters are now DTensors, the names unchanged
+            sharded = {n: p for n, p in self.acc.unwrap_model(self.model).named_parameters() if p.requires_grad}
+            if list(sharded) != list(named):
+                raise RuntimeError("FSDP2 changed the trained parameters' names: "
+                                   f"{sorted(set(named) ^ set(sharded))[:4]}")
+            self.named_params, self.params = sharded, list(sharded.values())
         self.ema = EMA(self.params, t.ema_decay) if t.ema else None
         if t.beta_kl > 0 and cfg.model.use_lora:
             reference, ref_model = self._lora_disabled, transformer
@@ -244,16 +251,21 @@ class Trainer:
         idx = list(range(len(prompts)))[r::w]
         ema = self.ema.applied(self.params) if (use_ema and self.ema is not None) else contextlib.nullcontext()
         sums = torch.zeros(len(self.proxy) + len(self.gold) + 2, dtype=torch.float64, device=self.adapter.device)
+        bs = cfg.sample.batch_size
+        # under FSDP2 every forward is a collective: every process runs as many batches as the busiest one
+        n_batches = -(-len(list(range(len(prompts)))[0::w]) // bs) if self.sharded else -(-len(idx) // bs)
         with ema:
-            for i in range(0, len(idx), cfg.sample.batch_size):
-                chunk = idx[i:i + cfg.sample.batch_size]
+            for i in range(0, n_batches * bs, bs):
+                chunk, weight = idx[i:i + bs], 1.0
+                if not chunk:  # an idle process's stand-in batch, not counted
+                    chunk, weight = [0], 0.0
                 ps = [prompts[k] for k in chunk]
                 x = generate(self.adapter, self.adapter.transformer, ps, cfg, chunk, cfg.run.eval_num_steps or None,
                              autocast=self.acc.autocast)
                 vals = rw.evaluate(self.proxy + self.gold, self.adapter.decode(x), ps, [{} for _ in ps])
                 proxy = rw.weighted_sum(vals, self.proxy)
                 cols = [vals[q.name] for q in self.proxy + self.gold] + [proxy, torch.ones_like(proxy)]
-                sums += torch.stack([c.double().sum() for c in cols])
+                sums += weight * torch.stack([c.double().sum() for c in cols])
         sums = self.acc.reduce(sums, reduction="sum") if w > 1 else sums
         names = [q.name if q in self.proxy else f"gold/{q.name}" for q in self.proxy + self.gold] + ["proxy"]
         return {f"eval/{n}_mean": float(sums[j] / sums[-1]) for j, n in enumerate(names)}
@@ -267,7 +279,8 @@ class Trainer:
         state = {"skipped_total": self.skipped_total, "nonfinite_in_a_row": self.nonfinite_in_a_row,
                  "config": self.cfg.to_dict()}
         return checkpoint.save(self.checkpoint_dir, self.global_step, self.acc, self.named_params, self.optimizer,
-                               self.lr_scheduler, state, self.ema.shadow if self.ema else None, self.cfg.run.keep_last)
+                               self.lr_scheduler, state, self.ema.shadow if self.ema else None, self.cfg.run.keep_last,
+                               model=self.model if self.sharded else None)
 
     def export_lora(self, directory: str) -> str:
         """Write the trained LoRA in diffusers' format (``pipe.load_lora_weights(directory)`` loads it);
@@ -276,8 +289,8 @@ class Trainer:
             raise ValueError("export_lora needs model.use_lora: true (full fine-tuning: save the transformer)")
         from peft.utils import get_peft_model_state_dict
 
-        if self.acc.is_main_process:
-            layers = get_peft_model_state_dict(self.adapter.transformer)
+        layers = {n: sharding.full(t) for n, t in get_peft_model_state_dict(self.adapter.transformer).items()}
+        if self.acc.is_main_process:  # (the gather above is collective under FSDP2)
             meta = self.adapter.transformer.peft_config["default"].to_dict()  # keeps alpha (scale = alpha / r)
             type(self.adapter.pipe).save_lora_weights(directory, transformer_lora_layers=layers,
                                                       transformer_lora_adapter_metadata=meta)
@@ -290,7 +303,7 @@ class Trainer:
         if path is None:
             return False
         state = checkpoint.load(path, self.acc, self.named_params, self.optimizer, self.lr_scheduler,
-                                self.ema.shadow if self.ema else None)
+                                self.ema.shadow if self.ema else None, model=self.model if self.sharded else None)
         self.global_step = state["step"]
         self.skipped_total, self.nonfinite_in_a_row = state["skipped_total"], state["nonfinite_in_a_row"]
         self.logger.truncate_after(self.global_step)

@@ -6,7 +6,9 @@ Gradient accumulation: one optimizer step per ``len(batches) / updates_per_step`
 loss of each (timestep, micro-batch) is scaled by 1 / (timesteps * micro-batches), so the step's gradient is
 that of the mean loss (SPEC §4). Under DDP every backward runs without synchronization and the accumulated
 gradients are averaged once (``accelerator.reduce``) before clipping, which also lets each timestep's own
-gradient norm (the paper's gradient-balance diagnosis) be measured before the average.
+gradient norm (the paper's gradient-balance diagnosis) be measured before the average. Under FSDP2 every backward
+reduce-scatters the gradients into shards (as FSDP does), and each timestep's gradient norm is that of the
+averaged gradient, summed over the shards.
 
 A non-finite loss or gradient norm on any process skips the optimizer step on all of them.
 """
@@ -19,6 +21,7 @@ import torch
 
 import grpo_guard as gg
 
+from . import sharding
 from .config import Config, ConfigError
 from .rollout import RolloutBatch
 
@@ -40,9 +43,8 @@ class UnsupportedDistributedError(ConfigError, NotImplementedError):
 
 
 _WHY = {
-    "FSDP": "FSDP2's prepare replaces the trained parameters with sharded DTensors (the trainer's parameter list, its "
-            "per-timestep gradient norms, its all-ranks skip of non-finite steps and its safetensors checkpoints "
-            "assume whole local tensors), and FSDP1 wraps the transformer that the rollout calls directly",
+    "FSDP": "FSDP1 wraps the transformer in a module that the rollout and the LoRA on/off switch of the KL "
+            "reference would have to go through; FSDP2 is supported: set fsdp_version: 2 in the accelerate config",
     "DEEPSPEED": "DeepSpeed's engine owns gradient accumulation, clipping and the optimizer step and keeps ZeRO "
                  "gradients in its own partitioned buffers, while this trainer accumulates over timesteps and "
                  "micro-batches itself, measures each timestep's gradient norm and skips non-finite steps",
@@ -50,17 +52,17 @@ _WHY = {
 
 
 def check_distributed(accelerator) -> None:
-    """Refuse accelerate modes other than single process and DDP-style multi-process (MULTI_GPU / MULTI_CPU /
-    other MULTI_* devices), with what is supported and what to use instead."""
+    """Refuse accelerate modes other than single process, DDP-style multi-process (MULTI_GPU / MULTI_CPU /
+    other MULTI_* devices) and FSDP2, with what is supported and what to use instead."""
     kind = getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type))
-    if kind == "NO" or kind.startswith("MULTI_"):
+    if kind == "NO" or kind.startswith("MULTI_") or sharding.is_fsdp2(accelerator):
         return
     why = _WHY.get(kind, "the trainer synchronizes gradients itself, as DDP does")
     raise UnsupportedDistributedError(
-        f"accelerate distributed type {kind} is not supported: {why}. Supported: one process, or DDP-style "
+        f"accelerate distributed type {kind} is not supported: {why}. Supported: one process, DDP-style "
         "multi-process (`accelerate launch --multi_gpu --num_processes N -m grpo_guard.train CONFIG` with a config "
-        "without deepspeed_config / fsdp_config, or torchrun). Every process holds the whole frozen model and the "
-        "trained weights (LoRA by default, model.use_lora: true); see configs/README.md, Limits")
+        "without deepspeed_config / fsdp_config, or torchrun), and FSDP2 (an accelerate config with "
+        "distributed_type: FSDP and fsdp_config.fsdp_version: 2); see configs/README.md, Distributed")
 
 
 class Updater:
@@ -74,7 +76,9 @@ class Updater:
         self.params, self.optimizer, self.lr_scheduler, self.ema = params, optimizer, lr_scheduler, ema
         self.reference, self.ref_model = reference, ref_model
         check_distributed(accelerator)
-        self.manual_sync = accelerator.num_processes > 1
+        self.multi = accelerator.num_processes > 1
+        self.fsdp = sharding.is_fsdp2(accelerator)  # backward reduce-scatters: no manual averaging, no no_sync
+        self.manual_sync = self.multi and not self.fsdp
 
     BUCKET = 1 << 25  # elements per all-reduce (128 MiB of float32)
 
@@ -97,12 +101,16 @@ class Updater:
             bucket, size = ([p], p.numel()) if p is not None else ([], 0)
 
     def _timestep_grad_norm(self, prev: List[torch.Tensor]) -> torch.Tensor:
-        """Norm of the gradient added since ``prev`` (updated in place to the current one): one grad copy."""
+        """Norm of the gradient added since ``prev`` (this process's shards, updated in place to the current
+        gradient): one gradient copy. Under FSDP2 the shards' squares are summed over processes."""
         sq = torch.zeros((), dtype=torch.float64, device=self.adapter.device)
         for p, old in zip(self.params, prev):
             if p.grad is not None:
-                sq += (p.grad.float() - old).square().sum().double()
-                old.copy_(p.grad)
+                g = sharding.local(p.grad)
+                sq += (g.float() - old).square().sum().double()
+                old.copy_(g)
+        if self.fsdp:
+            sq = self.acc.reduce(sq, reduction="sum")
         return sq.sqrt()
 
     def step(self, batches: Sequence[RolloutBatch]) -> Dict:
@@ -115,7 +123,8 @@ class Updater:
         scale = 1.0 / (K * len(batches))
         stats = torch.zeros(K, len(STAT_KEYS), dtype=torch.float64, device=self.adapter.device)
         nonfinite = torch.zeros((), device=self.adapter.device)
-        prev = [torch.zeros_like(p, dtype=torch.float32) for p in self.params] if t.timestep_grad_norms else None
+        prev = ([torch.zeros_like(sharding.local(p), dtype=torch.float32) for p in self.params]
+                if t.timestep_grad_norms else None)
         sync_ctx = (lambda: self.acc.no_sync(self.model)) if self.manual_sync else contextlib.nullcontext
         for k in range(K):
             for b in batches:
@@ -136,20 +145,23 @@ class Updater:
                                                           cfg=t.cfg)
                         kl = kl_to_reference(v, v_ref, x, x_next, sig, nxt, cfg).mean()
                     total = loss + t.beta_kl * kl
-                    if not torch.isfinite(total):
-                        nonfinite += 1
+                    finite = bool(torch.isfinite(total))
+                    if not finite:
+                        nonfinite += 1  # the step will be skipped; under FSDP2 the backward (a collective) still runs
+                    if finite or self.fsdp:
+                        self.acc.backward(total * scale)
+                    if not finite:
                         continue
-                    self.acc.backward(total * scale)
                 row = [loss, st["ratio_mean"], st["ratio_std"], st["clipfrac"], st["approx_kl"], kl]
                 stats[k, :6] += torch.stack([r.detach().double() for r in row]) / len(batches)
-            if prev is not None:  # this timestep's own gradient (local, before averaging over processes)
+            if prev is not None:  # this timestep's own gradient (DDP-style: local, before averaging)
                 stats[k, 6] = self._timestep_grad_norm(prev)
         if self.manual_sync:
             self._sync_grads()
         grad_norm = self.acc.clip_grad_norm_(self.params, t.max_grad_norm)
-        grad_norm = torch.as_tensor(grad_norm, device=self.adapter.device).float()
+        grad_norm = torch.as_tensor(sharding.full(grad_norm), device=self.adapter.device).float()
         flags = torch.stack([nonfinite, (~torch.isfinite(grad_norm)).float()])
-        flags = self.acc.reduce(flags, reduction="sum") if self.manual_sync else flags
+        flags = self.acc.reduce(flags, reduction="sum") if self.multi else flags
         skipped = bool(flags.sum() > 0)
         if not skipped:
             self.optimizer.step()
@@ -157,7 +169,7 @@ class Updater:
             if self.ema is not None:
                 self.ema.update(self.params)
         self.optimizer.zero_grad(set_to_none=True)
-        stats = self.acc.reduce(stats, reduction="mean") if self.manual_sync else stats
+        stats = self.acc.reduce(stats, reduction="mean") if self.multi else stats
         sigmas = batches[0].sigmas
         per_t = [dict(index=batches[0].steps[k], sigma=sigmas[k], dt=sigmas[k + 1] - sigmas[k],
                       **{key: float(stats[k, i]) for i, key in enumerate(STAT_KEYS)}) for k in range(K)]

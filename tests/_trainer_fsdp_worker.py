@@ -1,0 +1,61 @@
+"""Worker of test_trainer_fsdp.py (run under torchrun, 2 CPU processes): the tiny SD3 config under FSDP2.
+
+accelerate 1.15 never selects FSDP for CPU processes (its state only turns MULTI_GPU-like types into FSDP), so the
+worker forces the distributed type after building the Accelerator; ``prepare`` then shards the transformer with
+``fully_shard`` over gloo exactly as it does over NCCL. argv: output_dir [--set ...].
+
+Saves per rank: the whole trained weights after 2 steps, after a 3rd step, and after resuming the step-2
+checkpoint in a fresh Trainer and running the 3rd step again; the per-timestep metrics of every update.
+"""
+import sys
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+from grpo_guard.trainer import Trainer, config
+from grpo_guard.trainer import sharding
+
+
+def fsdp2_accelerator():
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                            transformer_cls_names_to_wrap=["JointTransformerBlock"])
+    acc = Accelerator(cpu=True, mixed_precision="no", fsdp_plugin=plugin)
+    acc.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    acc.state.fsdp_plugin = plugin
+    return acc
+
+
+def whole(trainer):
+    return {n: sharding.full(p.detach()).cpu().clone() for n, p in trainer.named_params.items()}
+
+
+def main():
+    out = sys.argv[1]
+    cfg = config.load(sys.argv[2], [f"run.output_dir={out}", "run.num_steps=3", "run.progress=false",
+                                    "run.cpu=true", "run.save_every=0", *sys.argv[3:]])
+    acc = fsdp2_accelerator()
+    t = Trainer(cfg, accelerator=acc)
+    assert sharding.is_fsdp2(acc) and t.sharded and all(sharding.is_sharded(p) for p in t.params)
+    records = [t.step(), t.step()]
+    after2 = whole(t)
+    t.save()
+    records.append(t.step())
+    after3 = whole(t)
+    evaluation = t.evaluate(prompts=["a red cat", "digit 7", "a blue dog"])  # 3 prompts: rank 1 idles once
+
+    resumed = Trainer(cfg, accelerator=acc)
+    assert resumed.resume() and resumed.global_step == 2
+    reloaded = whole(resumed)
+    resumed.step()
+    torch.save({"after2": after2, "after3": after3, "reloaded": reloaded, "resumed3": whole(resumed),
+                "records": [r["updates"] for r in records], "evaluation": evaluation,
+                "advantages": [b.advantages.cpu() for b in t.last_batches], "world": acc.num_processes},
+               f"{out}/rank{acc.process_index}.pt")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
