@@ -5,7 +5,8 @@ worker forces the distributed type after building the Accelerator; ``prepare`` t
 ``fully_shard`` over gloo exactly as it does over NCCL. argv: output_dir [--set ...].
 
 Saves per rank: the whole trained weights after 2 steps, after a 3rd step, and after resuming the step-2
-checkpoint in a fresh Trainer and running the 3rd step again; the per-timestep metrics of every update.
+checkpoint in a fresh Trainer and running the 3rd step again; the per-timestep metrics of every update; then a
+4th step whose loss is non-finite on rank 1 only.
 """
 import sys
 
@@ -34,7 +35,7 @@ def whole(trainer):
 
 def main():
     out = sys.argv[1]
-    cfg = config.load(sys.argv[2], [f"run.output_dir={out}", "run.num_steps=3", "run.progress=false",
+    cfg = config.load(sys.argv[2], [f"run.output_dir={out}", "run.num_steps=4", "run.progress=false",
                                     "run.cpu=true", "run.save_every=0", *sys.argv[3:]])
     acc = fsdp2_accelerator()
     t = Trainer(cfg, accelerator=acc)
@@ -50,7 +51,21 @@ def main():
     assert resumed.resume() and resumed.global_step == 2
     reloaded = whole(resumed)
     resumed.step()
-    torch.save({"after2": after2, "after3": after3, "reloaded": reloaded, "resumed3": whole(resumed),
+    resumed3 = whole(resumed)
+
+    # a non-finite loss on rank 1 only: both ranks must skip the step (the backward still runs: a collective)
+    import grpo_guard
+    real = grpo_guard.policy_loss
+
+    def nan_on_rank1(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        return (loss * float("nan") if acc.process_index == 1 else loss), stats
+
+    grpo_guard.policy_loss = nan_on_rank1
+    nan_record = resumed.step()["updates"][0]
+    grpo_guard.policy_loss = real
+    torch.save({"after2": after2, "after3": after3, "reloaded": reloaded, "resumed3": resumed3,
+                "nan_record": nan_record, "after_nan": whole(resumed),
                 "records": [r["updates"] for r in records], "evaluation": evaluation,
                 "advantages": [b.advantages.cpu() for b in t.last_batches], "world": acc.num_processes},
                f"{out}/rank{acc.process_index}.pt")

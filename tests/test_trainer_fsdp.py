@@ -75,3 +75,10 @@ def test_shipped_accelerate_config_names_real_block_classes():
     for name in cfg["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"].split(","):
         assert hasattr(transformer_flux, name), name
     assert hasattr(transformer_sd3, "JointTransformerBlock")  # what the comment says to wrap for SD3
+
+
+def test_non_finite_on_one_rank_skips_on_both(ranks):
+    for r in ranks:
+        assert r["nan_record"]["skipped"] == 1 and r["nan_record"]["nonfinite_losses"] > 0
+        for n, w in r["resumed3"].items():
+            assert torch.equal(r["after_nan"][n], w), n  # the skipped step changed nothing
