@@ -20,14 +20,27 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 HERE = Path(__file__).resolve().parent
 
 
+VARIANTS = {
+    "lora": [],
+    # full fine-tuning puts trained weights in accelerate's root FSDP group (kept unsharded after a forward) and
+    # evaluation swaps the EMA in and out of the sharded weights: both must leave training and checkpoints intact
+    "full-ema-eval": ["model.use_lora=false", "train.ema=true", "run.eval_every=1"],
+}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def variant(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
+def ranks(tmp_path_factory, variant):
     out = tmp_path_factory.mktemp("fsdp")
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1",
                PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(HERE / "_trainer_fsdp_worker.py"), str(out), str(CONFIGS / "tiny_sd3.yaml"),
-           "sample.batch_size=2", "sample.num_batches=2"]
+           "sample.batch_size=2", "sample.num_batches=2", *VARIANTS[variant]]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
@@ -41,8 +54,9 @@ def test_ranks_agree_and_weights_moved(ranks):
     assert any(not torch.equal(ranks[0]["after3"][n], ranks[0]["after2"][n]) for n in ranks[0]["after2"])
 
 
-def test_matches_one_process(ranks, tmp_path):
-    single = Trainer(tiny("sd3", tmp_path, "sample.batch_size=2", "sample.num_batches=4", "run.save_every=0"))
+def test_matches_one_process(ranks, variant, tmp_path):
+    single = Trainer(tiny("sd3", tmp_path, "sample.batch_size=2", "sample.num_batches=4", "run.save_every=0",
+                          *VARIANTS[variant]))
     single.step()
     single.step()
     for n, p in single.named_params.items():
@@ -82,3 +96,28 @@ def test_non_finite_on_one_rank_skips_on_both(ranks):
         assert r["nan_record"]["skipped"] == 1 and r["nan_record"]["nonfinite_losses"] > 0
         for n, w in r["resumed3"].items():
             assert torch.equal(r["after_nan"][n], w), n  # the skipped step changed nothing
+
+
+def test_checkpoint_without_fsdp_loads_into_fsdp2_by_name():
+    from grpo_guard.trainer.sharding import name_keyed
+
+    saved = {"state": {0: {"step": torch.tensor(2.0)}, 1: {"step": torch.tensor(2.0)}},
+             "param_groups": [{"lr": 1e-3, "params": [0, 1]}]}
+    named = name_keyed(saved, ["a.lora_A", "a.lora_B"])
+    assert set(named["state"]) == {"a.lora_A", "a.lora_B"} and named["param_groups"][0]["params"] == ["a.lora_A",
+                                                                                                    "a.lora_B"]
+    assert named["param_groups"][0]["lr"] == 1e-3 and name_keyed(named, ["x", "y"]) is named
+
+
+def test_fsdp2_reduces_gradients_in_float32():
+    from types import SimpleNamespace
+
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from grpo_guard.trainer.sharding import full_precision_gradient_reduction
+
+    plugin = SimpleNamespace(mixed_precision_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                                         reduce_dtype=torch.bfloat16))
+    full_precision_gradient_reduction(SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)))
+    assert plugin.mixed_precision_policy.reduce_dtype == torch.float32
+    assert plugin.mixed_precision_policy.param_dtype == torch.bfloat16

@@ -7,7 +7,8 @@
 - ``state.json``           step, counters, config -- written last; its presence marks a complete checkpoint
 
 Under FSDP2 (``model`` given) the weights, the EMA and the optimizer state are gathered into whole tensors
-first (collectives), so a checkpoint has the same files and layout whatever the number of processes wrote it.
+first (collectives), so a checkpoint has the same files whatever wrote it; the optimizer state is keyed by
+parameter index without FSDP2 and by name with it, and either loads into either.
 
 Written atomically: everything goes to a hidden temporary directory that is renamed into place only when
 complete, so a run killed mid-write leaves no directory that looks like a checkpoint. ``latest`` finds the
@@ -73,6 +74,7 @@ def save(root: str, step: int, accelerator, named_params: Dict[str, torch.Tensor
     accelerator.wait_for_everyone()
     torch.save(rng_state(), os.path.join(tmp, f"rng-{accelerator.process_index}.pt"))
     sharded = model is not None
+    sharding.reshard(model)  # named_parameters must be the sharded ones the optimizer holds
     weights = {n: sharding.full(t.detach()).contiguous().cpu() for n, t in named_params.items()}
     ema = None if ema_shadow is None else \
         {n: sharding.full(s).contiguous().cpu() for n, s in zip(named_params, ema_shadow)}
@@ -144,6 +146,7 @@ def load(path: str, accelerator, named_params: Dict[str, torch.nn.Parameter], op
     if missing or extra or shapes:
         raise RuntimeError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {extra[:3]}, "
                            f"other shape {shapes[:3]}; was it written with another model / LoRA config?)")
+    sharding.reshard(model)
     with torch.no_grad():
         for n, p in named_params.items():
             p.copy_(sharding.sharded_like(weights[n], p))
@@ -155,6 +158,8 @@ def load(path: str, accelerator, named_params: Dict[str, torch.nn.Parameter], op
     device = sharding.local(next(iter(named_params.values()))).device
     optim_state = {} if sharded and not accelerator.is_main_process else \
         torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu" if sharded else device, weights_only=False)
+    if sharded and optim_state:  # a checkpoint written without FSDP2 keys the state by index
+        optim_state = sharding.name_keyed(optim_state, named_params)
     sharding.load_optimizer_state(model, optimizer, optim_state, sharded)
     lr_scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
     set_rng_state(torch.load(os.path.join(path, f"rng-{accelerator.process_index}.pt"), weights_only=False))

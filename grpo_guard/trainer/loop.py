@@ -127,6 +127,8 @@ class Trainer:
                                       weight_decay=t.weight_decay, eps=t.adam_eps)
         warm = t.warmup_steps
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        if sharding.is_fsdp2(self.acc):
+            sharding.full_precision_gradient_reduction(self.acc)
         self.model, self.optimizer = self.acc.prepare(transformer, optimizer)
         self.lr_scheduler = lr_scheduler  # stepped once per optimizer step by the Updater (not prepared)
         self.sharded = sharding.is_fsdp2(self.acc)
@@ -249,6 +251,8 @@ class Trainer:
         prompts = list(prompts or cfg.data.eval_prompts or self.prompts[:cfg.sample.batch_size])
         r, w = self.acc.process_index, self.acc.num_processes
         idx = list(range(len(prompts)))[r::w]
+        model = self.model if self.sharded else None
+        sharding.reshard(model)  # the EMA swap below writes the sharded parameters
         ema = self.ema.applied(self.params) if (use_ema and self.ema is not None) else contextlib.nullcontext()
         sums = torch.zeros(len(self.proxy) + len(self.gold) + 2, dtype=torch.float64, device=self.adapter.device)
         bs = cfg.sample.batch_size
@@ -266,6 +270,7 @@ class Trainer:
                 proxy = rw.weighted_sum(vals, self.proxy)
                 cols = [vals[q.name] for q in self.proxy + self.gold] + [proxy, torch.ones_like(proxy)]
                 sums += weight * torch.stack([c.double().sum() for c in cols])
+            sharding.reshard(model)  # drop the gathered (EMA) copies before the EMA context restores the weights
         sums = self.acc.reduce(sums, reduction="sum") if w > 1 else sums
         names = [q.name if q in self.proxy else f"gold/{q.name}" for q in self.proxy + self.gold] + ["proxy"]
         return {f"eval/{n}_mean": float(sums[j] / sums[-1]) for j, n in enumerate(names)}

@@ -49,6 +49,46 @@ def sharded_like(value: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def reshard(model) -> None:
+    """Free the gathered copies FSDP2 keeps after a forward of groups that do not reshard after forward (accelerate
+    keeps the root unsharded): after that, ``named_parameters`` are the sharded DTensors again and the next forward
+    gathers them anew. Call after no-grad forwards (evaluation) and before touching the sharded parameters
+    (EMA swap, checkpoints). No-op without FSDP2."""
+    if model is None:
+        return
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def full_precision_gradient_reduction(accelerator) -> None:
+    """Under FSDP2 with bf16/fp16 mixed precision, accelerate's policy reduce-scatters gradients in that dtype at
+    every backward; the DDP-style path averages float32 gradients once. Make FSDP2 reduce in float32 too (the
+    compute dtype stays). Call before ``prepare``."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    policy = getattr(plugin, "mixed_precision_policy", None)
+    if policy is not None and getattr(policy, "reduce_dtype", None) not in (None, torch.float32):
+        import dataclasses
+
+        plugin.mixed_precision_policy = dataclasses.replace(policy, reduce_dtype=torch.float32)
+
+
+def name_keyed(optim_state: Dict, names) -> Dict:
+    """An optimizer state dict keyed by parameter index (``Optimizer.state_dict()``, what a single-process or
+    DDP-style run saves) keyed by parameter name instead (what :func:`optimizer_state` gives under FSDP2).
+    ``names``: the trained parameters' names in the optimizer's order. Name-keyed input is returned as is."""
+    groups = optim_state.get("param_groups", [])
+    if not groups or all(isinstance(i, str) for g in groups for i in g["params"]):
+        return optim_state
+    names = list(names)
+    return {"state": {names[i]: v for i, v in optim_state["state"].items()},
+            "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in groups]}
+
+
 def _torch_optimizer(optimizer):
     return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
 

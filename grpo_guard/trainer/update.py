@@ -158,7 +158,11 @@ class Updater:
                 stats[k, 6] = self._timestep_grad_norm(prev)
         if self.manual_sync:
             self._sync_grads()
-        grad_norm = self.acc.clip_grad_norm_(self.params, t.max_grad_norm)
+        if self.fsdp:  # torch's clip handles DTensor gradients (accelerate 1.15's FSDP branch compares parameter
+            # lists with ==, which raises for equal-length lists of tensors: full fine-tuning, or a second model)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm)
+        else:
+            grad_norm = self.acc.clip_grad_norm_(self.params, t.max_grad_norm)
         grad_norm = torch.as_tensor(sharding.full(grad_norm), device=self.adapter.device).float()
         flags = torch.stack([nonfinite, (~torch.isfinite(grad_norm)).float()])
         flags = self.acc.reduce(flags, reduction="sum") if self.multi else flags
