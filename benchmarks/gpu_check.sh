@@ -45,7 +45,7 @@ BUILD=$!
 OPS_TESTS="tests/test_sde_step.py tests/test_policy_loss.py tests/test_triton_kernels.py tests/test_dispatch.py
   tests/test_validation.py tests/test_kl_to_reference.py tests/test_group_advantages.py tests/test_compat_flow_grpo.py"
 step "op tests on the GPU: triton and torch backends"
-timeout "$(cap 240)" python3 -m pytest -q -n 8 -p no:cacheprovider --timeout 120 -rfE $OPS_TESTS -k "not cuda-cuda" \
+timeout "$(cap 240)" python3 -m pytest -q -n 8 -p no:cacheprovider --timeout 120 -rfEs $OPS_TESTS -k "not cuda-cuda" \
   > "$OUT/tests.log" 2>&1
 echo "pytest exit status $?"; tail -5 "$OUT/tests.log"
 
@@ -53,7 +53,7 @@ step "wait for the CUDA extension"
 wait $BUILD
 tail -3 "$OUT/build_ext.log"
 step "op tests on the GPU: cuda backend"
-timeout "$(cap 150)" python3 -m pytest -q -n 8 -p no:cacheprovider --timeout 120 -rfE tests/test_cuda_backend.py \
+timeout "$(cap 150)" python3 -m pytest -q -n 8 -p no:cacheprovider --timeout 120 -rfEs tests/test_cuda_backend.py \
   $OPS_TESTS -k "cuda-cuda or test_cuda_backend" >> "$OUT/tests.log" 2>&1
 echo "pytest exit status $?"; tail -5 "$OUT/tests.log"
 
