@@ -127,11 +127,11 @@ class Trainer:
                                       weight_decay=t.weight_decay, eps=t.adam_eps)
         warm = t.warmup_steps
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-        if sharding.is_fsdp2(self.acc):
+        self.sharded = sharding.is_fsdp2(self.acc)
+        if self.sharded:
             sharding.full_precision_gradient_reduction(self.acc)
         self.model, self.optimizer = self.acc.prepare(transformer, optimizer)
         self.lr_scheduler = lr_scheduler  # stepped once per optimizer step by the Updater (not prepared)
-        self.sharded = sharding.is_fsdp2(self.acc)
         if self.sharded:  # FSDP2 shards in place: the trained parameters are now DTensors, the names unchanged
             sharded = {n: p for n, p in self.acc.unwrap_model(self.model).named_parameters() if p.requires_grad}
             if list(sharded) != list(named):
@@ -257,7 +257,8 @@ class Trainer:
         sums = torch.zeros(len(self.proxy) + len(self.gold) + 2, dtype=torch.float64, device=self.adapter.device)
         bs = cfg.sample.batch_size
         # under FSDP2 every forward is a collective: every process runs as many batches as the busiest one
-        n_batches = -(-len(list(range(len(prompts)))[0::w]) // bs) if self.sharded else -(-len(idx) // bs)
+        busiest = -(-len(prompts) // w)  # prompts of process 0
+        n_batches = -(-(busiest if self.sharded else len(idx)) // bs)
         with ema:
             for i in range(0, n_batches * bs, bs):
                 chunk, weight = idx[i:i + bs], 1.0
