@@ -41,12 +41,7 @@ def configurations():
         grid.append((block, warps, default[2], default[3]))
     for min_programs, max_iters in ((32, 8), (128, 2), (256, 1), (16, 16)):
         grid.append((default[0], default[1], min_programs, max_iters))
-    seen, out = set(), []
-    for c in grid:
-        if c not in seen:
-            seen.add(c)
-            out.append(c)
-    return out
+    return list(dict.fromkeys(grid))  # without repeats, in order
 
 
 def on_policy_exact(case) -> bool:
@@ -102,9 +97,12 @@ def main(argv=None) -> int:
               "  ".join(f"{t:>{len(c)}.1f}" for t, c in zip(times, cols)), flush=True)
     if results:
         base = results[0][2]
-        best = min(results, key=lambda r: sum(t / b for t, b in zip(r[2], base)))
+
+        def relative(r):
+            return sum(t / b for t, b in zip(r[2], base)) / len(base)
+        best = min(results, key=relative)
         print(f"\nbest by mean relative time: {dict(zip(KNOBS, best[0]))} exact={best[1]} "
-              f"({sum(t / b for t, b in zip(best[2], base)) / len(base):.3f} of the default)")
+              f"({relative(best):.3f} of the default)")
     return 0
 
 

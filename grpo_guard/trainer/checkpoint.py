@@ -75,10 +75,12 @@ def save(root: str, step: int, accelerator, named_params: Dict[str, torch.Tensor
     torch.save(rng_state(), os.path.join(tmp, f"rng-{accelerator.process_index}.pt"))
     sharded = model is not None
     sharding.reshard(model)  # named_parameters must be the sharded ones the optimizer holds
-    weights = {n: sharding.full(t.detach()).contiguous().cpu() for n, t in named_params.items()}
-    ema = None if ema_shadow is None else \
-        {n: sharding.full(s).contiguous().cpu() for n, s in zip(named_params, ema_shadow)}
-    optim_state = sharding.optimizer_state(model, optimizer, sharded)
+    weights = ema = optim_state = None
+    if main or sharded:  # gathering shards is collective; unsharded, only the writer needs CPU copies
+        weights = {n: sharding.full(t.detach()).contiguous().cpu() for n, t in named_params.items()}
+        ema = None if ema_shadow is None else \
+            {n: sharding.full(s).contiguous().cpu() for n, s in zip(named_params, ema_shadow)}
+        optim_state = sharding.optimizer_state(model, optimizer, sharded)
     if main:
         save_file(weights, os.path.join(tmp, "weights.safetensors"))
         if ema is not None:
