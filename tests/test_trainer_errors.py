@@ -31,6 +31,12 @@ def test_bad_config_is_an_error(override, match, tmp_path):
         tiny("sd3", tmp_path, override)
 
 
+def test_unquoted_yaml_no_means_no_mixed_precision(tmp_path):
+    assert tiny("sd3", tmp_path, "run.mixed_precision=no").run.mixed_precision == "no"  # YAML 1.1: `no` is false
+    with pytest.raises(ConfigError, match=r"run\.mixed_precision: expected a string, got bool True"):
+        tiny("sd3", tmp_path, "run.mixed_precision=yes")
+
+
 def test_groups_must_fill_the_step(tmp_path):
     with pytest.raises(ConfigError, match=r"4 \* 2 \* 1 = 8 must be a multiple of sample\.group_size \(3\)"):
         Trainer(tiny("sd3", tmp_path, "sample.group_size=3"))

@@ -39,7 +39,7 @@ def ranks(tmp_path_factory, variant):
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1",
                PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(HERE / "_trainer_fsdp_worker.py"), str(out), str(CONFIGS / "tiny_sd3.yaml"),
+           str(HERE / "_trainer_sharded_worker.py"), "fsdp2", str(out), str(CONFIGS / "tiny_sd3.yaml"),
            "sample.batch_size=2", "sample.num_batches=2", *VARIANTS[variant]]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

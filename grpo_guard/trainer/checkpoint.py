@@ -8,7 +8,9 @@
 
 Under FSDP2 (``model`` given) the weights, the EMA and the optimizer state are gathered into whole tensors
 first (collectives), so a checkpoint has the same files whatever wrote it; the optimizer state is keyed by
-parameter index without FSDP2 and by name with it, and either loads into either.
+parameter index without FSDP2 and by name with it, and either loads into either. Under DeepSpeed ZeRO-1/2
+(``engine`` given) the weights are the gathered float32 masters and ``optimizer.pt`` is replaced by DeepSpeed's
+own checkpoint in ``deepspeed/`` (one optimizer partition per process), which only DeepSpeed loads.
 
 Written atomically: everything goes to a hidden temporary directory that is renamed into place only when
 complete, so a run killed mid-write leaves no directory that looks like a checkpoint. ``latest`` finds the
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import sharding
+from . import sharding, zero
 
 PATTERN = re.compile(r"^step-(\d{8})$")
 
@@ -61,9 +63,11 @@ def set_rng_state(state: Dict) -> None:
 
 
 def save(root: str, step: int, accelerator, named_params: Dict[str, torch.Tensor], optimizer, lr_scheduler,
-         state: Dict, ema_shadow: Optional[Sequence[torch.Tensor]] = None, keep_last: int = 0, model=None) -> str:
+         state: Dict, ema_shadow: Optional[Sequence[torch.Tensor]] = None, keep_last: int = 0, model=None,
+         engine=None) -> str:
     """Write checkpoint ``step`` under ``root`` (collective: call on every process). Returns its path.
-    ``model``: the FSDP2-sharded module, when the parameters are sharded (None otherwise)."""
+    ``model``: the FSDP2-sharded module, when the parameters are sharded; ``engine``: the DeepSpeed engine
+    (None otherwise)."""
     final = os.path.join(root, f"step-{step:08d}")
     tmp = os.path.join(root, f".tmp-step-{step:08d}")
     main = accelerator.is_main_process
@@ -76,16 +80,21 @@ def save(root: str, step: int, accelerator, named_params: Dict[str, torch.Tensor
     sharded = model is not None
     sharding.reshard(model)  # named_parameters must be the sharded ones the optimizer holds
     weights = ema = optim_state = None
+    if engine is not None:  # masters gathered from the ZeRO partitions (collective); optimizer state per process
+        weights = dict(zip(named_params, (w.contiguous().cpu() for w in zero.full_params(named_params.values()))))
+        zero.save(engine, tmp)
     if main or sharded:  # gathering shards is collective; unsharded, only the writer needs CPU copies
-        weights = {n: sharding.full(t.detach()).contiguous().cpu() for n, t in named_params.items()}
+        if weights is None:
+            weights = {n: sharding.full(t.detach()).contiguous().cpu() for n, t in named_params.items()}
         ema = None if ema_shadow is None else \
             {n: sharding.full(s).contiguous().cpu() for n, s in zip(named_params, ema_shadow)}
-        optim_state = sharding.optimizer_state(model, optimizer, sharded)
+        optim_state = None if engine is not None else sharding.optimizer_state(model, optimizer, sharded)
     if main:
         save_file(weights, os.path.join(tmp, "weights.safetensors"))
         if ema is not None:
             save_file(ema, os.path.join(tmp, "ema.safetensors"))
-        torch.save(optim_state, os.path.join(tmp, "optimizer.pt"))
+        if optim_state is not None:
+            torch.save(optim_state, os.path.join(tmp, "optimizer.pt"))
         torch.save(lr_scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
     accelerator.wait_for_everyone()
     if main:
@@ -93,10 +102,11 @@ def save(root: str, step: int, accelerator, named_params: Dict[str, torch.Tensor
             json.dump(dict(state, step=step, num_processes=accelerator.num_processes), f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        for name in os.listdir(tmp):
-            with open(os.path.join(tmp, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        for parent, dirs, files in os.walk(tmp, topdown=False):  # (deepspeed/ is a sub-directory)
+            for name in files:
+                with open(os.path.join(parent, name), "rb") as f:
+                    os.fsync(f.fileno())
+            _fsync_dir(parent)
         stale = None
         if os.path.exists(final):  # saving a step again (after a resume): move the old one aside, never delete first
             stale = final + ".replaced"
@@ -133,9 +143,10 @@ def latest(root: str) -> Optional[str]:
 
 
 def load(path: str, accelerator, named_params: Dict[str, torch.nn.Parameter], optimizer, lr_scheduler,
-         ema_shadow: Optional[Sequence[torch.Tensor]] = None, model=None) -> Dict:
+         ema_shadow: Optional[Sequence[torch.Tensor]] = None, model=None, engine=None) -> Dict:
     """Restore a checkpoint written by :func:`save` into the given objects; returns its ``state.json``.
-    ``model``: the FSDP2-sharded module, when the parameters are sharded (collective then)."""
+    ``model``: the FSDP2-sharded module, when the parameters are sharded; ``engine``: the DeepSpeed engine
+    (collective in both cases)."""
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
     if state.get("num_processes") != accelerator.num_processes:
@@ -148,9 +159,14 @@ def load(path: str, accelerator, named_params: Dict[str, torch.nn.Parameter], op
     if missing or extra or shapes:
         raise RuntimeError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {extra[:3]}, "
                            f"other shape {shapes[:3]}; was it written with another model / LoRA config?)")
+    if engine is None and not os.path.isfile(os.path.join(path, "optimizer.pt")):
+        raise RuntimeError(f"{path} was written under DeepSpeed (its optimizer state is in {zero.TAG}/, one "
+                           "partition per process): resume it under DeepSpeed with the same number of processes")
+    if engine is not None:  # weights (masters and the module's copies) and the optimizer partitions
+        zero.load(engine, path)
     sharding.reshard(model)
     with torch.no_grad():
-        for n, p in named_params.items():
+        for n, p in named_params.items() if engine is None else ():
             p.copy_(sharding.sharded_like(weights[n], p))
         if ema_shadow is not None:
             ema = load_file(os.path.join(path, "ema.safetensors"))
@@ -158,11 +174,12 @@ def load(path: str, accelerator, named_params: Dict[str, torch.nn.Parameter], op
                 s.copy_(sharding.sharded_like(ema[n], s))
     sharded = model is not None
     device = sharding.local(next(iter(named_params.values()))).device
-    optim_state = {} if sharded and not accelerator.is_main_process else \
-        torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu" if sharded else device, weights_only=False)
-    if sharded and optim_state:  # a checkpoint written without FSDP2 keys the state by index
-        optim_state = sharding.name_keyed(optim_state, named_params)
-    sharding.load_optimizer_state(model, optimizer, optim_state, sharded)
+    if engine is None:
+        optim_state = {} if sharded and not accelerator.is_main_process else torch.load(
+            os.path.join(path, "optimizer.pt"), map_location="cpu" if sharded else device, weights_only=False)
+        if sharded and optim_state:  # a checkpoint written without FSDP2 keys the state by index
+            optim_state = sharding.name_keyed(optim_state, named_params)
+        sharding.load_optimizer_state(model, optimizer, optim_state, sharded)
     lr_scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
     set_rng_state(torch.load(os.path.join(path, f"rng-{accelerator.process_index}.pt"), weights_only=False))
     return state

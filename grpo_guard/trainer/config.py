@@ -18,6 +18,10 @@ class ConfigError(ValueError):
     """A config that cannot be trained: unknown key, wrong type, or inconsistent values."""
 
 
+class UnsupportedDistributedError(ConfigError, NotImplementedError):
+    """The accelerate launch config asks for a distributed mode (or option) this trainer does not implement."""
+
+
 @dataclass
 class LoraConfig:
     rank: int = 32                      # flow_grpo SD3: r=32, alpha=64, gaussian init
@@ -172,6 +176,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a number, got {type(value).__name__} {value!r}")
         return float(value)
     if tp is str:
+        if value is False and "no" in CHOICES.get(path, ()):  # YAML 1.1 reads an unquoted `no` as false
+            return "no"
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {type(value).__name__} {value!r}")
         return value

@@ -20,7 +20,7 @@ import torch
 import grpo_guard as gg
 
 from ..models import FlowAdapter, build_adapter
-from . import checkpoint, rewards as rw, sharding
+from . import checkpoint, rewards as rw, sharding, zero
 from .config import Config, ConfigError, validate
 from .metrics import MetricsLogger
 from .rollout import RolloutBatch, generate, plan_step, sample_batch
@@ -60,8 +60,13 @@ def make_accelerator(cfg: Config):
     from accelerate.utils import DistributedDataParallelKwargs
 
     cpu = cfg.run.cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    kwargs = DistributedDataParallelKwargs(find_unused_parameters=cfg.train.find_unused_parameters)
-    return Accelerator(cpu=cpu, mixed_precision=cfg.run.mixed_precision, kwargs_handlers=[kwargs])
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=cfg.train.find_unused_parameters)]
+    if zero.requested():  # accelerate ignores DeepSpeed when cpu=True; DeepSpeed picks the device itself
+        cpu = False
+        if not torch.cuda.is_available():  # DeepSpeed's CPU accelerator: accelerate must be told gloo
+            from accelerate.utils import InitProcessGroupKwargs
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    return Accelerator(cpu=cpu, mixed_precision=cfg.run.mixed_precision, kwargs_handlers=handlers)
 
 
 def add_lora(adapter: FlowAdapter, cfg: Config) -> None:
@@ -85,8 +90,11 @@ class Trainer:
                  accelerator=None):
         self.cfg = cfg
         self.acc = accelerator or make_accelerator(cfg)
-        check_distributed(self.acc)  # before any model is built or prepared (DeepSpeed's prepare fails first)
+        check_distributed(self.acc)  # before any model is built or prepared
         validate(cfg, world_size=self.acc.num_processes)
+        self.deepspeed = zero.is_deepspeed(self.acc)
+        if self.deepspeed:
+            zero.configure(self.acc, cfg)
         torch.manual_seed(cfg.run.seed)
         self.adapter = adapter or build_adapter(cfg.model, seed=cfg.run.seed)
         self.adapter.to(self.acc.device)
@@ -138,6 +146,10 @@ class Trainer:
                 raise RuntimeError("FSDP2 changed the trained parameters' names: "
                                    f"{sorted(set(named) ^ set(sharded))[:4]}")
             self.named_params, self.params = sharded, list(sharded.values())
+        if self.deepspeed:  # ZeRO-1/2 keep the module's Parameter objects (their data now in flat buffers)
+            trained = [q for q in self.model.module.parameters() if q.requires_grad]
+            if len(trained) != len(self.params) or any(p is not q for p, q in zip(self.params, trained)):
+                raise RuntimeError("DeepSpeed replaced the trained parameters")
         self.ema = EMA(self.params, t.ema_decay) if t.ema else None
         if t.beta_kl > 0 and cfg.model.use_lora:
             reference, ref_model = self._lora_disabled, transformer
@@ -172,7 +184,7 @@ class Trainer:
             meta = [dict(self.metadata[s.prompt_index]) for s in mb]
             batch, final = sample_batch(self.adapter, self.adapter.transformer, prompts, self.cfg, self.global_step,
                                         [s.sample_id for s in mb], [s.group_id for s in mb], meta,
-                                        autocast=self.acc.autocast)
+                                        autocast=self.updater.autocast)
             images = self.adapter.decode(final)
             batch.rewards = rw.evaluate(self.proxy + self.gold, images, prompts, meta)
             batch.proxy_reward = rw.weighted_sum(batch.rewards, self.proxy)
@@ -266,7 +278,7 @@ class Trainer:
                     chunk, weight = [0], 0.0
                 ps = [prompts[k] for k in chunk]
                 x = generate(self.adapter, self.adapter.transformer, ps, cfg, chunk, cfg.run.eval_num_steps or None,
-                             autocast=self.acc.autocast)
+                             autocast=self.updater.autocast)
                 vals = rw.evaluate(self.proxy + self.gold, self.adapter.decode(x), ps, [{} for _ in ps])
                 proxy = rw.weighted_sum(vals, self.proxy)
                 cols = [vals[q.name] for q in self.proxy + self.gold] + [proxy, torch.ones_like(proxy)]
@@ -286,7 +298,8 @@ class Trainer:
                  "config": self.cfg.to_dict()}
         return checkpoint.save(self.checkpoint_dir, self.global_step, self.acc, self.named_params, self.optimizer,
                                self.lr_scheduler, state, self.ema.shadow if self.ema else None, self.cfg.run.keep_last,
-                               model=self.model if self.sharded else None)
+                               model=self.model if self.sharded else None,
+                               engine=self.model if self.deepspeed else None)
 
     def export_lora(self, directory: str) -> str:
         """Write the trained LoRA in diffusers' format (``pipe.load_lora_weights(directory)`` loads it);
@@ -309,7 +322,8 @@ class Trainer:
         if path is None:
             return False
         state = checkpoint.load(path, self.acc, self.named_params, self.optimizer, self.lr_scheduler,
-                                self.ema.shadow if self.ema else None, model=self.model if self.sharded else None)
+                                self.ema.shadow if self.ema else None, model=self.model if self.sharded else None,
+                                engine=self.model if self.deepspeed else None)
         self.global_step = state["step"]
         self.skipped_total, self.nonfinite_in_a_row = state["skipped_total"], state["nonfinite_in_a_row"]
         self.logger.truncate_after(self.global_step)

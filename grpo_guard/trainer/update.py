@@ -8,21 +8,23 @@ that of the mean loss (SPEC §4). Under DDP every backward runs without synchron
 gradients are averaged once (``accelerator.reduce``) before clipping, which also lets each timestep's own
 gradient norm (the paper's gradient-balance diagnosis) be measured before the average. Under FSDP2 every backward
 reduce-scatters the gradients into shards (as FSDP does), and each timestep's gradient norm is that of the
-averaged gradient, summed over the shards.
+averaged gradient, summed over the shards. Under DeepSpeed ZeRO-1/2 the engine reduces, clips and steps
+(:mod:`.zero`); each timestep's norm is that of this process's gradient, as under DDP.
 
 A non-finite loss or gradient norm on any process skips the optimizer step on all of them.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Dict, List, Sequence
 
 import torch
 
 import grpo_guard as gg
 
-from . import sharding
-from .config import Config, ConfigError
+from . import sharding, zero
+from .config import Config, UnsupportedDistributedError  # noqa: F401 (re-exported)
 from .rollout import RolloutBatch
 
 STAT_KEYS = ("loss", "ratio_mean", "ratio_std", "clipfrac", "approx_kl", "kl", "grad_norm")
@@ -38,31 +40,26 @@ def kl_to_reference(v: torch.Tensor, v_ref: torch.Tensor, x: torch.Tensor, x_nex
     return gg.kl_to_reference(cur.prev_sample_mean, ref.prev_sample_mean.detach(), cur.std_dev_t)
 
 
-class UnsupportedDistributedError(ConfigError, NotImplementedError):
-    """The accelerate launch config asks for a distributed mode this trainer does not implement."""
-
-
 _WHY = {
     "FSDP": "FSDP1 wraps the transformer in a module that the rollout and the LoRA on/off switch of the KL "
             "reference would have to go through; FSDP2 is supported: set fsdp_version: 2 in the accelerate config",
-    "DEEPSPEED": "DeepSpeed's engine owns gradient accumulation, clipping and the optimizer step and keeps ZeRO "
-                 "gradients in its own partitioned buffers, while this trainer accumulates over timesteps and "
-                 "micro-batches itself, measures each timestep's gradient norm and skips non-finite steps",
 }
 
 
 def check_distributed(accelerator) -> None:
     """Refuse accelerate modes other than single process, DDP-style multi-process (MULTI_GPU / MULTI_CPU /
-    other MULTI_* devices) and FSDP2, with what is supported and what to use instead."""
+    other MULTI_* devices), FSDP2 and DeepSpeed (whose stage and options :func:`zero.configure` checks), with
+    what is supported and what to use instead."""
     kind = getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type))
-    if kind == "NO" or kind.startswith("MULTI_") or sharding.is_fsdp2(accelerator):
+    if kind == "NO" or kind.startswith("MULTI_") or sharding.is_fsdp2(accelerator) or zero.is_deepspeed(accelerator):
         return
     why = _WHY.get(kind, "the trainer synchronizes gradients itself, as DDP does")
     raise UnsupportedDistributedError(
         f"accelerate distributed type {kind} is not supported: {why}. Supported: one process, DDP-style "
         "multi-process (`accelerate launch --multi_gpu --num_processes N -m grpo_guard.train CONFIG` with a config "
         "without deepspeed_config / fsdp_config, or torchrun), and FSDP2 (an accelerate config with "
-        "distributed_type: FSDP and fsdp_config.fsdp_version: 2); see configs/README.md, Distributed")
+        "distributed_type: FSDP and fsdp_config.fsdp_version: 2) and DeepSpeed ZeRO stage 1 or 2; see "
+        "configs/README.md, Distributed")
 
 
 class Updater:
@@ -78,7 +75,9 @@ class Updater:
         check_distributed(accelerator)
         self.multi = accelerator.num_processes > 1
         self.fsdp = sharding.is_fsdp2(accelerator)  # backward reduce-scatters: no manual averaging, no no_sync
-        self.manual_sync = self.multi and not self.fsdp
+        self.ds = zero.is_deepspeed(accelerator)  # the engine reduces, clips and steps
+        self.manual_sync = self.multi and not self.fsdp and not self.ds
+        self.autocast = zero.autocast(accelerator)
 
     BUCKET = 1 << 25  # elements per all-reduce (128 MiB of float32)
 
@@ -123,16 +122,19 @@ class Updater:
         scale = 1.0 / (K * len(batches))
         stats = torch.zeros(K, len(STAT_KEYS), dtype=torch.float64, device=self.adapter.device)
         nonfinite = torch.zeros((), device=self.adapter.device)
-        prev = ([torch.zeros_like(sharding.local(p), dtype=torch.float32) for p in self.params]
-                if t.timestep_grad_norms else None)
+        prev = hooks = None
+        if t.timestep_grad_norms and self.ds:
+            hooks = zero.LocalGradientNorm(self.params)  # p.grad is empty under ZeRO-2
+        elif t.timestep_grad_norms:
+            prev = [torch.zeros_like(sharding.local(p), dtype=torch.float32) for p in self.params]
         sync_ctx = (lambda: self.acc.no_sync(self.model)) if self.manual_sync else contextlib.nullcontext
         for k in range(K):
-            for b in batches:
+            for i, b in enumerate(batches):
                 # contiguous like the rollout's latents: a strided bf16 input rounds differently in a Linear
                 x, x_next = b.latents[:, k].contiguous(), b.latents[:, k + 1].contiguous()
                 sig, nxt = b.sigmas[k], b.sigmas[k + 1]
                 with sync_ctx():
-                    with self.acc.autocast():
+                    with self.autocast():
                         v = self.adapter.velocity(self.model, x, sig, b.cond, cfg.sample.guidance_scale, cfg=t.cfg)
                     loss, st = gg.policy_loss(
                         v, x, x_next, sig, nxt, b.advantages, old_model_output=b.old_velocity[:, k],
@@ -140,15 +142,17 @@ class Updater:
                         clip_range=t.clip_range, adv_clip_max=t.adv_clip_max, guard_weight=t.guard_weight)
                     kl = torch.zeros((), device=loss.device)
                     if t.beta_kl > 0:
-                        with torch.no_grad(), self.reference(), self.acc.autocast():
+                        with torch.no_grad(), self.reference(), self.autocast():
                             v_ref = self.adapter.velocity(self.ref_model, x, sig, b.cond, cfg.sample.guidance_scale,
                                                           cfg=t.cfg)
                         kl = kl_to_reference(v, v_ref, x, x_next, sig, nxt, cfg).mean()
                     total = loss + t.beta_kl * kl
                     finite = bool(torch.isfinite(total))
-                    if not finite:
-                        nonfinite += 1  # the step will be skipped; under FSDP2 the backward (a collective) still runs
-                    if finite or self.fsdp:
+                    if not finite:  # the step will be skipped; under FSDP2 / DeepSpeed the backward (a
+                        nonfinite += 1  # collective) still runs
+                    if self.ds:
+                        zero.backward(self.model, total * scale, last=(k == K - 1 and i == len(batches) - 1))
+                    elif finite or self.fsdp:
                         self.acc.backward(total * scale)
                     if not finite:
                         continue
@@ -156,6 +160,17 @@ class Updater:
                 stats[k, :6] += torch.stack([r.detach().double() for r in row]) / len(batches)
             if prev is not None:  # this timestep's own gradient (DDP-style: local, before averaging)
                 stats[k, 6] = self._timestep_grad_norm(prev)
+            elif hooks is not None:
+                stats[k, 6] = hooks.pop()
+        if hooks is not None:
+            hooks.remove()
+        skipped, grad_norm, nonfinite = (self._deepspeed_step if self.ds else self._optimizer_step)(nonfinite)
+        return self._metrics(stats, batches, skipped, grad_norm, nonfinite)
+
+    def _optimizer_step(self, nonfinite: torch.Tensor):
+        """Average (DDP-style), clip, and step unless some process saw a non-finite loss or gradient norm.
+        Returns (skipped, gradient norm before clipping, non-finite losses on all processes)."""
+        t = self.cfg.train
         if self.manual_sync:
             self._sync_grads()
         if self.fsdp:  # torch's clip handles DTensor gradients (accelerate 1.15's FSDP branch compares parameter
@@ -163,8 +178,8 @@ class Updater:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm)
         else:
             grad_norm = self.acc.clip_grad_norm_(self.params, t.max_grad_norm)
-        grad_norm = torch.as_tensor(sharding.full(grad_norm), device=self.adapter.device).float()
-        flags = torch.stack([nonfinite, (~torch.isfinite(grad_norm)).float()])
+        grad_norm = float(sharding.full(grad_norm))
+        flags = torch.tensor([float(nonfinite), float(not math.isfinite(grad_norm))], device=self.adapter.device)
         flags = self.acc.reduce(flags, reduction="sum") if self.multi else flags
         skipped = bool(flags.sum() > 0)
         if not skipped:
@@ -173,6 +188,25 @@ class Updater:
             if self.ema is not None:
                 self.ema.update(self.params)
         self.optimizer.zero_grad(set_to_none=True)
+        return skipped, grad_norm, int(flags[0])
+
+    def _deepspeed_step(self, nonfinite: torch.Tensor):
+        """The engine's step (it skips on non-finite gradients, on every process); then the LR schedule and the
+        EMA (of the float32 master weights) when it was applied. Same return as :meth:`_optimizer_step`."""
+        applied, grad_norm = zero.step(self.model)
+        nonfinite = self.acc.reduce(nonfinite, reduction="sum") if self.multi else nonfinite
+        if applied and nonfinite > 0:
+            raise RuntimeError("DeepSpeed applied an optimizer step whose loss was non-finite on some process (its "
+                               "gradients were finite); the weights can no longer be trusted")
+        if applied:
+            self.lr_scheduler.step()
+            if self.ema is not None:
+                self.ema.update(zero.full_params(self.params))
+        return not applied, grad_norm, int(nonfinite)
+
+    def _metrics(self, stats, batches, skipped: bool, grad_norm: float, nonfinite: int) -> Dict:
+        t = self.cfg.train
+        K = len(batches[0].steps)
         stats = self.acc.reduce(stats, reduction="mean") if self.multi else stats
         sigmas = batches[0].sigmas
         per_t = [dict(index=batches[0].steps[k], sigma=sigmas[k], dt=sigmas[k + 1] - sigmas[k],
@@ -180,8 +214,8 @@ class Updater:
         if not t.timestep_grad_norms:
             for d in per_t:
                 d.pop("grad_norm")
-        return {"timesteps": per_t, "grad_norm": float(grad_norm), "skipped": int(skipped),
-                "nonfinite_losses": int(flags[0]), "lr": float(self.lr_scheduler.get_last_lr()[0])}
+        return {"timesteps": per_t, "grad_norm": grad_norm, "skipped": int(skipped),
+                "nonfinite_losses": nonfinite, "lr": float(self.lr_scheduler.get_last_lr()[0])}
 
 
 class EMA:

@@ -1,13 +1,17 @@
-"""Worker of test_trainer_fsdp.py (run under torchrun, 2 CPU processes): the tiny SD3 config under FSDP2.
+"""Worker of test_trainer_fsdp.py and test_trainer_deepspeed.py (2 CPU processes): the tiny SD3 config under FSDP2
+or DeepSpeed ZeRO-1/2. argv: mode (fsdp2 | deepspeed) output_dir config [--set ...].
 
-accelerate 1.15 never selects FSDP for CPU processes (its state only turns MULTI_GPU-like types into FSDP), so the
-worker forces the distributed type after building the Accelerator; ``prepare`` then shards the transformer with
-``fully_shard`` over gloo exactly as it does over NCCL. argv: output_dir [--set ...].
+- fsdp2 (run under torchrun): accelerate 1.15 never selects FSDP for CPU processes (its state only turns
+  MULTI_GPU-like types into FSDP), so the worker forces the distributed type after building the Accelerator;
+  ``prepare`` then shards the transformer with ``fully_shard`` over gloo exactly as it does over NCCL.
+- deepspeed (run under ``accelerate launch --use_deepspeed``): the trainer builds its own Accelerator, as for a
+  user; DeepSpeed's CPU accelerator runs over gloo.
 
-Saves per rank: the whole trained weights after 2 steps, after a 3rd step, and after resuming the step-2
-checkpoint in a fresh Trainer and running the 3rd step again; the per-timestep metrics of every update; then a
-4th step whose loss is non-finite on rank 1 only.
+Saves per rank: the whole trained weights (float32 masters under DeepSpeed) after 2 steps, after a 3rd step, and
+after resuming the step-2 checkpoint in a fresh Trainer and running the 3rd step again; the per-timestep metrics
+of every update; then a 4th step whose loss is non-finite on rank 1 only.
 """
+import os
 import sys
 
 import torch
@@ -16,7 +20,7 @@ from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
 from grpo_guard.trainer import Trainer, config
-from grpo_guard.trainer import sharding
+from grpo_guard.trainer import sharding, zero
 
 
 def fsdp2_accelerator():
@@ -30,16 +34,23 @@ def fsdp2_accelerator():
 
 
 def whole(trainer):
+    if trainer.deepspeed:
+        return {n: w.cpu().clone() for n, w in zip(trainer.named_params, zero.full_params(trainer.params))}
     return {n: sharding.full(p.detach()).cpu().clone() for n, p in trainer.named_params.items()}
 
 
 def main():
-    out = sys.argv[1]
-    cfg = config.load(sys.argv[2], [f"run.output_dir={out}", "run.num_steps=4", "run.progress=false",
-                                    "run.cpu=true", "run.save_every=0", *sys.argv[3:]])
-    acc = fsdp2_accelerator()
-    t = Trainer(cfg, accelerator=acc)
-    assert sharding.is_fsdp2(acc) and t.sharded and all(sharding.is_sharded(p) for p in t.params)
+    mode, out = sys.argv[1], sys.argv[2]
+    cfg = config.load(sys.argv[3], [f"run.output_dir={out}", "run.num_steps=4", "run.progress=false",
+                                    "run.cpu=true", "run.save_every=0", *sys.argv[4:]])
+    if mode == "fsdp2":
+        acc = fsdp2_accelerator()
+        t = Trainer(cfg, accelerator=acc)
+        assert sharding.is_fsdp2(acc) and t.sharded and all(sharding.is_sharded(p) for p in t.params)
+    else:
+        t = Trainer(cfg)  # accelerate launch --use_deepspeed: the trainer's own Accelerator
+        acc = t.acc
+        assert t.deepspeed and type(t.model).__name__ == "DeepSpeedEngine"
     records = [t.step(), t.step()]
     after2 = whole(t)
     t.save()
@@ -67,7 +78,8 @@ def main():
     torch.save({"after2": after2, "after3": after3, "reloaded": reloaded, "resumed3": resumed3,
                 "nan_record": nan_record, "after_nan": whole(resumed),
                 "records": [r["updates"] for r in records], "evaluation": evaluation,
-                "advantages": [b.advantages.cpu() for b in t.last_batches], "world": acc.num_processes},
+                "advantages": [b.advantages.cpu() for b in t.last_batches], "world": acc.num_processes,
+                "param_dtype": str(t.params[0].dtype), "files": sorted(os.listdir(t.checkpoint_dir + "/step-00000002"))},
                f"{out}/rank{acc.process_index}.pt")
 
 

@@ -1,0 +1,176 @@
+"""What the trainer needs under DeepSpeed ZeRO stage 1 or 2 (an accelerate config with ``distributed_type:
+DEEPSPEED``). The engine owns the gradient reduction, the non-finite check, clipping and the AdamW step; the
+trainer keeps its own accumulation window over timesteps and micro-batches:
+
+- every backward of an optimizer step runs with ``scale_wrt_gas=False`` (the loss already carries 1 / (timesteps
+  x micro-batches)), the accumulation boundary set on the last one, then one ``engine.step()``;
+- ZeRO-2 reduces gradients into partitions during each backward (a collective), so every process runs every
+  backward, a non-finite loss included; the engine's overflow check then skips the step on all processes;
+- each timestep's gradient norm is measured by hooks on the trained parameters, which see each backward's local
+  gradient before DeepSpeed takes it (``p.grad`` is empty under ZeRO-2);
+- the float32 master weights live in the ZeRO optimizer's partitions: :func:`full_params` gathers them
+  (collective) for the EMA and for checkpoints; the optimizer state is saved with DeepSpeed's own checkpoint
+  (one file per process), so resuming needs DeepSpeed and the same number of processes.
+
+Stage 3 (parameters partitioned: the rollout and the KL reference would gather them at every forward) and
+optimizer offload (needs DeepSpeed's CPU Adam, the trainer builds torch AdamW) are refused; FSDP2 covers sharded
+parameters. fp16 is refused like everywhere else (run.mixed_precision).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import List, Sequence
+
+import torch
+
+from .config import Config, ConfigError, UnsupportedDistributedError
+
+STAGES = (1, 2)
+TAG = "deepspeed"  # sub-directory of a checkpoint holding DeepSpeed's files
+
+
+def requested() -> bool:
+    """True when the launcher asks accelerate for DeepSpeed (``accelerate launch`` with a DeepSpeed config)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def is_deepspeed(accelerator) -> bool:
+    kind = getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type))
+    return kind == "DEEPSPEED"
+
+
+def _auto(value) -> bool:
+    return value is None or value == "auto"
+
+
+def configure(accelerator, cfg: Config) -> None:
+    """Check accelerate's DeepSpeed config against what the trainer implements and fill its ``auto`` values from
+    the trainer config (before ``prepare``). Raises ConfigError naming the key."""
+    plugin = accelerator.state.deepspeed_plugin
+    ds = plugin.deepspeed_config
+    zero = ds.setdefault("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if stage not in STAGES:
+        raise UnsupportedDistributedError(
+            f"DeepSpeed zero_optimization.stage {stage} is not supported (supported: 1, 2): "
+            + ("stage 3 partitions the parameters, which every rollout forward and the KL reference would gather; "
+               "for sharded parameters use FSDP2 (configs/accelerate/fsdp2.yaml)" if stage == 3 else
+               "stage 0 is plain data parallelism: use `accelerate launch --multi_gpu` (DDP) instead"))
+    offload = (zero.get("offload_optimizer") or {}).get("device", "none")
+    if offload not in (None, "none"):
+        raise UnsupportedDistributedError(
+            f"DeepSpeed zero_optimization.offload_optimizer.device {offload!r} is not supported: optimizer offload "
+            "needs DeepSpeed's CPU Adam and the trainer builds torch AdamW; set it to none")
+    if (ds.get("fp16") or {}).get("enabled") is True:
+        raise ConfigError("DeepSpeed fp16.enabled: true is not supported (its loss scaler skips steps on its own); "
+                          "use bf16 (run.mixed_precision: bf16)")
+    for key in ("check_grad_overflow", "compute_grad_norm"):
+        if zero.get(key, True) is False:
+            raise ConfigError(f"DeepSpeed zero_optimization.{key}: false is not supported: the trainer relies on "
+                              "the engine to skip non-finite steps and report the gradient norm")
+    if ds.get("managed_gradient_accumulation", True) is False:
+        raise ConfigError("DeepSpeed managed_gradient_accumulation: false is not supported: the trainer sets the "
+                          "accumulation boundary itself")
+    gas = ds.get("gradient_accumulation_steps")
+    if not _auto(gas) and int(gas) != 1:
+        raise ConfigError(f"DeepSpeed gradient_accumulation_steps is {gas}: set it to 1 (or auto); the trainer "
+                          "accumulates over timesteps and micro-batches itself (sample.num_batches, "
+                          "train.updates_per_step)")
+    clip = ds.get("gradient_clipping")
+    if not _auto(clip) and float(clip) != cfg.train.max_grad_norm:
+        raise ConfigError(f"DeepSpeed gradient_clipping is {clip} but train.max_grad_norm is "
+                          f"{cfg.train.max_grad_norm}: set one of them to the other (or gradient_clipping: auto)")
+    micro = ds.get("train_micro_batch_size_per_gpu")
+    if not _auto(micro) and int(micro) != cfg.sample.batch_size:
+        raise ConfigError(f"DeepSpeed train_micro_batch_size_per_gpu is {micro} but sample.batch_size is "
+                          f"{cfg.sample.batch_size}: set it to auto")
+    ds["gradient_accumulation_steps"] = 1
+    ds["gradient_clipping"] = cfg.train.max_grad_norm
+    ds["train_micro_batch_size_per_gpu"] = cfg.sample.batch_size
+    ds["train_batch_size"] = cfg.sample.batch_size * accelerator.num_processes
+    plugin.gradient_accumulation_steps = 1
+    plugin.gradient_clipping = cfg.train.max_grad_norm
+
+
+def autocast(accelerator):
+    """The autocast context factory of the trainer's forwards: accelerate's, except under DeepSpeed with bf16,
+    where accelerate turns autocast off (DeepSpeed casts the module to bf16) and the float32 latents and text
+    embeddings would meet bf16 weights: ``torch.autocast`` to bf16 then, in the rollout and the update alike."""
+    if is_deepspeed(accelerator) and accelerator.mixed_precision == "bf16":
+        return functools.partial(torch.autocast, device_type=accelerator.device.type, dtype=torch.bfloat16)
+    return accelerator.autocast
+
+
+def backward(engine, loss: torch.Tensor, last: bool) -> None:
+    """One backward inside the trainer's accumulation window; ``last`` marks the window's final backward."""
+    engine.set_gradient_accumulation_boundary(last)
+    engine.backward(loss, scale_wrt_gas=False)
+
+
+def step(engine) -> tuple:
+    """Reduce (ZeRO-1) / finalize (ZeRO-2), check for non-finite gradients on all processes, clip, step AdamW,
+    zero the gradients. Returns (applied, gradient norm before clipping; inf when skipped)."""
+    engine.step()
+    applied = bool(engine.was_step_applied())
+    norm = engine.get_global_grad_norm()
+    norm = float("inf") if norm is None or not applied else float(norm)
+    return applied, norm
+
+
+def full_params(params: Sequence[torch.nn.Parameter]) -> List[torch.Tensor]:
+    """The float32 master weights of ``params``, whole on every process (collective)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return [safe_get_full_fp32_param(p) for p in params]
+
+
+class LocalGradientNorm:
+    """Hooks on the trained parameters that sum each backward's local gradient (as autograd hands it over, before
+    DeepSpeed reduces it) into float32 buffers; :meth:`pop` returns the norm of the sum since the last pop (one
+    timestep's gradient on this process) and clears it. One float32 copy of the trained parameters."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter]):
+        self.buffers = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
+        self.handles = [p.register_hook(self._adder(b)) for p, b in zip(params, self.buffers)]
+
+    @staticmethod
+    def _adder(buffer):
+        def add(grad):
+            buffer.add_(grad.float())
+        return add
+
+    def pop(self) -> torch.Tensor:
+        sq = torch.zeros((), dtype=torch.float64, device=self.buffers[0].device)
+        for b in self.buffers:
+            sq += b.square().sum().double()
+            b.zero_()
+        return sq.sqrt()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def save(engine, directory: str) -> None:
+    """DeepSpeed's checkpoint (trained weights, float32 masters and AdamW state partitions, one file per process)
+    under ``directory/deepspeed`` (collective)."""
+    engine.save_checkpoint(directory, tag=TAG, save_latest=False, exclude_frozen_parameters=True)
+    if engine.global_rank == 0:  # the writer of DeepSpeed's converter scripts (weights.safetensors has the weights)
+        for script in ("zero_to_fp32.py", "zero_to_torch.py"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(directory, script))
+
+
+def load(engine, directory: str) -> None:
+    """Inverse of :func:`save` (collective)."""
+    if not os.path.isdir(os.path.join(directory, TAG)):
+        raise RuntimeError(f"{directory} has no {TAG}/ directory: it was written without DeepSpeed, whose "
+                           "optimizer state cannot be loaded into DeepSpeed's partitions; resume it in the mode "
+                           "that wrote it")
+    path, _ = engine.load_checkpoint(directory, tag=TAG, load_module_strict=False, load_optimizer_states=True,
+                                     load_lr_scheduler_states=False)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}/{TAG}")
