@@ -27,8 +27,9 @@ VARIANTS = {
     "zero2-lora": (2, "no", ["train.warmup_steps=3"]),
     # ZeRO-1, full fine-tuning with EMA (of the float32 masters) and evaluation every step
     "zero1-full-ema-eval": (1, "no", ["model.use_lora=false", "train.ema=true", "run.eval_every=1"]),
-    # ZeRO-2 under bf16: DeepSpeed casts the module to bf16 and keeps float32 masters
-    "zero2-lora-bf16": (2, "bf16", []),
+    # ZeRO-2 under bf16 (DeepSpeed casts the module to bf16 and keeps float32 masters), with the KL to the
+    # reference (the LoRA switched off inside the engine's module)
+    "zero2-lora-bf16-kl": (2, "bf16", ["train.beta_kl=0.01"]),
 }
 
 
@@ -81,7 +82,9 @@ def test_matches_one_process(ranks, variant, tmp_path):
         torch.testing.assert_close(ranks[0]["after2"][n], p.detach(), atol=1e-6, rtol=1e-4)
 
 
-def test_metrics_are_global_and_on_policy(ranks):
+def test_metrics_are_global_and_on_policy(ranks, variant):
+    if variant.endswith("-kl"):  # the reference differs from the policy once the LoRA has moved
+        assert all(t["kl"] > 0 for t in ranks[0]["records"][2][0]["timesteps"])
     for step in range(3):
         u0, u1 = ranks[0]["records"][step][0], ranks[1]["records"][step][0]
         assert u0["skipped"] == 0 and u0["grad_norm"] == u1["grad_norm"] and math.isfinite(u0["grad_norm"])
