@@ -30,6 +30,10 @@ VARIANTS = {
     # ZeRO-2 under bf16 (DeepSpeed casts the module to bf16 and keeps float32 masters), with the KL to the
     # reference (the LoRA switched off inside the engine's module)
     "zero2-lora-bf16-kl": (2, "bf16", ["train.beta_kl=0.01"]),
+    # ZeRO-1 under bf16 with float32 gradient accumulation (DeepSpeed's BF16_Optimizer); two optimizer steps per
+    # rollout, each closing its own accumulation window (one process's micro-batches are split differently from
+    # two processes', so this one is not compared with one process)
+    "zero1-lora-bf16": (1, "bf16", ["train.updates_per_step=2"]),
 }
 
 
@@ -74,6 +78,7 @@ def test_ranks_agree_and_weights_moved(ranks, variant):
 def test_matches_one_process(ranks, variant, tmp_path):
     if "bf16" in variant:
         pytest.skip("bf16: DeepSpeed runs the whole module in bf16, one process autocasts float32 weights")
+    assert "train.updates_per_step=2" not in VARIANTS[variant][2]
     single = Trainer(tiny("sd3", tmp_path, "sample.batch_size=2", "sample.num_batches=4", "run.save_every=0",
                           *VARIANTS[variant][2]))
     single.step()
@@ -120,6 +125,18 @@ def _cfg(*sets):
     return config.load(str(CONFIGS / "tiny_sd3.yaml"), ["sample.batch_size=3", "train.max_grad_norm=0.5", *sets])
 
 
+def test_bf16_accumulates_and_communicates_gradients_in_float32_unless_set():
+    ds = {"zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"}}
+    zero.configure(_accelerator(ds)[0], _cfg("run.mixed_precision=bf16"))
+    assert ds["data_types"]["grad_accum_dtype"] == "fp32" and ds["communication_data_type"] == "fp32"
+    ds = {"zero_optimization": {"stage": 2}, "data_types": {"grad_accum_dtype": "bf16"}}
+    zero.configure(_accelerator(ds)[0], _cfg("run.mixed_precision=bf16"))
+    assert ds["data_types"]["grad_accum_dtype"] == "bf16"  # the user's explicit choice stays
+    ds = {"zero_optimization": {"stage": 2}}
+    zero.configure(_accelerator(ds)[0], _cfg())  # float32 run: nothing to set
+    assert "data_types" not in ds and "communication_data_type" not in ds
+
+
 def test_auto_values_are_filled_from_the_trainer_config():
     ds = {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
           "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto"}
@@ -136,7 +153,15 @@ def test_auto_values_are_filled_from_the_trainer_config():
     ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, UnsupportedDistributedError,
      "offload_optimizer.device"),
     ({"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}}, ConfigError, "fp16.enabled"),
-    ({"zero_optimization": {"stage": 2, "check_grad_overflow": False}}, ConfigError, "check_grad_overflow"),
+    ({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}, ConfigError, "run.mixed_precision: no"),
+    ({"zero_optimization": {"stage": 2}, "bf16": {"check_grad_overflow": False}}, ConfigError,
+     "bf16.check_grad_overflow"),
+    ({"zero_optimization": {"stage": 2, "compute_grad_norm": False}}, ConfigError, "compute_grad_norm"),
+    ({"zero_optimization": {"stage": 2, "load_from_fp32_weights": False}}, ConfigError, "load_from_fp32_weights"),
+    ({"zero_optimization": {"stage": 2}, "scheduler": {"type": "WarmupLR"}}, ConfigError, "train.warmup_steps"),
+    ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}, ConfigError, "an optimizer section"),
+    ({"zero_optimization": {"stage": 2}, "managed_gradient_accumulation": False}, ConfigError,
+     "managed_gradient_accumulation"),
     ({"zero_optimization": {"stage": 1}, "gradient_accumulation_steps": 4}, ConfigError,
      "gradient_accumulation_steps is 4"),
     ({"zero_optimization": {"stage": 1}, "gradient_clipping": 1.0}, ConfigError, "train.max_grad_norm is 0.5"),

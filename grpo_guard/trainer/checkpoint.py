@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from . import sharding, zero
@@ -80,11 +81,12 @@ def save(root: str, step: int, accelerator, named_params: Dict[str, torch.Tensor
     sharded = model is not None
     sharding.reshard(model)  # named_parameters must be the sharded ones the optimizer holds
     weights = ema = optim_state = None
-    if engine is not None:  # masters gathered from the ZeRO partitions (collective); optimizer state per process
-        weights = dict(zip(named_params, (w.contiguous().cpu() for w in zero.full_params(named_params.values()))))
+    if engine is not None:  # masters gathered one by one from the ZeRO partitions (collective); only the writer
+        # keeps CPU copies; DeepSpeed writes the optimizer state, one partition per process
+        weights = {n: w.cpu() for n, w in zip(named_params, zero.full_params(named_params.values())) if main}
         zero.save(engine, tmp)
     if main or sharded:  # gathering shards is collective; unsharded, only the writer needs CPU copies
-        if weights is None:
+        if engine is None:
             weights = {n: sharding.full(t.detach()).contiguous().cpu() for n, t in named_params.items()}
         ema = None if ema_shadow is None else \
             {n: sharding.full(s).contiguous().cpu() for n, s in zip(named_params, ema_shadow)}
@@ -152,10 +154,11 @@ def load(path: str, accelerator, named_params: Dict[str, torch.nn.Parameter], op
     if state.get("num_processes") != accelerator.num_processes:
         raise RuntimeError(f"{path} was written by {state.get('num_processes')} processes; resuming with "
                            f"{accelerator.num_processes} would change the rollout split and the RNG streams")
-    weights = load_file(os.path.join(path, "weights.safetensors"))
-    missing = sorted(set(named_params) - set(weights))
-    extra = sorted(set(weights) - set(named_params))
-    shapes = sorted(n for n, p in named_params.items() if n in weights and weights[n].shape != p.shape)
+    with safe_open(os.path.join(path, "weights.safetensors"), "pt") as f:  # names and shapes, no tensors
+        stored = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
+    missing = sorted(set(named_params) - set(stored))
+    extra = sorted(set(stored) - set(named_params))
+    shapes = sorted(n for n, p in named_params.items() if n in stored and stored[n] != tuple(p.shape))
     if missing or extra or shapes:
         raise RuntimeError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {extra[:3]}, "
                            f"other shape {shapes[:3]}; was it written with another model / LoRA config?)")
@@ -165,6 +168,7 @@ def load(path: str, accelerator, named_params: Dict[str, torch.nn.Parameter], op
     if engine is not None:  # weights (masters and the module's copies) and the optimizer partitions
         zero.load(engine, path)
     sharding.reshard(model)
+    weights = load_file(os.path.join(path, "weights.safetensors")) if engine is None else {}
     with torch.no_grad():
         for n, p in named_params.items() if engine is None else ():
             p.copy_(sharding.sharded_like(weights[n], p))

@@ -99,71 +99,68 @@ class Updater:
                 offset += q.numel()
             bucket, size = ([p], p.numel()) if p is not None else ([], 0)
 
-    def _timestep_grad_norm(self, prev: List[torch.Tensor]) -> torch.Tensor:
-        """Norm of the gradient added since ``prev`` (this process's shards, updated in place to the current
-        gradient): one gradient copy. Under FSDP2 the shards' squares are summed over processes."""
-        sq = torch.zeros((), dtype=torch.float64, device=self.adapter.device)
-        for p, old in zip(self.params, prev):
-            if p.grad is not None:
-                g = sharding.local(p.grad)
-                sq += (g.float() - old).square().sum().double()
-                old.copy_(g)
-        if self.fsdp:
-            sq = self.acc.reduce(sq, reduction="sum")
-        return sq.sqrt()
+    def _timestep_norms(self):
+        """What measures each trained timestep's own gradient norm (``pop()`` after its backwards), or None."""
+        if not self.cfg.train.timestep_grad_norms:
+            return None
+        if self.ds:
+            return zero.LocalGradientNorm(self.params)  # p.grad is empty under ZeRO-2
+        return AddedGradientNorm(self.params, self.acc if self.fsdp else None)
+
+    def _loss_and_backward(self, b: RolloutBatch, k: int, scale: float, last: bool):
+        """Recompute the velocity of micro-batch ``b`` at trained step ``k``, its loss (+ KL), and backpropagate
+        ``scale`` x it. Returns the detached (loss, ratio_mean, ratio_std, clipfrac, approx_kl, kl), or None when
+        the loss is non-finite (its backward still runs where it is a collective, FSDP2 / DeepSpeed)."""
+        cfg, t = self.cfg, self.cfg.train
+        # contiguous like the rollout's latents: a strided bf16 input rounds differently in a Linear
+        x, x_next = b.latents[:, k].contiguous(), b.latents[:, k + 1].contiguous()
+        sig, nxt = b.sigmas[k], b.sigmas[k + 1]
+        with ((lambda: self.acc.no_sync(self.model)) if self.manual_sync else contextlib.nullcontext)():
+            with self.autocast():
+                v = self.adapter.velocity(self.model, x, sig, b.cond, cfg.sample.guidance_scale, cfg=t.cfg)
+            loss, st = gg.policy_loss(
+                v, x, x_next, sig, nxt, b.advantages, old_model_output=b.old_velocity[:, k],
+                noise_level=cfg.sample.noise_level, dynamics=cfg.sample.dynamics, method=t.method,
+                clip_range=t.clip_range, adv_clip_max=t.adv_clip_max, guard_weight=t.guard_weight)
+            kl = torch.zeros((), device=loss.device)
+            if t.beta_kl > 0:
+                with torch.no_grad(), self.reference(), self.autocast():
+                    v_ref = self.adapter.velocity(self.ref_model, x, sig, b.cond, cfg.sample.guidance_scale, cfg=t.cfg)
+                kl = kl_to_reference(v, v_ref, x, x_next, sig, nxt, cfg).mean()
+            total = loss + t.beta_kl * kl
+            finite = bool(torch.isfinite(total))
+            if self.ds:  # a non-finite loss backpropagates NaN into every gradient, so that the engine's check on the
+                # gradients skips the step (a non-finite loss can have finite gradients)
+                zero.backward(self.model, total * scale if finite else v.float().sum() * float("nan"), last)
+            elif finite or self.fsdp:
+                self.acc.backward(total * scale)
+        if not finite:
+            return None
+        row = [loss, st["ratio_mean"], st["ratio_std"], st["clipfrac"], st["approx_kl"], kl]
+        return torch.stack([r.detach().double() for r in row])
 
     def step(self, batches: Sequence[RolloutBatch]) -> Dict:
         """One optimizer step over ``batches`` (all with the same trained steps). Returns its metrics:
         ``timesteps``: one dict per trained timestep (sigma, loss, ratio_mean, ratio_std, clipfrac, approx_kl,
         kl, grad_norm), averaged over micro-batches and processes; ``grad_norm`` (before clipping),
         ``skipped`` (1 if the step was non-finite and not applied), ``lr``."""
-        cfg, t = self.cfg, self.cfg.train
-        K = len(batches[0].steps)
-        scale = 1.0 / (K * len(batches))
+        K, n = len(batches[0].steps), len(batches)
         stats = torch.zeros(K, len(STAT_KEYS), dtype=torch.float64, device=self.adapter.device)
         nonfinite = torch.zeros((), device=self.adapter.device)
-        prev = hooks = None
-        if t.timestep_grad_norms and self.ds:
-            hooks = zero.LocalGradientNorm(self.params)  # p.grad is empty under ZeRO-2
-        elif t.timestep_grad_norms:
-            prev = [torch.zeros_like(sharding.local(p), dtype=torch.float32) for p in self.params]
-        sync_ctx = (lambda: self.acc.no_sync(self.model)) if self.manual_sync else contextlib.nullcontext
-        for k in range(K):
-            for i, b in enumerate(batches):
-                # contiguous like the rollout's latents: a strided bf16 input rounds differently in a Linear
-                x, x_next = b.latents[:, k].contiguous(), b.latents[:, k + 1].contiguous()
-                sig, nxt = b.sigmas[k], b.sigmas[k + 1]
-                with sync_ctx():
-                    with self.autocast():
-                        v = self.adapter.velocity(self.model, x, sig, b.cond, cfg.sample.guidance_scale, cfg=t.cfg)
-                    loss, st = gg.policy_loss(
-                        v, x, x_next, sig, nxt, b.advantages, old_model_output=b.old_velocity[:, k],
-                        noise_level=cfg.sample.noise_level, dynamics=cfg.sample.dynamics, method=t.method,
-                        clip_range=t.clip_range, adv_clip_max=t.adv_clip_max, guard_weight=t.guard_weight)
-                    kl = torch.zeros((), device=loss.device)
-                    if t.beta_kl > 0:
-                        with torch.no_grad(), self.reference(), self.autocast():
-                            v_ref = self.adapter.velocity(self.ref_model, x, sig, b.cond, cfg.sample.guidance_scale,
-                                                          cfg=t.cfg)
-                        kl = kl_to_reference(v, v_ref, x, x_next, sig, nxt, cfg).mean()
-                    total = loss + t.beta_kl * kl
-                    finite = bool(torch.isfinite(total))
-                    if not finite:  # the step will be skipped; under FSDP2 / DeepSpeed the backward (a
-                        nonfinite += 1  # collective) still runs
-                    if self.ds:
-                        zero.backward(self.model, total * scale, last=(k == K - 1 and i == len(batches) - 1))
-                    elif finite or self.fsdp:
-                        self.acc.backward(total * scale)
-                    if not finite:
-                        continue
-                row = [loss, st["ratio_mean"], st["ratio_std"], st["clipfrac"], st["approx_kl"], kl]
-                stats[k, :6] += torch.stack([r.detach().double() for r in row]) / len(batches)
-            if prev is not None:  # this timestep's own gradient (DDP-style: local, before averaging)
-                stats[k, 6] = self._timestep_grad_norm(prev)
-            elif hooks is not None:
-                stats[k, 6] = hooks.pop()
-        if hooks is not None:
-            hooks.remove()
+        norms = self._timestep_norms()
+        try:
+            for k in range(K):
+                for i, b in enumerate(batches):
+                    row = self._loss_and_backward(b, k, 1.0 / (K * n), last=(k == K - 1 and i == n - 1))
+                    if row is None:
+                        nonfinite += 1  # the step will be skipped
+                    else:
+                        stats[k, :6] += row / n
+                if norms is not None:  # this timestep's own gradient
+                    stats[k, 6] = norms.pop()
+        finally:
+            if norms is not None:
+                norms.remove()
         skipped, grad_norm, nonfinite = (self._deepspeed_step if self.ds else self._optimizer_step)(nonfinite)
         return self._metrics(stats, batches, skipped, grad_norm, nonfinite)
 
@@ -216,6 +213,29 @@ class Updater:
                 d.pop("grad_norm")
         return {"timesteps": per_t, "grad_norm": grad_norm, "skipped": int(skipped),
                 "nonfinite_losses": nonfinite, "lr": float(self.lr_scheduler.get_last_lr()[0])}
+
+
+class AddedGradientNorm:
+    """Norm of the gradient added to the trained parameters' ``.grad`` since the last :meth:`pop` (this process's
+    shards; their squares summed over processes when ``accelerator`` is given, FSDP2). One float32 gradient copy."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], accelerator=None):
+        self.params, self.acc = params, accelerator
+        self.prev = [torch.zeros_like(sharding.local(p), dtype=torch.float32) for p in params]
+
+    def pop(self) -> torch.Tensor:
+        sq = torch.zeros((), dtype=torch.float64, device=self.prev[0].device)
+        for p, old in zip(self.params, self.prev):
+            if p.grad is not None:
+                g = sharding.local(p.grad)
+                sq += (g.float() - old).square().sum().double()
+                old.copy_(g)
+        if self.acc is not None:
+            sq = self.acc.reduce(sq, reduction="sum")
+        return sq.sqrt()
+
+    def remove(self) -> None:
+        self.prev = []
 
 
 class EMA:

@@ -14,14 +14,16 @@ trainer keeps its own accumulation window over timesteps and micro-batches:
 
 Stage 3 (parameters partitioned: the rollout and the KL reference would gather them at every forward) and
 optimizer offload (needs DeepSpeed's CPU Adam, the trainer builds torch AdamW) are refused; FSDP2 covers sharded
-parameters. fp16 is refused like everywhere else (run.mixed_precision).
+parameters. fp16 is refused like everywhere else (run.mixed_precision). Under bf16 DeepSpeed casts the module to bf16;
+gradients are accumulated and averaged in float32 (``data_types.grad_accum_dtype``, ``communication_data_type``,
+unless the config sets them), as on the DDP-style path.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
-from typing import List, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -63,33 +65,47 @@ def configure(accelerator, cfg: Config) -> None:
         raise UnsupportedDistributedError(
             f"DeepSpeed zero_optimization.offload_optimizer.device {offload!r} is not supported: optimizer offload "
             "needs DeepSpeed's CPU Adam and the trainer builds torch AdamW; set it to none")
-    if (ds.get("fp16") or {}).get("enabled") is True:
-        raise ConfigError("DeepSpeed fp16.enabled: true is not supported (its loss scaler skips steps on its own); "
-                          "use bf16 (run.mixed_precision: bf16)")
-    for key in ("check_grad_overflow", "compute_grad_norm"):
-        if zero.get(key, True) is False:
-            raise ConfigError(f"DeepSpeed zero_optimization.{key}: false is not supported: the trainer relies on "
-                              "the engine to skip non-finite steps and report the gradient norm")
-    if ds.get("managed_gradient_accumulation", True) is False:
-        raise ConfigError("DeepSpeed managed_gradient_accumulation: false is not supported: the trainer sets the "
-                          "accumulation boundary itself")
-    gas = ds.get("gradient_accumulation_steps")
-    if not _auto(gas) and int(gas) != 1:
-        raise ConfigError(f"DeepSpeed gradient_accumulation_steps is {gas}: set it to 1 (or auto); the trainer "
-                          "accumulates over timesteps and micro-batches itself (sample.num_batches, "
-                          "train.updates_per_step)")
-    clip = ds.get("gradient_clipping")
-    if not _auto(clip) and float(clip) != cfg.train.max_grad_norm:
-        raise ConfigError(f"DeepSpeed gradient_clipping is {clip} but train.max_grad_norm is "
-                          f"{cfg.train.max_grad_norm}: set one of them to the other (or gradient_clipping: auto)")
-    micro = ds.get("train_micro_batch_size_per_gpu")
-    if not _auto(micro) and int(micro) != cfg.sample.batch_size:
-        raise ConfigError(f"DeepSpeed train_micro_batch_size_per_gpu is {micro} but sample.batch_size is "
-                          f"{cfg.sample.batch_size}: set it to auto")
+    bf16 = cfg.run.mixed_precision == "bf16"
+    refused = [  # (refused?, key and why)
+        ((ds.get("fp16") or {}).get("enabled") is True,
+         "fp16.enabled: true (its loss scaler skips steps on its own); use bf16 (run.mixed_precision: bf16)"),
+        ((ds.get("bf16") or {}).get("enabled") in (True, False) and ds["bf16"]["enabled"] != bf16,
+         f"bf16.enabled: {ds.get('bf16', {}).get('enabled')} with run.mixed_precision: {cfg.run.mixed_precision} "
+         "(set bf16.enabled: auto; the trainer config decides)"),
+        ((ds.get("bf16") or {}).get("check_grad_overflow") is False,
+         "bf16.check_grad_overflow: false (a step with non-finite gradients would be applied)"),
+        (zero.get("compute_grad_norm") is False, "zero_optimization.compute_grad_norm: false (no gradient norm)"),
+        (zero.get("load_from_fp32_weights") is False,
+         "zero_optimization.load_from_fp32_weights: false (resume would rebuild the float32 masters from bf16)"),
+        ("scheduler" in ds, "a scheduler section (the trainer steps its own LR schedule: train.learning_rate, "
+                            "train.warmup_steps)"),
+        ("optimizer" in ds, "an optimizer section (the trainer builds AdamW from train.learning_rate, adam_*)"),
+        (ds.get("managed_gradient_accumulation") is False,
+         "managed_gradient_accumulation: false (the trainer sets the accumulation boundary itself)"),
+        (not _auto(ds.get("gradient_accumulation_steps")) and int(ds["gradient_accumulation_steps"]) != 1,
+         f"gradient_accumulation_steps is {ds.get('gradient_accumulation_steps')}: set it to 1 or auto (the trainer "
+         "accumulates over timesteps and micro-batches itself: sample.num_batches, train.updates_per_step)"),
+        (not _auto(ds.get("gradient_clipping")) and float(ds["gradient_clipping"]) != cfg.train.max_grad_norm,
+         f"gradient_clipping is {ds.get('gradient_clipping')} but train.max_grad_norm is "
+         f"{cfg.train.max_grad_norm}: set gradient_clipping: auto"),
+        (not _auto(ds.get("train_micro_batch_size_per_gpu"))
+         and int(ds["train_micro_batch_size_per_gpu"]) != cfg.sample.batch_size,
+         f"train_micro_batch_size_per_gpu is {ds.get('train_micro_batch_size_per_gpu')} but sample.batch_size is "
+         f"{cfg.sample.batch_size}: set it to auto"),
+    ]
+    for bad, why in refused:
+        if bad:
+            raise ConfigError(f"DeepSpeed config: {why}")
     ds["gradient_accumulation_steps"] = 1
     ds["gradient_clipping"] = cfg.train.max_grad_norm
     ds["train_micro_batch_size_per_gpu"] = cfg.sample.batch_size
     ds["train_batch_size"] = cfg.sample.batch_size * accelerator.num_processes
+    if bf16:  # accumulate over timesteps x micro-batches and average over processes in float32, as DDP-style does
+        types = ds.setdefault("data_types", {})
+        if _auto(types.get("grad_accum_dtype")):
+            types["grad_accum_dtype"] = "fp32"
+        if _auto(ds.get("communication_data_type")):
+            ds["communication_data_type"] = "fp32"
     plugin.gradient_accumulation_steps = 1
     plugin.gradient_clipping = cfg.train.max_grad_norm
 
@@ -119,11 +135,12 @@ def step(engine) -> tuple:
     return applied, norm
 
 
-def full_params(params: Sequence[torch.nn.Parameter]) -> List[torch.Tensor]:
-    """The float32 master weights of ``params``, whole on every process (collective)."""
+def full_params(params: Iterable[torch.nn.Parameter]) -> Iterator[torch.Tensor]:
+    """The float32 master weights of ``params``, each whole on every process, one at a time (collective: consume
+    it on every process)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    return [safe_get_full_fp32_param(p) for p in params]
+    return (safe_get_full_fp32_param(p) for p in params)
 
 
 class LocalGradientNorm:
