@@ -9,7 +9,7 @@ or DeepSpeed ZeRO-1/2. argv: mode (fsdp2 | deepspeed) output_dir config [--set .
 
 Saves per rank: the whole trained weights (float32 masters under DeepSpeed) after 2 steps, after a 3rd step, and
 after resuming the step-2 checkpoint in a fresh Trainer and running the 3rd step again; the per-timestep metrics
-of every update; then a 4th step whose loss is non-finite on rank 1 only.
+of every update; then a 4th step whose loss is infinite (with finite gradients) on rank 1 only.
 """
 import os
 import sys
@@ -68,11 +68,11 @@ def main():
     import grpo_guard
     real = grpo_guard.policy_loss
 
-    def nan_on_rank1(*args, **kwargs):
+    def inf_on_rank1(*args, **kwargs):  # an infinite loss whose gradients are finite: the hardest case to skip
         loss, stats = real(*args, **kwargs)
-        return (loss * float("nan") if acc.process_index == 1 else loss), stats
+        return (loss + float("inf") if acc.process_index == 1 else loss), stats
 
-    grpo_guard.policy_loss = nan_on_rank1
+    grpo_guard.policy_loss = inf_on_rank1
     nan_record = resumed.step()["updates"][0]
     grpo_guard.policy_loss = real
     torch.save({"after2": after2, "after3": after3, "reloaded": reloaded, "resumed3": resumed3,
