@@ -79,7 +79,8 @@ def main():
                 "nan_record": nan_record, "after_nan": whole(resumed),
                 "records": [r["updates"] for r in records], "evaluation": evaluation,
                 "advantages": [b.advantages.cpu() for b in t.last_batches], "world": acc.num_processes,
-                "param_dtype": str(t.params[0].dtype), "files": sorted(os.listdir(t.checkpoint_dir + "/step-00000002"))},
+                "param_dtype": str(t.params[0].dtype),
+                "files": sorted(os.listdir(os.path.join(t.checkpoint_dir, "step-00000002")))},
                f"{out}/rank{acc.process_index}.pt")
 
 

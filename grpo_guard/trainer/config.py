@@ -81,6 +81,9 @@ class TrainConfig:
                                         # copy of the trained parameters' gradients)
     max_nonfinite_in_a_row: int = 3     # skipped (non-finite) updates in a row before the run stops
     find_unused_parameters: bool = False
+    gradient_checkpointing: bool = False  # recompute each transformer block's activations in the update's backward
+                                          # (diffusers' enable_gradient_checkpointing): less memory, one more
+                                          # forward per block; the rollout (no grad) is unchanged
 
 
 @dataclass

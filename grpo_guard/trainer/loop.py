@@ -126,6 +126,8 @@ class Trainer:
                 import copy
                 ref_copy = copy.deepcopy(transformer).eval()  # frozen reference for the KL term
             transformer.requires_grad_(True)
+        if t.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
         named = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
         for p in named.values():
             p.data = p.data.float()  # trained weights (LoRA or full) in float32; frozen base stays in model.dtype
