@@ -195,3 +195,12 @@ def test_a_deepspeed_checkpoint_refuses_to_load_without_deepspeed(tmp_path):
     os.makedirs(os.path.join(path, zero.TAG))
     with pytest.raises(RuntimeError, match="written under DeepSpeed"):
         t.resume(path)
+
+
+def test_run_cpu_with_deepspeed_on_a_cuda_machine_is_refused(tmp_path, monkeypatch):
+    from grpo_guard.trainer.loop import make_accelerator
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match="run.cpu: true .* with a DeepSpeed launch"):
+        make_accelerator(tiny("sd3", tmp_path, "run.cpu=true"))

@@ -62,6 +62,9 @@ def make_accelerator(cfg: Config):
     cpu = cfg.run.cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=cfg.train.find_unused_parameters)]
     if zero.requested():  # accelerate ignores DeepSpeed when cpu=True; DeepSpeed picks the device itself
+        if torch.cuda.is_available() and cpu:
+            raise ConfigError("run.cpu: true (or ACCELERATE_USE_CPU) with a DeepSpeed launch on a machine with "
+                              "CUDA: DeepSpeed would train on the GPUs; set run.cpu: false, or launch without DeepSpeed")
         cpu = False
         if not torch.cuda.is_available():  # DeepSpeed's CPU accelerator: accelerate must be told gloo
             from accelerate.utils import InitProcessGroupKwargs
