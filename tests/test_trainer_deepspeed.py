@@ -17,6 +17,7 @@ from _trainer import CONFIGS, one_thread, tiny  # noqa: F401 (fixture)
 
 from grpo_guard.trainer import ConfigError, Trainer, config
 from grpo_guard.trainer import zero
+from grpo_guard.trainer.checkpoint import CheckpointError
 from grpo_guard.trainer.update import UnsupportedDistributedError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -193,7 +194,7 @@ def test_a_deepspeed_checkpoint_refuses_to_load_without_deepspeed(tmp_path):
     path = t.save()
     os.remove(os.path.join(path, "optimizer.pt"))
     os.makedirs(os.path.join(path, zero.TAG))
-    with pytest.raises(RuntimeError, match="written under DeepSpeed"):
+    with pytest.raises(CheckpointError, match="written under DeepSpeed"):
         t.resume(path)
 
 

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from _trainer import one_thread, tiny  # noqa: F401 (fixture)
+from _trainer import CONFIGS, one_thread, tiny  # noqa: F401 (fixture)
 
 from grpo_guard.trainer import Trainer, checkpoint
 
@@ -61,5 +61,18 @@ def test_resume_rejects_another_model(tmp_path):
     t = Trainer(tiny("sd3", tmp_path, "run.save_every=1", steps=1))
     t.train()
     other = Trainer(tiny("sd3", tmp_path, "model.lora.rank=2", steps=1))
-    with pytest.raises(RuntimeError, match="weights do not match"):
+    with pytest.raises(checkpoint.CheckpointError, match="weights do not match"):
         other.resume()
+
+
+def test_cli_reports_a_checkpoint_it_cannot_resume_in_one_line(tmp_path, capsys):
+    from grpo_guard.trainer.cli import main as train_main
+
+    base = [str(CONFIGS / "tiny_sd3.yaml"), "--output-dir", str(tmp_path), "--set", "run.num_steps=1",
+            "--set", "run.progress=false"]
+    assert train_main(base) == 0
+    rc = train_main(base + ["--set", "model.lora.rank=2", "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "grpo-guard train: error:" in err and "weights do not match the model" in err
+    assert train_main(base + ["--resume", str(tmp_path / "nowhere")]) == 2
+    assert "not a complete checkpoint" in capsys.readouterr().err

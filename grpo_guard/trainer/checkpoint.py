@@ -35,6 +35,10 @@ from . import sharding, zero
 PATTERN = re.compile(r"^step-(\d{8})$")
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed here (incomplete, another model, process count or distributed mode)."""
+
+
 def _fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -149,10 +153,12 @@ def load(path: str, accelerator, named_params: Dict[str, torch.nn.Parameter], op
     """Restore a checkpoint written by :func:`save` into the given objects; returns its ``state.json``.
     ``model``: the FSDP2-sharded module, when the parameters are sharded; ``engine``: the DeepSpeed engine
     (collective in both cases)."""
+    if not os.path.isfile(os.path.join(path, "state.json")):
+        raise CheckpointError(f"{path} is not a complete checkpoint (no state.json)")
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
     if state.get("num_processes") != accelerator.num_processes:
-        raise RuntimeError(f"{path} was written by {state.get('num_processes')} processes; resuming with "
+        raise CheckpointError(f"{path} was written by {state.get('num_processes')} processes; resuming with "
                            f"{accelerator.num_processes} would change the rollout split and the RNG streams")
     with safe_open(os.path.join(path, "weights.safetensors"), "pt") as f:  # names and shapes, no tensors
         stored = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
@@ -160,13 +166,16 @@ def load(path: str, accelerator, named_params: Dict[str, torch.nn.Parameter], op
     extra = sorted(set(stored) - set(named_params))
     shapes = sorted(n for n, p in named_params.items() if n in stored and stored[n] != tuple(p.shape))
     if missing or extra or shapes:
-        raise RuntimeError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {extra[:3]}, "
+        raise CheckpointError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {extra[:3]}, "
                            f"other shape {shapes[:3]}; was it written with another model / LoRA config?)")
     if engine is None and not os.path.isfile(os.path.join(path, "optimizer.pt")):
-        raise RuntimeError(f"{path} was written under DeepSpeed (its optimizer state is in {zero.TAG}/, one "
-                           "partition per process): resume it under DeepSpeed with the same number of processes")
-    if engine is not None:  # weights (masters and the module's copies) and the optimizer partitions
-        zero.load(engine, path)
+        raise CheckpointError(f"{path} was written under DeepSpeed (its optimizer state is in {zero.TAG}/, one "
+                              "partition per process): resume it under DeepSpeed with the same number of processes")
+    if engine is not None and not os.path.isdir(os.path.join(path, zero.TAG)):
+        raise CheckpointError(f"{path} was written without DeepSpeed (no {zero.TAG}/), whose optimizer state does "
+                              "not load into DeepSpeed's partitions: resume it in the mode that wrote it")
+    if engine is not None and not zero.load(engine, path):  # the weights (masters and module copies), optimizer
+        raise CheckpointError(f"DeepSpeed could not load {os.path.join(path, zero.TAG)}")
     sharding.reshard(model)
     weights = load_file(os.path.join(path, "weights.safetensors")) if engine is None else {}
     with torch.no_grad():

@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from .checkpoint import CheckpointError
     from .config import ConfigError, load
     from .rewards import RewardError
     from .loop import NonFiniteLossError, Trainer
@@ -39,7 +40,7 @@ def main(argv=None) -> int:
                 print(f"resumed at step {trainer.global_step}" if found else
                       "no checkpoint to resume from; starting from step 0", file=sys.stderr)
         trainer.train()
-    except (ConfigError, RewardError, NonFiniteLossError) as exc:
+    except (ConfigError, RewardError, NonFiniteLossError, CheckpointError) as exc:
         print(f"grpo-guard train: error: {exc}", file=sys.stderr)
         return 2
     return 0

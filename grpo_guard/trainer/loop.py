@@ -12,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import time
 from typing import Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 
 import grpo_guard as gg
@@ -99,6 +101,8 @@ class Trainer:
         if self.deepspeed:
             zero.configure(self.acc, cfg)
         torch.manual_seed(cfg.run.seed)
+        random.seed(cfg.run.seed)  # (the trainer draws from torch only; rewards may use python / numpy)
+        np.random.seed(cfg.run.seed)
         self.adapter = adapter or build_adapter(cfg.model, seed=cfg.run.seed)
         self.adapter.to(self.acc.device)
         if prompts is None:

@@ -181,13 +181,8 @@ def save(engine, directory: str) -> None:
                 os.remove(os.path.join(directory, script))
 
 
-def load(engine, directory: str) -> None:
-    """Inverse of :func:`save` (collective)."""
-    if not os.path.isdir(os.path.join(directory, TAG)):
-        raise RuntimeError(f"{directory} has no {TAG}/ directory: it was written without DeepSpeed, whose "
-                           "optimizer state cannot be loaded into DeepSpeed's partitions; resume it in the mode "
-                           "that wrote it")
+def load(engine, directory: str) -> bool:
+    """Inverse of :func:`save` (collective). False if DeepSpeed found nothing to load."""
     path, _ = engine.load_checkpoint(directory, tag=TAG, load_module_strict=False, load_optimizer_states=True,
                                      load_lr_scheduler_states=False)
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}/{TAG}")
+    return path is not None
