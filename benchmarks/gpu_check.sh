@@ -9,6 +9,8 @@
 # 3. the op tests again for the cuda backend, and tests/test_cuda_backend.py
 # 4. op benchmarks (eager, gg-torch, gg-triton, gg-cuda; every SPEC shape, bf16 + fp32) -> results.csv
 # 5. trainer step of an SD3.5-M-sized transformer, fused vs reference ops -> trainer.json
+#    and the tiny trainer under DeepSpeed ZeRO-2 on the GPU (1 process, bf16, 2 steps + resume; needs deepspeed,
+#    e.g. its wheel and pydantic's in .whl/) -> deepspeed_metrics.jsonl
 # 6. Triton launch-geometry sweep (GPU time from CUDA-graph replay) -> printed
 # 7. torch.compile of the published formulas at two shapes -> results_compile.csv
 set -u
@@ -65,6 +67,23 @@ echo "run_gpu exit status $?"; grep -E "copy bandwidth|x faster|slower|error" "$
 step "trainer step, SD3.5-M-sized transformer"
 timeout "$(cap 150)" python3 benchmarks/bench_trainer.py --steps ${TRAINER_STEPS:-2} --batch-size 2 --num-batches 1 \
   --out "$OUT/trainer.json" 2>&1 | grep -v "kept in float32"
+
+step "tiny trainer under DeepSpeed ZeRO-2 on the GPU (1 process, bf16): 2 steps, then resume to 3"
+if python3 -c "import deepspeed" > /dev/null 2>&1; then
+  rm -rf /tmp/ds_gpu
+  for n in 2 3; do
+    timeout "$(cap 90)" python3 -m accelerate.commands.launch --use_deepspeed --zero_stage 2 --num_processes 1 \
+      --num_machines 1 --mixed_precision bf16 -m grpo_guard.train configs/tiny_sd3.yaml --output-dir /tmp/ds_gpu \
+      --set run.cpu=false --set run.mixed_precision=bf16 --set run.progress=false --set run.num_steps=$n \
+      $( (( n == 3 )) && echo --resume ) > "$OUT/deepspeed_$n.log" 2>&1
+    echo "deepspeed ($n steps) exit status $?"; grep -E "rror|resumed" "$OUT/deepspeed_$n.log" | tail -4
+  done
+  cp /tmp/ds_gpu/metrics.jsonl "$OUT/deepspeed_metrics.jsonl" 2>/dev/null \
+    && python3 -c "import json; [print({k: v for k, v in json.loads(l)['updates'][0].items() if k != 'timesteps'})
+      for l in open('$OUT/deepspeed_metrics.jsonl')]"
+else
+  echo "deepspeed not installed: skipped"
+fi
 
 step "Triton launch-geometry sweep"
 timeout "$(cap 100)" python3 benchmarks/tune_triton.py --budget "$(( $(cap 100) - 45 ))" > /tmp/tune.log 2>&1
