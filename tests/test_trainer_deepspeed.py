@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-1/2 through ``accelerate launch --use_deepspeed`` on two CPU processes (DeepSpeed's CPU
+"""DeepSpeed ZeRO-1/2 through ``accelerate launch --use_deepspeed`` on two CPU processes (tiny SD3, and Flux) (DeepSpeed's CPU
 accelerator over gloo): training matches one process with the same global batch, both ranks hold the same
 weights, the first update is on-policy, a non-finite loss on one rank skips the step on both, and a checkpoint
 (float32 masters + DeepSpeed's optimizer partitions) resumes bit for bit. Config checks run without DeepSpeed."""
@@ -31,11 +31,15 @@ VARIANTS = {
     # ZeRO-2 under bf16 (DeepSpeed casts the module to bf16 and keeps float32 masters), with the KL to the
     # reference (the LoRA switched off inside the engine's module)
     "zero2-lora-bf16-kl": (2, "bf16", ["train.beta_kl=0.01"]),
-    # ZeRO-1 under bf16 with float32 gradient accumulation (DeepSpeed's BF16_Optimizer); two optimizer steps per
-    # rollout, each closing its own accumulation window (one process's micro-batches are split differently from
-    # two processes', so this one is not compared with one process)
-    "zero1-lora-bf16": (1, "bf16", ["train.updates_per_step=2"]),
+    # Flux, ZeRO-1 under bf16 with float32 gradient accumulation (DeepSpeed's BF16_Optimizer); two optimizer steps
+    # per rollout, each closing its own accumulation window (one process's micro-batches are split differently
+    # from two processes', so this one is not compared with one process)
+    "zero1-flux-lora-bf16": (1, "bf16", ["train.updates_per_step=2"]),
 }
+
+
+def family(variant):
+    return "flux" if "-flux-" in variant else "sd3"
 
 
 def _free_port():
@@ -60,7 +64,8 @@ def ranks(tmp_path_factory, variant):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage", str(stage),
            "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(_free_port()),
            "--mixed_precision", precision, "--gradient_accumulation_steps", "1",
-           str(HERE / "_trainer_sharded_worker.py"), "deepspeed", str(out), str(CONFIGS / "tiny_sd3.yaml"),
+           str(HERE / "_trainer_sharded_worker.py"), "deepspeed", str(out),
+           str(CONFIGS / f"tiny_{family(variant)}.yaml"),
            "sample.batch_size=2", "sample.num_batches=2", f"run.mixed_precision='{precision}'", *sets]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -80,7 +85,7 @@ def test_matches_one_process(ranks, variant, tmp_path):
     if "bf16" in variant:
         pytest.skip("bf16: DeepSpeed runs the whole module in bf16, one process autocasts float32 weights")
     assert "train.updates_per_step=2" not in VARIANTS[variant][2]
-    single = Trainer(tiny("sd3", tmp_path, "sample.batch_size=2", "sample.num_batches=4", "run.save_every=0",
+    single = Trainer(tiny(family(variant), tmp_path, "sample.batch_size=2", "sample.num_batches=4", "run.save_every=0",
                           *VARIANTS[variant][2]))
     single.step()
     single.step()
