@@ -1,5 +1,5 @@
-"""DeepSpeed ZeRO-1/2 through ``accelerate launch --use_deepspeed`` on two CPU processes (tiny SD3, and Flux) (DeepSpeed's CPU
-accelerator over gloo): training matches one process with the same global batch, both ranks hold the same
+"""DeepSpeed ZeRO-1/2 through ``accelerate launch --use_deepspeed`` on two CPU processes (DeepSpeed's CPU
+accelerator over gloo; tiny SD3, and Flux): training matches one process with the same global batch, both ranks hold the same
 weights, the first update is on-policy, a non-finite loss on one rank skips the step on both, and a checkpoint
 (float32 masters + DeepSpeed's optimizer partitions) resumes bit for bit. Config checks run without DeepSpeed."""
 import math
