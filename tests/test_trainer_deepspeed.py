@@ -1,7 +1,8 @@
 """DeepSpeed ZeRO-1/2 through ``accelerate launch --use_deepspeed`` on two CPU processes (DeepSpeed's CPU
-accelerator over gloo; tiny SD3, and Flux): training matches one process with the same global batch, both ranks hold the same
-weights, the first update is on-policy, a non-finite loss on one rank skips the step on both, and a checkpoint
-(float32 masters + DeepSpeed's optimizer partitions) resumes bit for bit. Config checks run without DeepSpeed."""
+accelerator over gloo; tiny SD3, and Flux): training matches one process with the same global batch, both ranks
+hold the same weights, the first update is on-policy, an infinite loss on one rank skips the step on both, and a
+checkpoint (float32 masters + DeepSpeed's optimizer partitions) resumes bit for bit. Config checks run without
+DeepSpeed."""
 import math
 import os
 import socket
@@ -26,8 +27,9 @@ HERE = Path(__file__).resolve().parent
 VARIANTS = {
     # ZeRO-2, LoRA, float32: comparable with one process (a warmup makes the LR schedule part of the comparison)
     "zero2-lora": (2, "no", ["train.warmup_steps=3"]),
-    # ZeRO-1, full fine-tuning with EMA (of the float32 masters) and evaluation every step
-    "zero1-full-ema-eval": (1, "no", ["model.use_lora=false", "train.ema=true", "run.eval_every=1"]),
+    # ZeRO-1, full fine-tuning with EMA (of the float32 masters), evaluation every step, gradient checkpointing
+    "zero1-full-ema-eval": (1, "no", ["model.use_lora=false", "train.ema=true", "run.eval_every=1",
+                                      "train.gradient_checkpointing=true"]),
     # ZeRO-2 under bf16 (DeepSpeed casts the module to bf16 and keeps float32 masters), with the KL to the
     # reference (the LoRA switched off inside the engine's module)
     "zero2-lora-bf16-kl": (2, "bf16", ["train.beta_kl=0.01"]),
@@ -61,13 +63,16 @@ def ranks(tmp_path_factory, variant):
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")]))
     env.pop("ACCELERATE_USE_CPU", None)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage", str(stage),
-           "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(_free_port()),
-           "--mixed_precision", precision, "--gradient_accumulation_steps", "1",
-           str(HERE / "_trainer_sharded_worker.py"), "deepspeed", str(out),
-           str(CONFIGS / f"tiny_{family(variant)}.yaml"),
-           "sample.batch_size=2", "sample.num_batches=2", f"run.mixed_precision='{precision}'", *sets]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    for attempt in range(2):  # the free port can be taken between the probe and the launch: one retry
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage", str(stage),
+               "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(_free_port()),
+               "--mixed_precision", precision, "--gradient_accumulation_steps", "1",
+               str(HERE / "_trainer_sharded_worker.py"), "deepspeed", str(out),
+               str(CONFIGS / f"tiny_{family(variant)}.yaml"),
+               "sample.batch_size=2", "sample.num_batches=2", f"run.mixed_precision='{precision}'", *sets]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        if proc.returncode == 0 or "address already in use" not in (proc.stdout + proc.stderr).lower():
+            break
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 

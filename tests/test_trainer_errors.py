@@ -25,6 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
     ("sample.sde_window_size=3", r"sde_window_range"),
     ("rewards.gold=[{name: brightness}]", r"rewards\.gold\[0\]\.name 'brightness' is already used by rewards\.proxy\[0\]"),
     ("train.cfg=false", r"train\.cfg=false but sample\.guidance_scale=4\.5"),
+    ("run.seed=-1", r"run\.seed must be in \[0, 2\*\*32\)"),
+    ("run.seed=4294967296", r"run\.seed must be in \[0, 2\*\*32\)"),
 ])
 def test_bad_config_is_an_error(override, match, tmp_path):
     with pytest.raises(ConfigError, match=match):

@@ -23,8 +23,10 @@ HERE = Path(__file__).resolve().parent
 VARIANTS = {
     "lora": [],
     # full fine-tuning puts trained weights in accelerate's root FSDP group (kept unsharded after a forward) and
-    # evaluation swaps the EMA in and out of the sharded weights: both must leave training and checkpoints intact
-    "full-ema-eval": ["model.use_lora=false", "train.ema=true", "run.eval_every=1"],
+    # evaluation swaps the EMA in and out of the sharded weights: both must leave training and checkpoints intact;
+    # with diffusers' gradient checkpointing inside the FSDP2 blocks
+    "full-ema-eval": ["model.use_lora=false", "train.ema=true", "run.eval_every=1",
+                      "train.gradient_checkpointing=true"],
 }
 
 
@@ -121,3 +123,15 @@ def test_fsdp2_reduces_gradients_in_float32():
     full_precision_gradient_reduction(SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)))
     assert plugin.mixed_precision_policy.reduce_dtype == torch.float32
     assert plugin.mixed_precision_policy.param_dtype == torch.bfloat16
+
+
+def test_gradient_checkpointing_twice_is_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from grpo_guard.trainer import ConfigError
+    from grpo_guard.trainer.sharding import check
+
+    acc = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=SimpleNamespace(activation_checkpointing=True)))
+    with pytest.raises(ConfigError, match="recompute every block twice"):
+        check(acc, tiny("sd3", tmp_path, "train.gradient_checkpointing=true"))
+    check(acc, tiny("sd3", tmp_path))  # accelerate's activation checkpointing alone is fine

@@ -159,7 +159,7 @@ def load(path: str, accelerator, named_params: Dict[str, torch.nn.Parameter], op
         state = json.load(f)
     if state.get("num_processes") != accelerator.num_processes:
         raise CheckpointError(f"{path} was written by {state.get('num_processes')} processes; resuming with "
-                           f"{accelerator.num_processes} would change the rollout split and the RNG streams")
+                              f"{accelerator.num_processes} would change the rollout split and the RNG streams")
     with safe_open(os.path.join(path, "weights.safetensors"), "pt") as f:  # names and shapes, no tensors
         stored = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
     missing = sorted(set(named_params) - set(stored))
@@ -167,7 +167,7 @@ def load(path: str, accelerator, named_params: Dict[str, torch.nn.Parameter], op
     shapes = sorted(n for n, p in named_params.items() if n in stored and stored[n] != tuple(p.shape))
     if missing or extra or shapes:
         raise CheckpointError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {extra[:3]}, "
-                           f"other shape {shapes[:3]}; was it written with another model / LoRA config?)")
+                              f"other shape {shapes[:3]}; was it written with another model / LoRA config?)")
     if engine is None and not os.path.isfile(os.path.join(path, "optimizer.pt")):
         raise CheckpointError(f"{path} was written under DeepSpeed (its optimizer state is in {zero.TAG}/, one "
                               "partition per process): resume it under DeepSpeed with the same number of processes")

@@ -179,7 +179,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a number, got {type(value).__name__} {value!r}")
         return float(value)
     if tp is str:
-        if value is False and "no" in CHOICES.get(path, ()):  # YAML 1.1 reads an unquoted `no` as false
+        if value is False and "no" in CHOICES.get(path, ()):  # YAML 1.1 reads an unquoted no (or off) as false
             return "no"
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {type(value).__name__} {value!r}")
@@ -284,6 +284,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
             not 0 <= t.ema_decay < 1:
         raise ConfigError("train.beta_kl, train.warmup_steps, run.save_every, run.eval_every, run.eval_num_steps "
                           "must be >= 0 and train.ema_decay in [0, 1)")
+    if not 0 <= cfg.run.seed < 2 ** 32:
+        raise ConfigError(f"run.seed must be in [0, 2**32) (it seeds torch, python and numpy), got {cfg.run.seed}")
     if s.sde_window_size > 0:
         lo, hi = (s.sde_window_range + [None, None])[:2]
         if len(s.sde_window_range) != 2 or not 0 <= lo < hi or hi + s.sde_window_size - 1 > s.num_steps - 1:

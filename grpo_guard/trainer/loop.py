@@ -66,7 +66,8 @@ def make_accelerator(cfg: Config):
     if zero.requested():  # accelerate ignores DeepSpeed when cpu=True; DeepSpeed picks the device itself
         if torch.cuda.is_available() and cpu:
             raise ConfigError("run.cpu: true (or ACCELERATE_USE_CPU) with a DeepSpeed launch on a machine with "
-                              "CUDA: DeepSpeed would train on the GPUs; set run.cpu: false, or launch without DeepSpeed")
+                              "CUDA: DeepSpeed would train on the GPUs; set run.cpu: false, or launch without "
+                              "DeepSpeed")
         cpu = False
         if not torch.cuda.is_available():  # DeepSpeed's CPU accelerator: accelerate must be told gloo
             from accelerate.utils import InitProcessGroupKwargs
@@ -100,6 +101,8 @@ class Trainer:
         self.deepspeed = zero.is_deepspeed(self.acc)
         if self.deepspeed:
             zero.configure(self.acc, cfg)
+        if sharding.is_fsdp2(self.acc):
+            sharding.check(self.acc, cfg)
         torch.manual_seed(cfg.run.seed)
         random.seed(cfg.run.seed)  # (the trainer draws from torch only; rewards may use python / numpy)
         np.random.seed(cfg.run.seed)

@@ -26,6 +26,16 @@ def is_fsdp2(accelerator) -> bool:
     return getattr(plugin, "fsdp_version", 1) == 2
 
 
+def check(accelerator, cfg) -> None:
+    """Options of accelerate's FSDP2 plugin that clash with the trainer config (before the model is built)."""
+    from .config import ConfigError
+
+    plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
+    if cfg.train.gradient_checkpointing and getattr(plugin, "activation_checkpointing", False):
+        raise ConfigError("train.gradient_checkpointing: true with fsdp_activation_checkpointing: true would "
+                          "recompute every block twice in the backward; keep one of them")
+
+
 def is_sharded(t) -> bool:
     return isinstance(t, DTensor) if DTensor else False
 

@@ -105,7 +105,7 @@ class Updater:
             return None
         if self.ds:
             return zero.LocalGradientNorm(self.params)  # p.grad is empty under ZeRO-2
-        return AddedGradientNorm(self.params, self.acc if self.fsdp else None)
+        return AddedGradientNorm(self.params, self.adapter.device, self.acc if self.fsdp else None)
 
     def _loss_and_backward(self, b: RolloutBatch, k: int, scale: float, last: bool):
         """Recompute the velocity of micro-batch ``b`` at trained step ``k``, its loss (+ KL), and backpropagate
@@ -217,14 +217,15 @@ class Updater:
 
 class AddedGradientNorm:
     """Norm of the gradient added to the trained parameters' ``.grad`` since the last :meth:`pop` (this process's
-    shards; their squares summed over processes when ``accelerator`` is given, FSDP2). One float32 gradient copy."""
+    shards; their squares summed over processes when ``accelerator`` is given, FSDP2), as a float64 scalar on
+    ``device``. One float32 gradient copy."""
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], accelerator=None):
-        self.params, self.acc = params, accelerator
+    def __init__(self, params: Sequence[torch.nn.Parameter], device, accelerator=None):
+        self.params, self.device, self.acc = params, device, accelerator
         self.prev = [torch.zeros_like(sharding.local(p), dtype=torch.float32) for p in params]
 
     def pop(self) -> torch.Tensor:
-        sq = torch.zeros((), dtype=torch.float64, device=self.prev[0].device)
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)
         for p, old in zip(self.params, self.prev):
             if p.grad is not None:
                 g = sharding.local(p.grad)
