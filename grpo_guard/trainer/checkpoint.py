@@ -177,10 +177,11 @@ def load(path: str, accelerator, named_params: Dict[str, torch.nn.Parameter], op
     if engine is not None and not zero.load(engine, path):  # the weights (masters and module copies), optimizer
         raise CheckpointError(f"DeepSpeed could not load {os.path.join(path, zero.TAG)}")
     sharding.reshard(model)
-    weights = load_file(os.path.join(path, "weights.safetensors")) if engine is None else {}
     with torch.no_grad():
-        for n, p in named_params.items() if engine is None else ():
-            p.copy_(sharding.sharded_like(weights[n], p))
+        if engine is None:
+            weights = load_file(os.path.join(path, "weights.safetensors"))
+            for n, p in named_params.items():
+                p.copy_(sharding.sharded_like(weights[n], p))
         if ema_shadow is not None:
             ema = load_file(os.path.join(path, "ema.safetensors"))
             for n, s in zip(named_params, ema_shadow):
