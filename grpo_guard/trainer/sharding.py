@@ -17,10 +17,14 @@ except ImportError:  # pragma: no cover - older torch: no FSDP2, nothing is ever
     DTensor, distribute_tensor = (), None
 
 
+def distributed_kind(accelerator) -> str:
+    """accelerate's ``distributed_type`` by name ("NO", "MULTI_GPU", "FSDP", "DEEPSPEED", ...)."""
+    return getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type))
+
+
 def is_fsdp2(accelerator) -> bool:
     """True when accelerate shards the model with FSDP2 (``distributed_type`` FSDP, ``fsdp_version`` 2)."""
-    kind = getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type))
-    if kind != "FSDP":
+    if distributed_kind(accelerator) != "FSDP":
         return False
     plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
     return getattr(plugin, "fsdp_version", 1) == 2

@@ -50,7 +50,7 @@ def check_distributed(accelerator) -> None:
     """Refuse accelerate modes other than single process, DDP-style multi-process (MULTI_GPU / MULTI_CPU /
     other MULTI_* devices), FSDP2 and DeepSpeed (whose stage and options :func:`zero.configure` checks), with
     what is supported and what to use instead."""
-    kind = getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type))
+    kind = sharding.distributed_kind(accelerator)
     if kind == "NO" or kind.startswith("MULTI_") or sharding.is_fsdp2(accelerator) or zero.is_deepspeed(accelerator):
         return
     why = _WHY.get(kind, "the trainer synchronizes gradients itself, as DDP does")

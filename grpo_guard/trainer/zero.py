@@ -27,6 +27,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from . import sharding
 from .config import Config, ConfigError, UnsupportedDistributedError
 
 STAGES = (1, 2)
@@ -39,8 +40,7 @@ def requested() -> bool:
 
 
 def is_deepspeed(accelerator) -> bool:
-    kind = getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type))
-    return kind == "DEEPSPEED"
+    return sharding.distributed_kind(accelerator) == "DEEPSPEED"
 
 
 def _auto(value) -> bool:
