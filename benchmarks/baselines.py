@@ -51,6 +51,14 @@ def published_sde_step(model_output, sample, sigma, sigma_next, noise_level=0.7,
     return prev_sample, log_prob, mean, std_dev_t
 
 
+def published_rollout_step(model_output, sample, sigma, sigma_next, noise_level=0.7, noise=None):
+    """A rollout step as a sampling loop uses it: :func:`published_sde_step` with x' stored in the latents' dtype,
+    keeping (prev_sample, log_prob) only (so torch.compile need not write the float32 mean)."""
+    prev_sample, log_prob, _, _ = published_sde_step(model_output, sample, sigma, sigma_next, noise_level,
+                                                     noise=noise)
+    return prev_sample.to(sample.dtype), log_prob
+
+
 def published_guard_log_ratio(model_output, old_model_output, sample, prev_sample, sigma, sigma_next,
                               noise_level=0.7, per_sample_bias=False):
     """The exponent of the published GRPO-Guard ratio, ``(log p - log p_old + bias) * sqrt(-dt) * std_dev_t``
@@ -85,8 +93,9 @@ _COMPILED = {}
 
 
 def compiled_baseline(name: str):
-    """torch.compile of a baseline above, built once per process: "sde_step" or "guard_loss"."""
+    """torch.compile of a baseline above, built once per process: "sde_step", "rollout_step" or "guard_loss"."""
     if name not in _COMPILED:
-        fn = {"sde_step": published_sde_step, "guard_loss": published_guard_loss}[name]
+        fn = {"sde_step": published_sde_step, "rollout_step": published_rollout_step,
+              "guard_loss": published_guard_loss}[name]
         _COMPILED[name] = compiled(fn)
     return _COMPILED[name]

@@ -8,7 +8,9 @@ backends, each skipped with its reason where unavailable).
 Minimal bytes (N = B*D latent elements, E = input element size, C = 4, the float32 compute dtype; the (B,)
 vectors are counted too but are negligible): forward reads v, x, x' and writes the mean: 3NE + NC; backward reads
 v, x, x' and writes dL/dv: 4NE (recomputing the mean; reading a saved float32 mean instead is no cheaper);
-full = forward + backward; rollout reads v, x and the float32 noise and writes x' and the mean: 3NE + 2NC.
+full = forward + backward; rollout reads v, x and the float32 noise and writes x' (and log p): 3NE + NC. The
+rollout is the step of a sampling loop, which keeps x' and log p: grpo_guard runs it with ``return_mean=False``
+and the baselines return (x' in the latents' dtype, log p) only, so torch.compile drops the mean too.
 
     python benchmarks/bench_sde_step.py [--device cuda] [--shapes sd35_512,wan_480p] [--out sde.csv]
 """
@@ -61,15 +63,15 @@ def bytes_moved(case, mode):
     E, C = element_size(case["dtype"]), compute_size(case["dtype"])
     fwd = 3 * N * E + N * C + B * C
     bwd = 4 * N * E + B * C
-    return {"forward": fwd, "backward": bwd, "full": fwd + bwd, "rollout": 3 * N * E + 2 * N * C + B * C}[mode]
+    return {"forward": fwd, "backward": bwd, "full": fwd + bwd, "rollout": 3 * N * E + N * C + B * C}[mode]
 
 
-def _published(fn):
+def _published(fn, rollout_fn):
     def forward(c):
         return fn(c["v"], c["x"], c["sigma32"], c["sigma_next32"], NOISE_LEVEL, prev_sample=c["x_next"])[1]
 
     def rollout(c):
-        return fn(c["v"], c["x"], c["sigma32"], c["sigma_next32"], NOISE_LEVEL, noise=c["noise"])
+        return rollout_fn(c["v"], c["x"], c["sigma32"], c["sigma_next32"], NOISE_LEVEL, noise=c["noise"])
     return forward, rollout
 
 
@@ -79,18 +81,19 @@ def _ours(c):
 
 
 def _ours_rollout(c):
-    return gg.sde_step(c["v"], c["x"], c["sigma"], c["sigma_next"], NOISE_LEVEL, noise=c["noise"], validate=False)
+    return gg.sde_step(c["v"], c["x"], c["sigma"], c["sigma_next"], NOISE_LEVEL, noise=c["noise"], return_mean=False,
+                       validate=False)
 
 
 def providers():
-    eager_fwd, eager_roll = _published(baselines.published_sde_step)
+    eager_fwd, eager_roll = _published(baselines.published_sde_step, baselines.published_rollout_step)
     out = [Provider("eager", eager_fwd, rollout=eager_roll)]
 
     def compiled_fwd(c):
-        return _published(baselines.compiled_baseline("sde_step"))[0](c)
+        return _published(baselines.compiled_baseline("sde_step"), None)[0](c)
 
     def compiled_roll(c):
-        return _published(baselines.compiled_baseline("sde_step"))[1](c)
+        return _published(None, baselines.compiled_baseline("rollout_step"))[1](c)
     out.append(Provider("compile", compiled_fwd, available=compile_unavailable, rollout=compiled_roll))
     for name in ("torch", "triton", "cuda"):
         out.append(Provider(f"gg-{name}", _ours, available=backend_unavailable(name),

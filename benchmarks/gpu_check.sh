@@ -13,7 +13,15 @@
 #    e.g. its wheel and pydantic's in .whl/) -> deepspeed_metrics.jsonl
 # 6. Triton launch-geometry sweep (GPU time from CUDA-graph replay) -> printed
 # 7. torch.compile of the published formulas at two shapes -> results_compile.csv
+# 8. (ab) the Triton kernel sets side by side: split forward vs single-launch forward, GPU time -> ab_*.csv
+# 9. (sweep_fused) the single-launch kernels' geometry sweep -> printed
+#
+# STEPS (comma-separated) picks steps by name: tests, cuda, bench, trainer, deepspeed, sweep, compile, ab,
+# sweep_fused (default: all but ab and sweep_fused). GRPO_GUARD_TRITON_FUSED=1 runs everything on the
+# single-launch Triton kernels.
 set -u
+STEPS=${STEPS:-tests,cuda,bench,trainer,deepspeed,sweep,compile}
+want() { [[ ",$STEPS," == *",$1,"* ]]; }
 OUT=${OUT:-$PWD/gpu_out}
 BUDGET=${BUDGET:-540}
 mkdir -p "$OUT"
@@ -38,19 +46,25 @@ GRPO_GUARD_BUILD_CUDA=0 python3 -m pip install -q --no-deps --no-build-isolation
   || { echo "install failed:"; tail -20 /tmp/install.log; }
 python3 -c "import grpo_guard, diffusers; print('grpo_guard', grpo_guard.__file__, 'diffusers', diffusers.__version__)"
 
+BUILD=
+if want cuda; then
 step "build the CUDA extension (background)"
 ( GRPO_GUARD_BUILD_CUDA=1 GRPO_GUARD_CUDA_ARCHS=${GRPO_GUARD_CUDA_ARCHS:-90} MAX_JOBS=4 \
     timeout "$(cap 300)" python3 setup.py build_ext --inplace > "$OUT/build_ext.log" 2>&1
   echo "build_ext exit status $?" >> "$OUT/build_ext.log" ) &
 BUILD=$!
+fi
 
 OPS_TESTS="tests/test_sde_step.py tests/test_policy_loss.py tests/test_triton_kernels.py tests/test_dispatch.py
   tests/test_validation.py tests/test_kl_to_reference.py tests/test_group_advantages.py tests/test_compat_flow_grpo.py"
-step "op tests on the GPU: triton and torch backends"
+if want tests; then
+step "op tests on the GPU: triton and torch backends (GRPO_GUARD_TRITON_FUSED=${GRPO_GUARD_TRITON_FUSED:-0})"
 timeout "$(cap 240)" python3 -m pytest -q -n 8 -p no:cacheprovider --timeout 120 -rfEs $OPS_TESTS -k "not cuda-cuda" \
   > "$OUT/tests.log" 2>&1
 echo "pytest exit status $?"; tail -5 "$OUT/tests.log"
+fi
 
+if want cuda; then
 step "wait for the CUDA extension"
 wait $BUILD
 tail -3 "$OUT/build_ext.log"
@@ -58,16 +72,38 @@ step "op tests on the GPU: cuda backend"
 timeout "$(cap 150)" python3 -m pytest -q -n 8 -p no:cacheprovider --timeout 120 -rfEs tests/test_cuda_backend.py \
   $OPS_TESTS -k "cuda-cuda or test_cuda_backend" >> "$OUT/tests.log" 2>&1
 echo "pytest exit status $?"; tail -5 "$OUT/tests.log"
+fi
 
+if want ab; then
+step "Triton kernel sets side by side: split vs single-launch forward (bf16, GPU time)"
+for fused in 0 1; do
+  GRPO_GUARD_TRITON_FUSED=$fused timeout "$(cap 90)" python3 benchmarks/run_gpu.py --providers gg-triton \
+    --shapes sd35_512,flux_1024,wan_480p --dtypes bf16 --modes forward,full,rollout --rep 50 \
+    --out "$OUT/ab_fused$fused.csv" > "/tmp/ab_$fused.log" 2>&1
+  echo "run_gpu (fused=$fused) exit status $?"; grep -E "copy bandwidth|^(sde_step|policy_loss) " "/tmp/ab_$fused.log"
+done
+fi
+
+if want sweep_fused; then
+step "single-launch kernels: launch-geometry sweep"
+timeout "$(cap 120)" python3 benchmarks/tune_triton.py --fused --budget "$(( $(cap 120) - 40 ))" > /tmp/tune_fused.log 2>&1
+cat /tmp/tune_fused.log
+fi
+
+if want bench; then
 step "op benchmarks"
 timeout "$(cap 170)" python3 benchmarks/run_gpu.py --providers eager,gg-torch,gg-triton,gg-cuda --rep 50 \
   --out "$OUT/results.csv" > "$OUT/bench.log" 2>&1
 echo "run_gpu exit status $?"; grep -E "copy bandwidth|x faster|slower|error" "$OUT/bench.log" | head -40
+fi
 
+if want trainer; then
 step "trainer step, SD3.5-M-sized transformer"
 timeout "$(cap 150)" python3 benchmarks/bench_trainer.py --steps ${TRAINER_STEPS:-2} --batch-size 2 --num-batches 1 \
   --out "$OUT/trainer.json" 2>&1 | grep -v "kept in float32"
+fi
 
+if want deepspeed; then
 step "tiny trainer under DeepSpeed ZeRO-2 on the GPU (1 process, bf16): 2 steps, then resume to 3"
 if python3 -c "import deepspeed" > /dev/null 2>&1; then
   rm -rf /tmp/ds_gpu
@@ -84,13 +120,19 @@ if python3 -c "import deepspeed" > /dev/null 2>&1; then
 else
   echo "deepspeed not installed: skipped"
 fi
+fi
 
+if want sweep; then
 step "Triton launch-geometry sweep"
 timeout "$(cap 100)" python3 benchmarks/tune_triton.py --budget "$(( $(cap 100) - 45 ))" > /tmp/tune.log 2>&1
 cat /tmp/tune.log
+fi
 
+if want compile; then
 step "torch.compile baselines"
 timeout "$(cap 150)" python3 benchmarks/run_gpu.py --providers eager,compile --shapes sd35_512,wan_480p --dtypes bf16 \
-  --rep 50 --out "$OUT/results_compile.csv" > /tmp/bench_compile.log 2>&1
+  --modes ${COMPILE_MODES:-forward,backward,full,rollout} --rep 50 --out "$OUT/results_compile.csv" \
+  > /tmp/bench_compile.log 2>&1
 echo "run_gpu (compile) exit status $?"; grep -E "^(op|sde_step|policy_loss) " /tmp/bench_compile.log
+fi
 step done

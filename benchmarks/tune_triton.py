@@ -1,8 +1,11 @@
-"""Sweep the Triton launch geometry (grpo_guard/ops/triton_launch.py: COMPILED_BLOCK, COMPILED_WARPS,
-MIN_PROGRAMS, MAX_ITERS) on an NVIDIA GPU and print, per configuration, the GPU time per call (CUDA-graph
-replay after an L2 flush, host overhead removed: ``grpo_guard.bench.graph_time``) of the ops that a training step runs: policy_loss forward+backward, sde_step forward (scoring a stored x') and rollout.
+"""Sweep the Triton launch geometry (grpo_guard/ops/triton_launch.py) on an NVIDIA GPU and print, per
+configuration, the GPU time per call (CUDA-graph replay after an L2 flush, host overhead removed:
+``grpo_guard.bench.graph_time``) of the ops that a training step runs: policy_loss forward+backward, sde_step
+forward (scoring a stored x'), forward+backward and rollout. ``--fused`` sweeps the single-launch kernels'
+knobs (FUSED_BLOCK_MIN, FUSED_BLOCK_MAX, FUSED_MIN_PROGRAMS, FUSED_ELEMS_PER_THREAD), else the split
+kernels' (COMPILED_BLOCK, COMPILED_WARPS, MIN_PROGRAMS, MAX_ITERS).
 
-    python benchmarks/tune_triton.py [--shapes sd35_512,flux_1024,wan_480p] [--dtype bf16] [--budget 120]
+    python benchmarks/tune_triton.py [--fused] [--shapes sd35_512,flux_1024,wan_480p] [--dtype bf16] [--budget 120]
     TRITON_INTERPRET=1 python benchmarks/tune_triton.py --device cpu --shapes cpu_small --rep 2 --budget 0  # smoke
 
 Changing the geometry changes the order of the float sums (never the math): every configuration is checked
@@ -28,20 +31,28 @@ from benchmarks import bench_policy_loss, bench_sde_step  # noqa: E402
 from benchmarks.utils import ALL_SHAPES, DTYPES, measure, parse_list, quantiles  # noqa: E402
 from grpo_guard.bench import graph_time, mode_callables  # noqa: E402
 
-KNOBS = ("COMPILED_BLOCK", "COMPILED_WARPS", "MIN_PROGRAMS", "MAX_ITERS")
+SPLIT_KNOBS = ("COMPILED_BLOCK", "COMPILED_WARPS", "MIN_PROGRAMS", "MAX_ITERS")
+FUSED_KNOBS = ("FUSED_BLOCK_MIN", "FUSED_BLOCK_MAX", "FUSED_MIN_PROGRAMS", "FUSED_ELEMS_PER_THREAD")
 TASKS = (("policy_loss", "full", bench_policy_loss), ("sde_step", "forward", bench_sde_step),
-         ("sde_step", "rollout", bench_sde_step))
+         ("sde_step", "full", bench_sde_step), ("sde_step", "rollout", bench_sde_step))
 
 
-def configurations():
-    """The current default first, then BLOCK x warps at the default chunking, then chunking variants."""
-    default = tuple(getattr(triton_launch, k) for k in KNOBS)
+def configurations(fused: bool):
+    """The current default first, then variations of it (BLOCK x warps, chunking)."""
+    knobs = FUSED_KNOBS if fused else SPLIT_KNOBS
+    default = tuple(getattr(triton_launch, k) for k in knobs)
     grid = [default]
-    for block, warps in itertools.product((512, 1024, 2048, 4096), (4, 8)):
-        grid.append((block, warps, default[2], default[3]))
-    for min_programs, max_iters in ((32, 8), (128, 2), (256, 1), (16, 16)):
-        grid.append((default[0], default[1], min_programs, max_iters))
-    return list(dict.fromkeys(grid))  # without repeats, in order
+    if fused:
+        for block_max, per_thread in itertools.product((2048, 4096, 8192), (8, 16, 32)):
+            grid.append((default[0], block_max, default[2], per_thread))
+        for block_min, min_programs in ((512, 128), (2048, 32), (4096, 16)):
+            grid.append((block_min, default[1], min_programs, default[3]))
+    else:
+        for block, warps in itertools.product((512, 1024, 2048, 4096), (4, 8)):
+            grid.append((block, warps, default[2], default[3]))
+        for min_programs, max_iters in ((32, 8), (128, 2), (256, 1), (16, 16)):
+            grid.append((default[0], default[1], min_programs, max_iters))
+    return knobs, list(dict.fromkeys(grid))  # without repeats, in order
 
 
 def on_policy_exact(case) -> bool:
@@ -62,7 +73,10 @@ def main(argv=None) -> int:
     p.add_argument("--rep", type=int, default=50)
     p.add_argument("--budget", type=float, default=120.0, help="seconds after which no new configuration starts")
     p.add_argument("--device", default="cuda", help="cuda; cpu only as a smoke test under TRITON_INTERPRET=1")
+    p.add_argument("--fused", action="store_true", help="sweep the single-launch kernels (and run them)")
     args = p.parse_args(argv)
+    triton_launch.FUSED = args.fused
+    knobs, configs = configurations(args.fused)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("tune_triton.py needs an NVIDIA GPU", file=sys.stderr)
@@ -71,16 +85,16 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.dtype]
     cases = {(op, s): mod.make_case(s, dtype, device) for op, _, mod in TASKS for s in shapes}
     providers = {op: next(q for q in mod.providers() if q.name == "gg-triton") for op, _, mod in TASKS}
-    header = "  ".join(f"{k.lower():>14}" for k in KNOBS)
+    header = "  ".join(f"{k.lower():>14}" for k in knobs)
     cols = [f"{op}:{mode}:{s}" for op, mode, _ in TASKS for s in shapes]
     print(f"{header}  exact  " + "  ".join(cols) + "   (GPU us per call, CUDA graph replay)", flush=True)
     start = time.perf_counter()
     results = []
-    for config in configurations():
+    for config in configs:
         if results and time.perf_counter() - start > args.budget:
             print(f"budget of {args.budget:.0f} s spent; stopping", flush=True)
             break
-        for k, v in zip(KNOBS, config):
+        for k, v in zip(knobs, config):
             setattr(triton_launch, k, v)
         times = []
         with gg.backend("triton"):
@@ -101,7 +115,7 @@ def main(argv=None) -> int:
         def relative(r):
             return sum(t / b for t, b in zip(r[2], base)) / len(base)
         best = min(results, key=relative)
-        print(f"\nbest by mean relative time: {dict(zip(KNOBS, best[0]))} exact={best[1]} "
+        print(f"\nbest by mean relative time: {dict(zip(knobs, best[0]))} exact={best[1]} "
               f"({relative(best):.3f} of the default)")
     return 0
 

@@ -15,7 +15,7 @@ SDEStep = ref.SDEStep
 def sde_step(model_output: torch.Tensor, sample: torch.Tensor, sigma, sigma_next, noise_level: float = 0.7,
              dynamics: str = "flow", prev_sample: Optional[torch.Tensor] = None,
              generator: Optional[torch.Generator] = None, *, noise: Optional[torch.Tensor] = None,
-             validate: bool = True) -> SDEStep:
+             return_mean: bool = True, validate: bool = True) -> SDEStep:
     """One SDE step of the denoising loop and its log-probability (SPEC §2).
 
     Args:
@@ -25,6 +25,8 @@ def sde_step(model_output: torch.Tensor, sample: torch.Tensor, sigma, sigma_next
         noise_level: eta. dynamics: "flow" (Flow-GRPO), "dance" (DanceGRPO) or "cps".
         prev_sample: the next latent x' to score (training); None draws it (rollout) from ``generator``
             or takes ``noise`` (standard normal, same shape).
+        return_mean: False skips prev_sample_mean (returned as None): a latent-sized float32 write the
+            fused kernels then do not make (a rollout that keeps x' and log_prob only).
         validate: check per-sample values (one host sync for tensor sigmas).
 
     Returns ``SDEStep(prev_sample, log_prob, prev_sample_mean, std_dev_t)``:
@@ -34,7 +36,7 @@ def sde_step(model_output: torch.Tensor, sample: torch.Tensor, sigma, sigma_next
     """
     req = requests.sde_request(model_output, sample, sigma, sigma_next, noise_level=noise_level,
                                dynamics=dynamics, prev_sample=prev_sample, generator=generator, noise=noise,
-                               validate=validate)
+                               return_mean=return_mean, validate=validate)
     return dispatch.run("sde_step", req, model_output.device)
 
 

@@ -118,7 +118,8 @@ def log_prob_from_mean(prev_sample_flat: torch.Tensor, mean: torch.Tensor, coef:
 class SDEStep(NamedTuple):
     """What one SDE step returns. prev_sample: sample's dtype and shape; log_prob: (B,) in the compute
     dtype; prev_sample_mean: sample's shape in the compute dtype (float32 for bf16 inputs, so the
-    on-policy ratio can be exact); std_dev_t: (B,) float64-derived, in the compute dtype."""
+    on-policy ratio can be exact), or None when not asked for; std_dev_t: (B,) float64-derived, in the
+    compute dtype."""
 
     prev_sample: torch.Tensor
     log_prob: torch.Tensor
@@ -128,12 +129,13 @@ class SDEStep(NamedTuple):
 
 def sde_step(model_output: torch.Tensor, sample: torch.Tensor, sigma: Sigma, sigma_next: Sigma, *,
              noise_level: float = 0.7, dynamics: str = "flow", prev_sample: Optional[torch.Tensor] = None,
-             noise: Optional[torch.Tensor] = None) -> SDEStep:
+             noise: Optional[torch.Tensor] = None, return_mean: bool = True) -> SDEStep:
     """One SDE step and its log-probability (SPEC §2). Differentiable w.r.t. model_output and sample.
 
     Rollout (``prev_sample`` None): x' = mu + s*noise, stored in ``sample.dtype``; the log-prob is that of
     the stored (rounded) x', treated as a constant. Training: give ``prev_sample`` to score it.
-    ``noise`` must be given for a rollout (the public API draws it).
+    ``noise`` must be given for a rollout (the public API draws it). ``return_mean=False``: prev_sample_mean
+    is None (the kernels then skip writing it).
     """
     B = sample.shape[0]
     cd = compute_dtype(model_output, sample, prev_sample)
@@ -150,7 +152,7 @@ def sde_step(model_output: torch.Tensor, sample: torch.Tensor, sigma: Sigma, sig
     xp = prev_out.detach().reshape(B, -1).to(cd)
     log_prob = log_prob_from_mean(xp, mean, coef, dynamics)
     std_dev_t = coef.std_dev_t.to(device=sample.device, dtype=cd).expand(B).clone()
-    return SDEStep(prev_out, log_prob, mean.reshape(sample.shape), std_dev_t)
+    return SDEStep(prev_out, log_prob, mean.reshape(sample.shape) if return_mean else None, std_dev_t)
 
 
 # ----------------------------------------------------------------------------------------------------------

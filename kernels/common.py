@@ -144,3 +144,69 @@ def rounded_for(x, ptr):
         return r.to(tl.bfloat16)
     else:
         return x.to(ty)
+
+
+# ---- single-launch forward (fused finish): helpers -----------------------------------------------------------
+
+@triton.jit
+def last_to_arrive(cnt_ptr, n):
+    """True in exactly one of the ``n`` programs that call this on the int32 counter at ``cnt_ptr``: the last
+    to arrive, which then sees every store the others made before their call (the CTA barrier orders this
+    program's stores before its ticket; the ticket is an acq_rel atomic at GPU scope). The winner must reset
+    the counter to 0 (``tl.store(cnt_ptr, 0)``), so the buffer is zero again for the next launch (reusable,
+    CUDA-graph safe). Loads of what the others stored must bypass L1 (cache_modifier=".cg")."""
+    tl.debug_barrier()
+    ticket = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+    return ticket == n - 1
+
+
+@triton.jit
+def row_total(part_ptr, row, C, CP: tl.constexpr, LOG_CP: tl.constexpr):
+    """Sum of row ``row``'s C chunk partials part[row*C : row*C + C] by the fixed tree of :func:`tree_sum`
+    (zero-padded to CP): the same bits as :func:`row_totals` gives that row. Loads bypass L1 (see
+    :func:`last_to_arrive`)."""
+    cols = tl.arange(0, CP)
+    p = tl.load(part_ptr + row * C + cols, mask=cols < C, other=0.0, cache_modifier=".cg")
+    return tree_sum(p, LOG_CP)
+
+
+@triton.jit
+def log_prob_from_sum(total, D, s, DYNAMICS: tl.constexpr):
+    """log p from the row's sum of (x'-mu)^2 (SPEC §2, mean over D), in the dtype of ``total`` and ``s`` (the
+    compute dtype, as reference.log_prob_from_mean): flow/dance -mean/(2 s^2) - log s - log sqrt(2 pi);
+    cps -mean. sde_step and policy_loss (old_log_prob) both call it, so the on-policy log-ratio is exactly 0."""
+    mean = total / D
+    if DYNAMICS == CPS:
+        lp = -mean
+    else:
+        lp = -mean / (2.0 * s * s) - tl.log(s) - 0.9189385332046727
+    return lp
+
+
+@triton.jit
+def expm1_f64(x):
+    """exp(x) - 1 in float64 without cancellation near 0 (Kahan: (u - 1) * x / log u, u = exp x)."""
+    u = tl.exp(x)
+    um1 = u - 1.0
+    safe = tl.where((um1 == 0.0) | (um1 == -1.0), 1.0, um1)
+    r = tl.where(um1 == 0.0, x, tl.where(um1 == -1.0, -1.0, safe * x / tl.log(tl.where(um1 == 0.0, 2.0, u))))
+    return tl.where(tl.abs(x) > 0.5, um1, r)
+
+
+@triton.jit
+def expm1_cd(x):
+    """exp(x) - 1 in x's dtype without cancellation near 0 (the ratio statistics, reference.summarize).
+    float64: :func:`expm1_f64`; float32: Taylor to x^8/8! for |x| < 1/2 (truncation below 1e-8 relative),
+    exp(x) - 1 beyond."""
+    if x.dtype == tl.float64:
+        r = expm1_f64(x)
+    else:
+        p = 1.0 + x / 8.0
+        p = 1.0 + x / 7.0 * p
+        p = 1.0 + x / 6.0 * p
+        p = 1.0 + x / 5.0 * p
+        p = 1.0 + x / 4.0 * p
+        p = 1.0 + x / 3.0 * p
+        p = 1.0 + x / 2.0 * p
+        r = tl.where(tl.abs(x) < 0.5, x * p, tl.exp(x) - 1.0)
+    return r

@@ -11,18 +11,9 @@ u = x' - mu_theta, k_d = 0). METHOD: 0 grpo, 1 mean_revised, 2 ratio_norm, 3 gua
 import triton
 import triton.language as tl
 
-from .common import (CPS, accumulate_sq_dev, chunk_of_program, load_sigmas, log_prob_from_total, rounded_for,
-                     row_step_coefficients, row_totals, step_coefficients, transition_mean, tree_sum)
-
-
-@triton.jit
-def expm1_f64(x):
-    """exp(x) - 1 in float64 without cancellation near 0 (Kahan: (u - 1) * x / log u, u = exp x)."""
-    u = tl.exp(x)
-    um1 = u - 1.0
-    safe = tl.where((um1 == 0.0) | (um1 == -1.0), 1.0, um1)
-    r = tl.where(um1 == 0.0, x, tl.where(um1 == -1.0, -1.0, safe * x / tl.log(tl.where(um1 == 0.0, 2.0, u))))
-    return tl.where(tl.abs(x) > 0.5, um1, r)
+from .common import (CPS, accumulate_sq_dev, chunk_of_program, expm1_cd, expm1_f64, last_to_arrive, load_sigmas,
+                     log_prob_from_sum, log_prob_from_total, rounded_for, row_step_coefficients, row_total,
+                     row_totals, step_coefficients, transition_mean, tree_sum)
 
 
 @triton.jit
@@ -186,6 +177,235 @@ def policy_loss_backward_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, coef_ptr, g_loss_
     k_d = tl.load(coef_ptr + B + row)
     for it in range(ITERS):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
+        m = offs < D
+        xp = tl.load(xp_ptr + base + offs, mask=m, other=0.0).to(CD)
+        if OLD == 0:
+            x = tl.load(x_ptr + base + offs, mask=m, other=0.0).to(CD)
+            v = tl.load(v_ptr + base + offs, mask=m, other=0.0).to(CD)
+            grad = k_u * (xp - transition_mean(x, v, a, b))
+        else:
+            if OLD == 1:
+                mu_old = tl.load(old_ptr + base + offs, mask=m, other=0.0).to(CD)
+            else:
+                x = tl.load(x_ptr + base + offs, mask=m, other=0.0).to(CD)
+                v_old = tl.load(old_ptr + base + offs, mask=m, other=0.0).to(CD)
+                mu_old = transition_mean(x, v_old, a, b)
+            grad = k_u * (xp - mu_old)
+            if NEED_DELTA:
+                v = tl.load(v_ptr + base + offs, mask=m, other=0.0).to(CD)
+                if OLD == 1:
+                    x = tl.load(x_ptr + base + offs, mask=m, other=0.0).to(CD)
+                    delta = transition_mean(x, v, a, b) - mu_old
+                else:
+                    delta = b * (v - v_old)
+                grad += k_d * delta
+        tl.store(g_v_ptr + base + offs, rounded_for(grad * g, g_v_ptr), mask=m)
+
+
+# ---- single launch forward (fused finish) ------------------------------------------------------------------
+# Row buffer ``row`` (compute dtype, 7B): [0:B] k_u, [B:2B] k_d, [2B:3B] a, [3B:4B] b (the backward's per-row
+# constants), [4B:5B] per-sample loss, [5B:6B] r - 1, [6B:7B] clipped (the batch finish's inputs).
+
+@triton.jit
+def policy_loss_fwd_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, adv_ptr, old_lp_ptr, part_ptr, row_ptr, cnt_ptr,
+                           loss_ptr, stats_ptr,
+                           sig_ptr, nxt_ptr, sigma: tl.float64, sigma_next: tl.float64, eta: tl.float64,
+                           lo: tl.float64, hi: tl.float64, adv_max: tl.float64,
+                           B, D, C, NP,
+                           DYNAMICS: tl.constexpr, PER_SAMPLE: tl.constexpr, OLD: tl.constexpr,
+                           METHOD: tl.constexpr, BETA_DT: tl.constexpr,
+                           BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr, ITERS: tl.constexpr,
+                           CP: tl.constexpr, LOG_CP: tl.constexpr, RB: tl.constexpr, LOG_RB: tl.constexpr):
+    """The whole forward in one launch. Program p reduces chunk p % C of row p // C (as policy_loss_reduce_kernel
+    does: partials of sum u*Delta, sum Delta^2, or sum (x'-mu)^2 for OLD 0), then takes a ticket on its row's
+    counter; the last program of a row sums the row's C partials in a fixed order and finishes the row
+    (:func:`_finish_row`); the last row to finish takes a ticket on the batch counter and finishes the batch
+    (:func:`_finish_batch`). Sums never depend on which program arrives last, so results are bitwise
+    reproducible. cnt (int32, B + 1) must be zero at launch and is zero again after it."""
+    pid, row, start, base = chunk_of_program(C, D, BLOCK, ITERS)
+    CD: tl.constexpr = part_ptr.dtype.element_ty
+    lanes = tl.arange(0, BLOCK)
+    # the first tile's loads go out before the float64 coefficient math, which then overlaps them
+    offs = start + lanes
+    m = offs < D
+    x = tl.load(x_ptr + base + offs, mask=m, other=0.0).to(CD)
+    v = tl.load(v_ptr + base + offs, mask=m, other=0.0).to(CD)
+    xp = tl.load(xp_ptr + base + offs, mask=m, other=0.0).to(CD)
+    if OLD != 0:
+        o = tl.load(old_ptr + base + offs, mask=m, other=0.0).to(CD)
+    std_dev_t, std, a64, b64, beta, dt = row_step_coefficients(sig_ptr, nxt_ptr, sigma, sigma_next, eta, row,
+                                                               DYNAMICS, PER_SAMPLE)
+    a = a64.to(CD)
+    b = b64.to(CD)
+    acc1 = tl.zeros([BLOCK], CD)
+    acc2 = tl.zeros([BLOCK], CD)
+    for it in tl.static_range(ITERS):
+        if it > 0:
+            offs = start + it * BLOCK + lanes
+            m = offs < D
+            x = tl.load(x_ptr + base + offs, mask=m, other=0.0).to(CD)
+            v = tl.load(v_ptr + base + offs, mask=m, other=0.0).to(CD)
+            xp = tl.load(xp_ptr + base + offs, mask=m, other=0.0).to(CD)
+            if OLD != 0:
+                o = tl.load(old_ptr + base + offs, mask=m, other=0.0).to(CD)
+        if OLD == 0:
+            acc1 = accumulate_sq_dev(acc1, xp, transition_mean(x, v, a, b), m)
+        else:
+            if OLD == 1:
+                mu_old = o
+                delta = transition_mean(x, v, a, b) - mu_old
+            else:
+                mu_old = transition_mean(x, o, a, b)
+                delta = b * (v - o)
+            u = xp - mu_old
+            acc1 += tl.where(m, u * delta, 0.0)
+            acc2 += tl.where(m, delta * delta, 0.0)
+    tl.store(part_ptr + pid, tree_sum(acc1, LOG_BLOCK))
+    if OLD != 0:
+        tl.store(part_ptr + NP + pid, tree_sum(acc2, LOG_BLOCK))
+    if last_to_arrive(cnt_ptr + row, C):
+        tl.store(cnt_ptr + row, 0)
+        _finish_row(part_ptr, adv_ptr, old_lp_ptr, row_ptr, stats_ptr, row, std, b64, beta, dt, a, b,
+                    lo, hi, adv_max, B, D, C, NP, DYNAMICS, OLD, METHOD, BETA_DT, CP, LOG_CP)
+        if last_to_arrive(cnt_ptr + B, B):
+            tl.store(cnt_ptr + B, 0)
+            _finish_batch(row_ptr, stats_ptr, loss_ptr, B, RB, LOG_RB)
+
+
+@triton.jit
+def _finish_row(part_ptr, adv_ptr, old_lp_ptr, row_ptr, stats_ptr, row, std64, b64, beta64, dt64, a, b,
+                lo, hi, adv_max, B, D, C, NP,
+                DYNAMICS: tl.constexpr, OLD: tl.constexpr, METHOD: tl.constexpr, BETA_DT: tl.constexpr,
+                CP: tl.constexpr, LOG_CP: tl.constexpr):
+    """One row, in the compute dtype CD as reference.log_ratios / clipped_surrogate compute it; float64 only
+    for the clip decision (the log-ratio against log(1 +- eps)) and the weight (reference.sample_weights).
+    Writes log_ratio (stats[4 + row]), bias (stats[4 + B + row]) and the row buffer (k_u, k_d, a, b, loss, r - 1,
+    clipped). grad_v = (k_u*u + k_d*Delta) * grad_loss; k_u, k_d follow autograd's max/clamp rule (ties 1/2)."""
+    CD: tl.constexpr = a.dtype
+    s = std64.to(CD)
+    var = s * s
+    lo = lo + tl.zeros([], tl.float64)  # exact float64 in both modes (see common.load_sigmas)
+    hi = hi + tl.zeros([], tl.float64)
+    adv_max = adv_max + tl.zeros([], tl.float64)
+    if OLD == 0:
+        lp = log_prob_from_sum(row_total(part_ptr, row, C, CP, LOG_CP), D, s, DYNAMICS)
+        lr = lp - tl.load(old_lp_ptr + row).to(CD)
+        # d lr / d mu_j = (x'-mu)_j / (s^2 D)  (cps: 2 (x'-mu)_j / D)
+        if DYNAMICS == CPS:
+            c1 = 2.0 + var * 0.0
+        else:
+            c1 = 1.0 / var
+        c2 = var * 0.0
+    else:
+        s1 = row_total(part_ptr, row, C, CP, LOG_CP) / D
+        s2 = row_total(part_ptr + NP, row, C, CP, LOG_CP) / D
+        if DYNAMICS == CPS:
+            plain = 2.0 * s1 - s2
+            bias = s2
+            c_s1 = 2.0 + var * 0.0
+            c_s2 = -1.0 + var * 0.0
+        else:
+            plain = (s1 - 0.5 * s2) / var
+            bias = s2 / (2.0 * var)
+            c_s1 = 1.0 / var
+            c_s2 = -0.5 / var
+        if METHOD == 0:
+            lr = plain
+            c1 = c_s1
+            c2 = c_s2
+        elif METHOD == 1:
+            lr = plain + bias
+            c1 = c_s1
+            c2 = var * 0.0
+        else:
+            lr = s1 / s
+            c1 = 1.0 / s
+            c2 = var * 0.0
+        tl.store(stats_ptr + 4 + B + row, bias)
+    tl.store(stats_ptr + 4 + row, lr)
+    # clipped surrogate; the clip decision in float64 (exact: lr is a CD number, lo/hi float64 log(1 +- eps))
+    lr64 = lr.to(tl.float64)
+    adv = tl.minimum(tl.maximum(tl.load(adv_ptr + row).to(tl.float64), -adv_max), adv_max).to(CD)
+    ratio = tl.exp(lr)
+    ratio_c = tl.exp(tl.minimum(tl.maximum(lr64, lo), hi).to(CD))
+    if METHOD == 3:
+        w64 = 1.0 / tl.abs(dt64)
+        if BETA_DT:
+            w64 = w64 * beta64
+        w = w64.to(CD)
+    else:
+        w = var * 0.0 + 1.0
+    pa = -adv * ratio
+    pc = -adv * ratio_c
+    per = tl.maximum(pa, pc, propagate_nan=tl.PropagateNan.ALL) * w
+    in_range = (lr64 >= lo) & (lr64 <= hi)
+    ga = tl.where(pa > pc, 1.0, tl.where(pa == pc, 0.5, 0.0))
+    gb = tl.where(pa < pc, 1.0, tl.where(pa == pc, 0.5, 0.0))
+    d_lr = (w / B) * (ga * pa + tl.where(in_range, gb * pc, 0.0))
+    # grad_v_j = d_lr * (c1 * dS1/dv_j + c2 * dS2/dv_j),  dS1/dv = b u / D,  dS2/dv = 2 b Delta / D
+    tl.store(row_ptr + row, d_lr * c1 * b / D)
+    tl.store(row_ptr + B + row, d_lr * c2 * 2.0 * b / D)
+    tl.store(row_ptr + 2 * B + row, a)
+    tl.store(row_ptr + 3 * B + row, b)
+    tl.store(row_ptr + 4 * B + row, per)
+    tl.store(row_ptr + 5 * B + row, expm1_cd(lr))
+    tl.store(row_ptr + 6 * B + row, tl.where((lr64 > hi) | (lr64 < lo), 1.0, 0.0).to(CD))
+
+
+@triton.jit
+def _finish_batch(row_ptr, stats_ptr, loss_ptr, B, RB: tl.constexpr, LOG_RB: tl.constexpr):
+    """loss = mean_i per-sample loss; stats[0:4] = ratio mean, population std (two passes over r - 1, as
+    reference.summarize), clip fraction, approx KL = mean(lr^2)/2. Rows RB at a time, fixed-order sums."""
+    CD: tl.constexpr = loss_ptr.dtype.element_ty
+    s_loss = tl.zeros([RB], CD)
+    s_exc = tl.zeros([RB], CD)
+    s_clip = tl.zeros([RB], CD)
+    s_lr2 = tl.zeros([RB], CD)
+    for r0 in range(0, B, RB):
+        rows = r0 + tl.arange(0, RB)
+        rm = rows < B
+        s_loss += tl.load(row_ptr + 4 * B + rows, mask=rm, other=0.0, cache_modifier=".cg")
+        s_exc += tl.load(row_ptr + 5 * B + rows, mask=rm, other=0.0, cache_modifier=".cg")
+        s_clip += tl.load(row_ptr + 6 * B + rows, mask=rm, other=0.0, cache_modifier=".cg")
+        lr = tl.load(stats_ptr + 4 + rows, mask=rm, other=0.0, cache_modifier=".cg")
+        s_lr2 += lr * lr
+    mean_exc = tree_sum(s_exc, LOG_RB) / B
+    s_dev = tl.zeros([RB], CD)
+    for r0 in range(0, B, RB):
+        rows = r0 + tl.arange(0, RB)
+        rm = rows < B
+        dev = tl.load(row_ptr + 5 * B + rows, mask=rm, other=0.0, cache_modifier=".cg") - mean_exc
+        s_dev += tl.where(rm, dev * dev, 0.0)
+    tl.store(loss_ptr, tree_sum(s_loss, LOG_RB) / B)
+    tl.store(stats_ptr, 1.0 + mean_exc)
+    var_exc = tree_sum(s_dev, LOG_RB) / B
+    if CD == tl.float64:
+        std_exc = tl.sqrt(var_exc)
+    else:
+        std_exc = tl.sqrt_rn(var_exc)  # tl.sqrt is approximate in float32
+    tl.store(stats_ptr + 1, std_exc)
+    tl.store(stats_ptr + 2, tree_sum(s_clip, LOG_RB) / B)
+    tl.store(stats_ptr + 3, 0.5 * (tree_sum(s_lr2, LOG_RB) / B))
+
+
+@triton.jit
+def policy_loss_bwd_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, row_ptr, g_loss_ptr, g_v_ptr,
+                           B, D, C,
+                           OLD: tl.constexpr, NEED_DELTA: tl.constexpr,
+                           BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """grad_v = (k_u*u + k_d*Delta) * grad_loss, elementwise, with the per-row constants (k_u, k_d, a, b) the
+    forward left in the row buffer (no float64 here); grad_loss (0-dim) is read here, not multiplied by another
+    launch. NEED_DELTA is False when k_d == 0 (then v is not read for OLD 1, 2)."""
+    pid, row, start, base = chunk_of_program(C, D, BLOCK, ITERS)
+    CD: tl.constexpr = row_ptr.dtype.element_ty
+    lanes = tl.arange(0, BLOCK)
+    k_u = tl.load(row_ptr + row)
+    k_d = tl.load(row_ptr + B + row)
+    a = tl.load(row_ptr + 2 * B + row)
+    b = tl.load(row_ptr + 3 * B + row)
+    g = tl.load(g_loss_ptr).to(CD)
+    for it in tl.static_range(ITERS):
+        offs = start + it * BLOCK + lanes
         m = offs < D
         xp = tl.load(xp_ptr + base + offs, mask=m, other=0.0).to(CD)
         if OLD == 0:

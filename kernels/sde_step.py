@@ -8,8 +8,9 @@ the mean pointer (float32, or float64 for float64 inputs).
 import triton
 import triton.language as tl
 
-from .common import (CPS, accumulate_sq_dev, chunk_of_program, load_sigmas, log_prob_from_total, rounded_for,
-                     row_step_coefficients, row_totals, step_coefficients, transition_mean, tree_sum)
+from .common import (CPS, accumulate_sq_dev, chunk_of_program, last_to_arrive, load_sigmas, log_prob_from_sum,
+                     log_prob_from_total, rounded_for, row_step_coefficients, row_total, row_totals,
+                     step_coefficients, transition_mean, tree_sum)
 
 
 @triton.jit
@@ -96,6 +97,111 @@ def sde_step_backward_kernel(xp_ptr, mean_ptr, g_prev_ptr, g_mean_ptr, g_lp_ptr,
         if HAS_G_LP:
             xp = tl.load(xp_ptr + base + offs, mask=m, other=0.0).to(CD)
             mu = tl.load(mean_ptr + base + offs, mask=m, other=0.0)
+            g += k * (xp - mu)
+        if NEED_G_V:
+            tl.store(g_v_ptr + base + offs, rounded_for(b * g, g_v_ptr), mask=m)
+        if NEED_G_X:
+            tl.store(g_x_ptr + base + offs, rounded_for(a * g, g_x_ptr), mask=m)
+
+
+# ---- single launch forward (fused finish) ------------------------------------------------------------------
+# Row buffer ``row`` (compute dtype, 3B): [0:B] a, [B:2B] b, [2B:3B] k = 1/(s^2 D) (cps: 2/D), the backward's
+# per-row constants.
+
+@triton.jit
+def sde_step_fwd_kernel(v_ptr, x_ptr, xp_ptr, z_ptr, xp_out_ptr, mean_ptr, part_ptr, row_ptr, cnt_ptr,
+                        log_prob_ptr, std_dev_t_ptr,
+                        sig_ptr, nxt_ptr, sigma: tl.float64, sigma_next: tl.float64, eta: tl.float64,
+                        B, D, C,
+                        DYNAMICS: tl.constexpr, PER_SAMPLE: tl.constexpr, ROLLOUT: tl.constexpr,
+                        WRITE_MEAN: tl.constexpr, BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr,
+                        ITERS: tl.constexpr, CP: tl.constexpr, LOG_CP: tl.constexpr):
+    """The whole forward in one launch. Program p handles chunk p % C of row p // C: mu = a*x + b*v (-> mean
+    if WRITE_MEAN); rollout: x' = round(mu + s*z) -> xp_out; the chunk's sum of (x'-mu)^2 (x' as stored) ->
+    part[p], by policy_loss_fwd_kernel's helpers and chunking (so old_log_prob - log p_theta is exactly 0
+    on-policy). The last program of a row (ticket on cnt[row]) sums the row's partials in a fixed order and
+    writes log_prob, std_dev_t and the row buffer. cnt (int32, >= B) is zero at launch and again after it."""
+    pid, row, start, base = chunk_of_program(C, D, BLOCK, ITERS)
+    CD: tl.constexpr = part_ptr.dtype.element_ty
+    lanes = tl.arange(0, BLOCK)
+    offs = start + lanes
+    m = offs < D
+    x = tl.load(x_ptr + base + offs, mask=m, other=0.0).to(CD)
+    v = tl.load(v_ptr + base + offs, mask=m, other=0.0).to(CD)
+    if ROLLOUT:
+        z = tl.load(z_ptr + base + offs, mask=m, other=0.0).to(CD)
+    else:
+        xp = tl.load(xp_ptr + base + offs, mask=m, other=0.0).to(CD)
+    std_dev_t, std, a64, b64, _, _ = row_step_coefficients(sig_ptr, nxt_ptr, sigma, sigma_next, eta, row, DYNAMICS,
+                                                           PER_SAMPLE)
+    a = a64.to(CD)
+    b = b64.to(CD)
+    s = std.to(CD)
+    acc = tl.zeros([BLOCK], CD)
+    for it in tl.static_range(ITERS):
+        if it > 0:
+            offs = start + it * BLOCK + lanes
+            m = offs < D
+            x = tl.load(x_ptr + base + offs, mask=m, other=0.0).to(CD)
+            v = tl.load(v_ptr + base + offs, mask=m, other=0.0).to(CD)
+            if ROLLOUT:
+                z = tl.load(z_ptr + base + offs, mask=m, other=0.0).to(CD)
+            else:
+                xp = tl.load(xp_ptr + base + offs, mask=m, other=0.0).to(CD)
+        mu = transition_mean(x, v, a, b)
+        if WRITE_MEAN:
+            tl.store(mean_ptr + base + offs, mu, mask=m)
+        if ROLLOUT:
+            stored = rounded_for(mu + s * z, xp_out_ptr)
+            tl.store(xp_out_ptr + base + offs, stored, mask=m)
+            xp = stored.to(CD)
+        acc = accumulate_sq_dev(acc, xp, mu, m)
+    tl.store(part_ptr + pid, tree_sum(acc, LOG_BLOCK))
+    if last_to_arrive(cnt_ptr + row, C):
+        tl.store(cnt_ptr + row, 0)
+        tl.store(log_prob_ptr + row, log_prob_from_sum(row_total(part_ptr, row, C, CP, LOG_CP), D, s, DYNAMICS))
+        tl.store(std_dev_t_ptr + row, std_dev_t.to(CD))
+        tl.store(row_ptr + row, a)
+        tl.store(row_ptr + B + row, b)
+        if DYNAMICS == CPS:
+            k = 2.0 / D + std * 0.0
+        else:
+            k = 1.0 / (std * std * D)
+        tl.store(row_ptr + 2 * B + row, k.to(CD))
+
+
+@triton.jit
+def sde_step_bwd_kernel(v_ptr, x_ptr, xp_ptr, mean_ptr, row_ptr, g_prev_ptr, g_mean_ptr, g_lp_ptr, g_v_ptr, g_x_ptr,
+                        B, D, C,
+                        HAS_MEAN: tl.constexpr, HAS_G_PREV: tl.constexpr, HAS_G_MEAN: tl.constexpr,
+                        HAS_G_LP: tl.constexpr, NEED_G_V: tl.constexpr, NEED_G_X: tl.constexpr,
+                        BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """g_mu = g_prev + g_mean + g_lp_i * k_i * (x' - mu); g_v = b*g_mu, g_x = a*g_mu (x' is a constant of
+    log_prob), with a, b, k from the forward's row buffer. mu is read from the saved mean (HAS_MEAN) or
+    recomputed from x and v bit for bit (the same expression and constants as the forward)."""
+    pid, row, start, base = chunk_of_program(C, D, BLOCK, ITERS)
+    CD: tl.constexpr = row_ptr.dtype.element_ty
+    lanes = tl.arange(0, BLOCK)
+    a = tl.load(row_ptr + row)
+    b = tl.load(row_ptr + B + row)
+    if HAS_G_LP:
+        k = tl.load(g_lp_ptr + row).to(CD) * tl.load(row_ptr + 2 * B + row)
+    for it in tl.static_range(ITERS):
+        offs = start + it * BLOCK + lanes
+        m = offs < D
+        g = tl.zeros([BLOCK], CD)
+        if HAS_G_PREV:
+            g += tl.load(g_prev_ptr + base + offs, mask=m, other=0.0).to(CD)
+        if HAS_G_MEAN:
+            g += tl.load(g_mean_ptr + base + offs, mask=m, other=0.0).to(CD)
+        if HAS_G_LP:
+            xp = tl.load(xp_ptr + base + offs, mask=m, other=0.0).to(CD)
+            if HAS_MEAN:
+                mu = tl.load(mean_ptr + base + offs, mask=m, other=0.0)
+            else:
+                x = tl.load(x_ptr + base + offs, mask=m, other=0.0).to(CD)
+                v = tl.load(v_ptr + base + offs, mask=m, other=0.0).to(CD)
+                mu = transition_mean(x, v, a, b)
             g += k * (xp - mu)
         if NEED_G_V:
             tl.store(g_v_ptr + base + offs, rounded_for(b * g, g_v_ptr), mask=m)

@@ -20,6 +20,10 @@ from grpo_guard.kernels import sde_step as SDE
 TARGET = GPUTarget("cuda", 90, 32)
 BLOCK, LOG_BLOCK, CP, LOG_CP, RB = 1024, 10, 64, 6, 8
 OPTIONS = {"num_warps": 4, "enable_fp_fusion": False}  # what the wrappers launch with
+# the single-launch kernels at their wan_480p geometry (triton_launch.fused_geometry: 4096 x 1, 512 chunks, 8 warps)
+FUSED = dict(BLOCK=4096, LOG_BLOCK=12, ITERS=1)
+FUSED_FINISH = dict(CP=512, LOG_CP=9)
+FUSED_OPTIONS = {"num_warps": 8, "enable_fp_fusion": False}
 
 
 def pointer_types(T, CD):
@@ -27,11 +31,46 @@ def pointer_types(T, CD):
     return {"v_ptr": T, "x_ptr": T, "xp_ptr": T, "xp_out_ptr": T, "z_ptr": CD, "mean_ptr": CD, "part_ptr": CD,
             "log_prob_ptr": CD, "std_dev_t_ptr": CD, "g_prev_ptr": T, "g_mean_ptr": CD, "g_lp_ptr": CD,
             "g_v_ptr": T, "g_x_ptr": T, "sig_ptr": "fp64", "nxt_ptr": "fp64", "adv_ptr": "fp32",
-            "old_lp_ptr": CD, "coef_ptr": CD, "loss_ptr": CD, "stats_ptr": CD, "g_loss_ptr": CD}
+            "old_lp_ptr": CD, "coef_ptr": CD, "loss_ptr": CD, "stats_ptr": CD, "g_loss_ptr": CD, "row_ptr": CD,
+            "cnt_ptr": "i32"}
 
 
 def variants(T, full):
-    """(kernel, label, constexprs, extra pointer types). ``full``: every OLD/METHOD/dynamics variant too."""
+    """(kernel, label, constexprs, extra pointer types, options). ``full``: every OLD/METHOD/dynamics variant
+    too."""
+    for kernel, label, constexprs, extra in split_variants(T, full):
+        yield kernel, label, constexprs, extra, OPTIONS
+    for kernel, label, constexprs, extra in fused_variants(T, full):
+        yield kernel, label, constexprs, extra, FUSED_OPTIONS
+
+
+def fused_variants(T, full):
+    """The single-launch forwards and their elementwise backwards."""
+    CD = "fp64" if T == "fp64" else "fp32"
+    dyns = (0, 1, 2) if full else (0,)
+    for dyn in dyns:
+        for rollout, mean in ((True, False), (True, True), (False, True)) if full or dyn == 0 else ((True, False),):
+            yield SDE.sde_step_fwd_kernel, f"dyn{dyn}-rollout{int(rollout)}-mean{int(mean)}", dict(
+                DYNAMICS=dyn, PER_SAMPLE=True, ROLLOUT=rollout, WRITE_MEAN=mean, **FUSED, **FUSED_FINISH), {}
+    for has_mean in (True, False):
+        yield SDE.sde_step_bwd_kernel, f"mean{int(has_mean)}", dict(
+            HAS_MEAN=has_mean, HAS_G_PREV=True, HAS_G_MEAN=has_mean, HAS_G_LP=True, NEED_G_V=True, NEED_G_X=True,
+            BLOCK=FUSED["BLOCK"], ITERS=FUSED["ITERS"]), {}
+    for old in (0, 1, 2) if full else (2,):
+        old_ty = {"old_ptr": CD if old == 1 else T}
+        methods = (0,) if old == 0 else ((0, 1, 2, 3) if full else (3,))
+        for method in methods:
+            for dyn in (dyns if method in (0, 3) else (0,)):
+                yield PL.policy_loss_fwd_kernel, f"old{old}-method{method}-dyn{dyn}", dict(
+                    DYNAMICS=dyn, PER_SAMPLE=not full or dyn != 2, OLD=old, METHOD=method, BETA_DT=method == 3,
+                    RB=16, LOG_RB=4, **FUSED, **FUSED_FINISH), old_ty
+        for need_delta in ((False, True) if old else (False,)):
+            yield PL.policy_loss_bwd_kernel, f"old{old}-delta{int(need_delta)}", dict(
+                OLD=old, NEED_DELTA=need_delta, BLOCK=FUSED["BLOCK"], ITERS=FUSED["ITERS"]), old_ty
+
+
+def split_variants(T, full):
+    """The split forwards (reduce + finish) and their backwards."""
     CD = "fp64" if T == "fp64" else "fp32"
     geo = dict(BLOCK=BLOCK, LOG_BLOCK=LOG_BLOCK)
     fin = dict(RB=RB, CP=CP, LOG_CP=LOG_CP)
@@ -76,7 +115,7 @@ def signature(kernel, T, constexprs, extra):
     return sig
 
 
-def compile_one(kernel, T, constexprs, extra):
+def compile_one(kernel, T, constexprs, extra, options=OPTIONS):
     """As a launch specializes it: pointers 16-byte aligned and D a multiple of 16 (the SPEC §7 shapes), which
     is what lets the loads vectorize."""
     sig = signature(kernel, T, constexprs, extra)
@@ -87,15 +126,15 @@ def compile_one(kernel, T, constexprs, extra):
     except (AssertionError, TypeError, KeyError):  # older layouts key constexprs by argument index
         idx = {(kernel.arg_names.index(k),): v for k, v in constexprs.items()}
         src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=idx, attrs=attrs)
-    return triton.compile(src, target=TARGET, options=OPTIONS)
+    return triton.compile(src, target=TARGET, options=options)
 
 
 def main(T, full):
     os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="grpo_guard_triton_cache_"))
-    for kernel, label, constexprs, extra in variants(T, full):
+    for kernel, label, constexprs, extra, options in variants(T, full):
         row = {"kernel": kernel.__name__ if hasattr(kernel, "__name__") else str(kernel), "variant": label}
         try:
-            c = compile_one(kernel, T, constexprs, extra)
+            c = compile_one(kernel, T, constexprs, extra, options)
             ptx = c.asm["ptx"]
             row.update(ok=True, cubin_bytes=len(c.asm["cubin"]), shared=int(c.metadata.shared),
                        sm90=".target sm_90" in ptx, vector_loads=ptx.count("ld.global.v"))

@@ -112,7 +112,7 @@ def sde_step(req: SDERequest) -> ref.SDEStep:
     outs = _SDEStepFn.apply(v, x, p, noise, _schedule(req), round_mode)
     log_prob, mean, std_dev_t = outs[:3]
     prev_out = outs[3].to(sample.dtype) if rollout else prev
-    return ref.SDEStep(prev_out, log_prob, mean, std_dev_t)
+    return ref.SDEStep(prev_out, log_prob, mean if req.return_mean else None, std_dev_t)
 
 
 class _PolicyLossFn(torch.autograd.Function):

@@ -29,10 +29,11 @@ class SDERequest:
     dynamics: str
     prev_sample: Optional[torch.Tensor]
     noise: Optional[torch.Tensor]  # given iff prev_sample is None; compute dtype
+    return_mean: bool = True
 
     def reference_kwargs(self):
         return dict(noise_level=self.noise_level, dynamics=self.dynamics, prev_sample=self.prev_sample,
-                    noise=self.noise)
+                    noise=self.noise, return_mean=self.return_mean)
 
 
 @dataclass
@@ -175,7 +176,7 @@ def _draw_noise(sample, dtype, generator):
 
 
 def sde_request(model_output, sample, sigma, sigma_next, *, noise_level, dynamics, prev_sample, generator,
-                noise, validate) -> SDERequest:
+                noise, validate, return_mean=True) -> SDERequest:
     B, eta, sig, nxt = _common(model_output, sample, sigma, sigma_next, noise_level, dynamics, validate)
     if prev_sample is not None:
         _latent("prev_sample", prev_sample, like=model_output)
@@ -190,7 +191,9 @@ def sde_request(model_output, sample, sigma, sigma_next, *, noise_level, dynamic
         else:
             _latent("noise", noise, like=model_output, allow_grad=False)
             noise = noise.to(cd)
-    return SDERequest(model_output, sample, sig, nxt, eta, dynamics, prev_sample, noise)
+    if not isinstance(return_mean, bool):
+        raise TypeError(f"return_mean must be a bool, got {type(return_mean).__name__}")
+    return SDERequest(model_output, sample, sig, nxt, eta, dynamics, prev_sample, noise, return_mean)
 
 
 def loss_request(model_output, sample, prev_sample, sigma, sigma_next, advantages, *, old_log_prob,

@@ -6,6 +6,7 @@ on-policy (sde_step's reduce and policy_loss's reduce use the same geometry and 
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -21,6 +22,16 @@ MIN_PROGRAMS = 64          # aim: at least this many programs per sample ...
 MAX_ITERS = 4              # ... each at most MAX_ITERS * COMPILED_BLOCK elements (benchmarks/tune_triton.py)
 INTERPRETED_BLOCK = 1 << 16  # the interpreter pays per program and iteration, not per element
 LAUNCH_OPTIONS = {"enable_fp_fusion": False}  # no FMA contraction: mu rounds identically in every kernel
+
+# The single-launch forward (fused finish, ``*_fwd_kernel`` / ``*_bwd_kernel``): opt-in until the GPU test suite
+# has passed with it (GRPO_GUARD_TRITON_FUSED=1, or set FUSED). Its geometry knobs (benchmarks/tune_triton.py):
+FUSED = os.environ.get("GRPO_GUARD_TRITON_FUSED", "0").strip() == "1"
+FUSED_BLOCK_MIN = 1024       # elements per program and iteration, at least ...
+FUSED_BLOCK_MAX = 4096       # ... and at most
+FUSED_MIN_PROGRAMS = 64      # programs per sample to aim for, within those bounds
+FUSED_MAX_CHUNKS = 2048      # partials per sample: beyond, a program loops over ITERS (constexpr) blocks
+FUSED_ELEMS_PER_THREAD = 16  # num_warps = BLOCK / (32 * this), within [1, 16]
+FINISH_ROWS_MAX = 1024       # rows per tile of the batch finish
 
 
 def interpreted() -> bool:
@@ -69,3 +80,58 @@ def sigma_args(sigma, sigma_next, dummy: torch.Tensor):
 def flat(t: torch.Tensor) -> torch.Tensor:
     """Contiguous view (copy only if needed) of a latent tensor; kernels index it as flat (B, D)."""
     return t if t.is_contiguous() else t.contiguous()
+
+
+class FusedGeometry(NamedTuple):
+    block: int       # BLOCK (power of 2): elements per program and iteration
+    log_block: int
+    iters: int       # ITERS (constexpr, a power of 2): blocks per program
+    chunks: int      # C: programs per sample
+    cp: int          # next power of 2 >= C
+    log_cp: int
+    num_warps: int
+
+
+def fused_geometry(D: int) -> FusedGeometry:
+    """Grid of the single-launch kernels: B*C programs, each ITERS*BLOCK elements of one sample. A function of
+    D alone (and of interpreter vs compiled): a sample's sums never depend on its batch, and sde_step and
+    policy_loss sum the same sample the same way (the on-policy log-ratio is exactly 0)."""
+    if interpreted():
+        block = max(16, min(triton.next_power_of_2(D), INTERPRETED_BLOCK))
+        warps = 4
+    else:
+        block = triton.next_power_of_2(triton.cdiv(D, FUSED_MIN_PROGRAMS))
+        block = min(FUSED_BLOCK_MAX, max(FUSED_BLOCK_MIN, block))
+        warps = min(16, max(1, block // (32 * FUSED_ELEMS_PER_THREAD)))
+    iters = triton.next_power_of_2(triton.cdiv(D, block * FUSED_MAX_CHUNKS))
+    chunks = triton.cdiv(D, block * iters)
+    cp = triton.next_power_of_2(chunks)
+    return FusedGeometry(block, block.bit_length() - 1, iters, chunks, cp, cp.bit_length() - 1, warps)
+
+
+def finish_rows(B: int):
+    """(RB, log2 RB): rows per tile of the batch finish, the next power of 2 of B (one tile) up to
+    FINISH_ROWS_MAX."""
+    rb = min(triton.next_power_of_2(B), FINISH_ROWS_MAX)
+    return rb, rb.bit_length() - 1
+
+
+_COUNTERS = {}
+
+
+def counters(device: torch.device, n: int) -> torch.Tensor:
+    """An int32 buffer of at least ``n`` zeros for the kernels' arrival tickets. The kernels leave it zero, so
+    one buffer per (device, stream) is reused by every launch on that stream (stream order keeps launches
+    apart). Under CUDA-graph capture each call gets its own buffer (a memset node of the graph), so a graph's
+    replays never share counters with work outside it."""
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(n, dtype=torch.int32, device=device)
+        key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    else:
+        key = (device.type, device.index)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
