@@ -108,7 +108,9 @@ __device__ void finalize_sample(int64_t i, TC s1, TC s2, int64_t D, int64_t B, c
   // tie evenly between its arguments, clamp() passes the gradient on [lo, hi] only
   const TC lo = static_cast<TC>(cfg.clip_lo), hi = static_cast<TC>(cfg.clip_hi);
   const TC m = static_cast<TC>(cfg.adv_clip_max);
-  const TC A = fmin(fmax(adv[i], -m), m);
+  // torch.clamp and torch.maximum keep NaN; fmin/fmax would drop it (a NaN advantage or log-ratio must give a
+  // NaN loss, never a finite one)
+  const TC A = isnan(adv[i]) ? adv[i] : fmin(fmax(adv[i], -m), m);
   const TC r = exp_(lr), rc = exp_(fmin(fmax(lr, lo), hi));
   const TC cand = -A * r, cand_c = -A * rc;
   double w = 1.0;  // reference.sample_weights, float64 then cast
@@ -125,7 +127,7 @@ __device__ void finalize_sample(int64_t i, TC s1, TC s2, int64_t D, int64_t B, c
   coefs[2 * i + 1] = dlr * k2;
   work[i] = expm1_(lr);  // r - 1 without float32's 6e-8 resolution near 1 (reference.summarize)
   work[B + i] = (lr > hi || lr < lo) ? TC(1) : TC(0);
-  work[2 * B + i] = fmax(cand, cand_c) * wt;
+  work[2 * B + i] = (isnan(cand) || isnan(cand_c) ? cand + cand_c : fmax(cand, cand_c)) * wt;
 }
 
 // Kernel 2, one block: warps take samples (sums in sde_step's order), then thread 0 reduces over the batch

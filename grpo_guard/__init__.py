@@ -9,7 +9,8 @@ The math is SPEC.md, implemented once in :mod:`grpo_guard.reference`.
 """
 from .api import SDEStep, group_advantages, kl_to_reference, policy_loss, sde_step
 from .dispatch import BackendUnavailable, available_backends, backend, last_backend
+from .ops.errors import InvalidInputError, check_errors
 
 __version__ = "0.1.0"
 __all__ = ["sde_step", "policy_loss", "group_advantages", "kl_to_reference", "SDEStep", "backend", "last_backend",
-           "available_backends", "BackendUnavailable", "__version__"]
+           "available_backends", "BackendUnavailable", "check_errors", "InvalidInputError", "__version__"]

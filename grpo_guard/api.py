@@ -7,7 +7,7 @@ import torch
 
 from . import dispatch
 from . import reference as ref
-from .ops import requests
+from .ops import errors, requests
 
 SDEStep = ref.SDEStep
 
@@ -15,7 +15,7 @@ SDEStep = ref.SDEStep
 def sde_step(model_output: torch.Tensor, sample: torch.Tensor, sigma, sigma_next, noise_level: float = 0.7,
              dynamics: str = "flow", prev_sample: Optional[torch.Tensor] = None,
              generator: Optional[torch.Generator] = None, *, noise: Optional[torch.Tensor] = None,
-             return_mean: bool = True, validate: bool = True) -> SDEStep:
+             return_mean: bool = True, validate: Union[bool, str] = True) -> SDEStep:
     """One SDE step of the denoising loop and its log-probability (SPEC §2).
 
     Args:
@@ -27,7 +27,9 @@ def sde_step(model_output: torch.Tensor, sample: torch.Tensor, sigma, sigma_next
             or takes ``noise`` (standard normal, same shape).
         return_mean: False skips prev_sample_mean (returned as None): a latent-sized float32 write the
             fused kernels then do not make (a rollout that keeps x' and log_prob only).
-        validate: check per-sample values (one host sync for tensor sigmas).
+        validate: True (default): tensor sigmas are checked on the device, no host sync: a sample whose sigmas
+            are out of range gets a NaN log_prob and :func:`grpo_guard.check_errors` raises, naming the
+            argument. "sync": checked at once (a host sync; debugging). False: not checked.
 
     Returns ``SDEStep(prev_sample, log_prob, prev_sample_mean, std_dev_t)``:
         prev_sample (sample's dtype), log_prob (B,) = mean over latent dims (float32, float64 for float64
@@ -45,7 +47,7 @@ def policy_loss(model_output: torch.Tensor, sample: torch.Tensor, prev_sample: t
                 old_prev_sample_mean: Optional[torch.Tensor] = None,
                 old_model_output: Optional[torch.Tensor] = None, noise_level: float = 0.7,
                 dynamics: str = "flow", method: str = "guard", clip_range: float = 2e-6,
-                adv_clip_max: float = 5.0, guard_weight: str = "dt", validate: bool = True):
+                adv_clip_max: float = 5.0, guard_weight: str = "dt", validate: Union[bool, str] = True):
     """The clipped policy loss of one trained timestep, fused from the velocity to the scalar (SPEC §4-6).
 
     ``loss = mean_i w_i * max(-A_i rho_i, -A_i clip(rho_i, 1-eps, 1+eps))``, A clamped to +-adv_clip_max,
@@ -62,6 +64,11 @@ def policy_loss(model_output: torch.Tensor, sample: torch.Tensor, prev_sample: t
 
     Returns ``(loss, stats)``: loss 0-dim; stats detached: ratio_mean, ratio_std, clipfrac, approx_kl
     (0-dim), log_ratio (B,) and bias (B,) when an old mean is known.
+
+    validate: True (default): advantages, old_log_prob and tensor sigmas are checked on the device, no host
+    sync: if a sample fails, the loss (and its gradient) and that sample's log_ratio are NaN and
+    :func:`grpo_guard.check_errors` raises, naming the argument. "sync": checked at once (host syncs; debugging).
+    False: not checked. Python-number arguments are always checked on the host.
     """
     req = requests.loss_request(model_output, sample, prev_sample, sigma, sigma_next, advantages,
                                 old_log_prob=old_log_prob, old_prev_sample_mean=old_prev_sample_mean,
@@ -72,24 +79,30 @@ def policy_loss(model_output: torch.Tensor, sample: torch.Tensor, prev_sample: t
 
 
 def group_advantages(rewards: torch.Tensor, group_ids: Union[torch.Tensor, Sequence], global_std: bool = False,
-                     eps: float = 1e-4) -> torch.Tensor:
+                     eps: float = 1e-4, *, validate: Union[bool, str] = True) -> torch.Tensor:
     """Group-relative advantages (SPEC §3): ``A_i = (r_i - mean_g r) / (std + eps)``, population std of the
     group (or of the whole batch with ``global_std``).
 
-    rewards: (N,) floating tensor, finite. group_ids: (N,) integer tensor, or a sequence of hashables (e.g.
-    the prompts) that defines the groups. Returns (N,) float32 (float64 for float64 rewards).
+    rewards: (N,) floating tensor, finite. group_ids: (N,) integer tensor on any device, or a sequence of
+    hashables (e.g. the prompts) that defines the groups. Returns (N,) float32 (float64 for float64 rewards).
+    No host synchronization: non-finite rewards give NaN advantages (their group's) and are reported by
+    :func:`grpo_guard.check_errors` (``validate=True``), or raise at once (``validate="sync"``).
     """
     if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1 or not rewards.is_floating_point():
         raise ValueError("rewards must be a 1-D floating tensor, got "
                          f"{type(rewards).__name__}{tuple(getattr(rewards, 'shape', ()))}")
     if rewards.numel() == 0:
         raise ValueError("rewards is empty")
-    if not bool(torch.isfinite(rewards).all()):
+    mode = requests.validate_mode(validate)
+    if mode == "sync" and not bool(torch.isfinite(rewards).all()):
         bad = torch.nonzero(~torch.isfinite(rewards)).flatten().tolist()
         raise ValueError(f"rewards has non-finite values at indices {bad}")
+    if mode == "device":
+        errors.flag(errors.GROUP_ADVANTAGES, [~torch.isfinite(rewards)], rewards.device)
     if not isinstance(group_ids, torch.Tensor):
         index = {}
-        group_ids = torch.tensor([index.setdefault(g, len(index)) for g in group_ids], device=rewards.device)
+        ids = torch.tensor([index.setdefault(g, len(index)) for g in group_ids])
+        group_ids = ids.pin_memory().to(rewards.device, non_blocking=True) if rewards.is_cuda else ids
     if group_ids.shape != rewards.shape:
         raise ValueError(f"group_ids must have the shape of rewards {tuple(rewards.shape)}, got "
                          f"{tuple(group_ids.shape)}")
@@ -98,7 +111,8 @@ def group_advantages(rewards: torch.Tensor, group_ids: Union[torch.Tensor, Seque
     eps = float(eps)
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
-    return ref.group_advantages(rewards, group_ids.to(rewards.device), global_std=global_std, eps=eps)
+    return ref.group_advantages(rewards, group_ids.to(rewards.device, non_blocking=True), global_std=global_std,
+                                eps=eps)
 
 
 def kl_to_reference(prev_sample_mean: torch.Tensor, ref_prev_sample_mean: torch.Tensor,

@@ -300,21 +300,33 @@ def summarize(log_ratio: torch.Tensor, clipped: torch.Tensor, bias: Optional[tor
 # Group-relative advantages (SPEC §3)
 # ----------------------------------------------------------------------------------------------------------
 
+def group_index(group_ids: torch.Tensor) -> torch.Tensor:
+    """Each element's group as an index in [0, number of groups), groups numbered in increasing id order:
+    a stable sort, a cumulative count of id changes, scattered back. Same result as torch.unique's inverse,
+    without its data-dependent output size (which costs a host sync on a GPU)."""
+    order = torch.argsort(group_ids, stable=True)
+    ids = group_ids[order]
+    new = torch.ones_like(ids, dtype=torch.bool)
+    new[1:] = ids[1:] != ids[:-1]
+    return torch.empty_like(order).scatter_(0, order, torch.cumsum(new, 0) - 1)
+
+
 def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, global_std: bool = False,
                      eps: float = 1e-4) -> torch.Tensor:
     """A_i = (r_i - mean_g(r)) / (std + eps), population std; std of the group, or of the whole batch with
     ``global_std``. ``group_ids``: integer tensor (N,). Computed in float64, returned in float32 (float64
-    for float64 rewards)."""
+    for float64 rewards). Groups are numbered by sorting the ids (no data-dependent shapes: no host sync)."""
     r = rewards.to(torch.float64)
-    _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
-    n = counts.to(torch.float64)
-    sums = torch.zeros(n.shape[0], dtype=torch.float64, device=r.device).index_add_(0, inverse, r)
-    mean = (sums / n)[inverse]
+    inverse = group_index(group_ids)
+    zeros = torch.zeros(r.shape[0], dtype=torch.float64, device=r.device)  # at most N groups
+    n = zeros.index_add(0, inverse, torch.ones_like(r))
+    sums = zeros.index_add(0, inverse, r)
+    mean = (sums / n.clamp(min=1))[inverse]  # clamp: empty slots of the N-long buffers are never read
     centered = r - mean
     if global_std:
         std = r.std(unbiased=False).expand_as(r)
     else:
-        sq = torch.zeros_like(sums).index_add_(0, inverse, centered.square())
-        std = torch.sqrt(sq / n)[inverse]
+        sq = zeros.index_add(0, inverse, centered.square())
+        std = torch.sqrt(sq / n.clamp(min=1))[inverse]
     out_dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     return (centered / (std + eps)).to(out_dtype)

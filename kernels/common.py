@@ -63,6 +63,12 @@ def step_coefficients(sig, nxt, eta, DYNAMICS: tl.constexpr):
 
 
 @triton.jit
+def clamp_nan(x, lo, hi):
+    """min(max(x, lo), hi) with NaN kept NaN, as torch.clamp does (tl.minimum/maximum drop NaN by default)."""
+    return tl.minimum(tl.maximum(x, lo, propagate_nan=tl.PropagateNan.ALL), hi, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def transition_mean(x, v, a, b):
     """mu = a*x + b*v in the compute dtype (x, v already upcast; a, b cast once per sample)."""
     return a * x + b * v
@@ -158,6 +164,25 @@ def last_to_arrive(cnt_ptr, n):
     tl.debug_barrier()
     ticket = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
     return ticket == n - 1
+
+
+@triton.jit
+def sigma_errors(sig_ptr, nxt_ptr, row, ERR_BASE: tl.constexpr):
+    """The error-word bits (grpo_guard/ops/errors.py) of row ``row``'s tensor sigmas: bit ERR_BASE unless
+    0 < sigma <= 1, bit ERR_BASE + 1 unless 0 <= sigma' < sigma (NaN fails every comparison). int32, 0 if valid."""
+    sig = tl.load(sig_ptr + row)
+    nxt = tl.load(nxt_ptr + row)
+    bad = tl.where((sig > 0.0) & (sig <= 1.0), 0, 1 << ERR_BASE)
+    return bad | tl.where((nxt >= 0.0) & (nxt < sig), 0, 1 << (ERR_BASE + 1))
+
+
+@triton.jit
+def raise_errors(err_ptr, bad):
+    """OR the bits ``bad`` (int32 scalar) into the error word; returns True if any is set."""
+    failed = bad != 0
+    if failed:
+        tl.atomic_or(err_ptr, bad, sem="relaxed")
+    return failed
 
 
 @triton.jit

@@ -11,19 +11,21 @@ u = x' - mu_theta, k_d = 0). METHOD: 0 grpo, 1 mean_revised, 2 ratio_norm, 3 gua
 import triton
 import triton.language as tl
 
-from .common import (CPS, accumulate_sq_dev, chunk_of_program, expm1_cd, expm1_f64, last_to_arrive, load_sigmas,
-                     log_prob_from_sum, log_prob_from_total, rounded_for, row_step_coefficients, row_total,
-                     row_totals, step_coefficients, transition_mean, tree_sum)
+from .common import (CPS, accumulate_sq_dev, chunk_of_program, clamp_nan, expm1_cd, expm1_f64, last_to_arrive, load_sigmas,
+                     log_prob_from_sum, log_prob_from_total, raise_errors, rounded_for, row_step_coefficients,
+                     row_total, row_totals, sigma_errors, step_coefficients, transition_mean, tree_sum)
 
 
 @triton.jit
 def policy_loss_reduce_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, part_ptr,
                               sig_ptr, nxt_ptr, sigma: tl.float64, sigma_next: tl.float64, eta: tl.float64,
-                              D, C, ITERS, NP,
+                              D, C, ITERS, NP, sv, sx, sxp, so,
                               DYNAMICS: tl.constexpr, PER_SAMPLE: tl.constexpr, OLD: tl.constexpr,
                               BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr):
     """part[p] = chunk sum of u*Delta (OLD 1, 2) or (x'-mu)^2 (OLD 0); part[NP + p] = chunk sum of Delta^2."""
     pid, row, start, base = chunk_of_program(C, D, BLOCK, ITERS)
+    r64 = row.to(tl.int64)  # latent inputs: any stride over the batch dim, each sample contiguous
+    bv, bx, bxp, bo = r64 * sv, r64 * sx, r64 * sxp, r64 * so
     CD: tl.constexpr = part_ptr.dtype.element_ty
     _, _, a64, b64, _, _ = row_step_coefficients(sig_ptr, nxt_ptr, sigma, sigma_next, eta, row, DYNAMICS,
                                                   PER_SAMPLE)
@@ -34,17 +36,17 @@ def policy_loss_reduce_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, part_ptr,
     for it in range(ITERS):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         m = offs < D
-        x = tl.load(x_ptr + base + offs, mask=m, other=0.0).to(CD)
-        v = tl.load(v_ptr + base + offs, mask=m, other=0.0).to(CD)
-        xp = tl.load(xp_ptr + base + offs, mask=m, other=0.0).to(CD)
+        x = tl.load(x_ptr + bx + offs, mask=m, other=0.0).to(CD)
+        v = tl.load(v_ptr + bv + offs, mask=m, other=0.0).to(CD)
+        xp = tl.load(xp_ptr + bxp + offs, mask=m, other=0.0).to(CD)
         if OLD == 0:
             acc1 = accumulate_sq_dev(acc1, xp, transition_mean(x, v, a, b), m)
         else:
             if OLD == 1:
-                mu_old = tl.load(old_ptr + base + offs, mask=m, other=0.0).to(CD)
+                mu_old = tl.load(old_ptr + bo + offs, mask=m, other=0.0).to(CD)
                 delta = transition_mean(x, v, a, b) - mu_old
             else:
-                v_old = tl.load(old_ptr + base + offs, mask=m, other=0.0).to(CD)
+                v_old = tl.load(old_ptr + bo + offs, mask=m, other=0.0).to(CD)
                 mu_old = transition_mean(x, v_old, a, b)
                 delta = b * (v - v_old)
             u = xp - mu_old
@@ -123,7 +125,7 @@ def policy_loss_finish_kernel(part_ptr, adv_ptr, old_lp_ptr, coef_ptr, loss_ptr,
         # clipped surrogate (reference.clipped_surrogate), in the compute dtype like the reference
         lr64 = lr.to(tl.float64)
         adv = tl.load(adv_ptr + rows, mask=rm, other=0.0).to(CD)
-        adv = tl.minimum(tl.maximum(adv.to(tl.float64), -adv_max), adv_max).to(CD)
+        adv = clamp_nan(adv.to(tl.float64), -adv_max, adv_max).to(CD)
         ratio = tl.exp(lr64).to(CD)
         ratio_c = tl.exp(tl.minimum(tl.maximum(lr64, lo), hi)).to(CD)
         if METHOD == 3:
@@ -161,12 +163,14 @@ def policy_loss_finish_kernel(part_ptr, adv_ptr, old_lp_ptr, coef_ptr, loss_ptr,
 @triton.jit
 def policy_loss_backward_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, coef_ptr, g_loss_ptr, g_v_ptr,
                                 sig_ptr, nxt_ptr, sigma: tl.float64, sigma_next: tl.float64, eta: tl.float64,
-                                B, D, C, ITERS,
+                                B, D, C, ITERS, sv, sx, sxp, so,
                                 DYNAMICS: tl.constexpr, PER_SAMPLE: tl.constexpr, OLD: tl.constexpr,
                                 NEED_DELTA: tl.constexpr, BLOCK: tl.constexpr):
     """grad_v = (k_u*u + k_d*Delta) * grad_loss, elementwise; grad_loss (0-dim) is read here, not multiplied
     by another launch. NEED_DELTA is False when k_d == 0 (then v is not read for OLD 1, 2)."""
     pid, row, start, base = chunk_of_program(C, D, BLOCK, ITERS)
+    r64 = row.to(tl.int64)  # latent inputs: any stride over the batch dim, each sample contiguous
+    bv, bx, bxp, bo = r64 * sv, r64 * sx, r64 * sxp, r64 * so
     CD: tl.constexpr = coef_ptr.dtype.element_ty
     _, _, a64, b64, _, _ = row_step_coefficients(sig_ptr, nxt_ptr, sigma, sigma_next, eta, row, DYNAMICS,
                                                   PER_SAMPLE)
@@ -178,28 +182,28 @@ def policy_loss_backward_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, coef_ptr, g_loss_
     for it in range(ITERS):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         m = offs < D
-        xp = tl.load(xp_ptr + base + offs, mask=m, other=0.0).to(CD)
+        xp = tl.load(xp_ptr + bxp + offs, mask=m, other=0.0).to(CD)
         if OLD == 0:
-            x = tl.load(x_ptr + base + offs, mask=m, other=0.0).to(CD)
-            v = tl.load(v_ptr + base + offs, mask=m, other=0.0).to(CD)
+            x = tl.load(x_ptr + bx + offs, mask=m, other=0.0).to(CD)
+            v = tl.load(v_ptr + bv + offs, mask=m, other=0.0).to(CD)
             grad = k_u * (xp - transition_mean(x, v, a, b))
         else:
             if OLD == 1:
-                mu_old = tl.load(old_ptr + base + offs, mask=m, other=0.0).to(CD)
+                mu_old = tl.load(old_ptr + bo + offs, mask=m, other=0.0).to(CD)
             else:
-                x = tl.load(x_ptr + base + offs, mask=m, other=0.0).to(CD)
-                v_old = tl.load(old_ptr + base + offs, mask=m, other=0.0).to(CD)
+                x = tl.load(x_ptr + bx + offs, mask=m, other=0.0).to(CD)
+                v_old = tl.load(old_ptr + bo + offs, mask=m, other=0.0).to(CD)
                 mu_old = transition_mean(x, v_old, a, b)
             grad = k_u * (xp - mu_old)
             if NEED_DELTA:
-                v = tl.load(v_ptr + base + offs, mask=m, other=0.0).to(CD)
+                v = tl.load(v_ptr + bv + offs, mask=m, other=0.0).to(CD)
                 if OLD == 1:
-                    x = tl.load(x_ptr + base + offs, mask=m, other=0.0).to(CD)
+                    x = tl.load(x_ptr + bx + offs, mask=m, other=0.0).to(CD)
                     delta = transition_mean(x, v, a, b) - mu_old
                 else:
                     delta = b * (v - v_old)
                 grad += k_d * delta
-        tl.store(g_v_ptr + base + offs, rounded_for(grad * g, g_v_ptr), mask=m)
+        tl.store(g_v_ptr + bv + offs, rounded_for(grad * g, g_v_ptr), mask=m)
 
 
 # ---- single launch forward (fused finish) ------------------------------------------------------------------
@@ -207,13 +211,13 @@ def policy_loss_backward_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, coef_ptr, g_loss_
 # constants), [4B:5B] per-sample loss, [5B:6B] r - 1, [6B:7B] clipped (the batch finish's inputs).
 
 @triton.jit
-def policy_loss_fwd_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, adv_ptr, old_lp_ptr, part_ptr, row_ptr, cnt_ptr,
+def policy_loss_fwd_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, adv_ptr, old_lp_ptr, part_ptr, row_ptr, cnt_ptr, err_ptr,
                            loss_ptr, stats_ptr,
                            sig_ptr, nxt_ptr, sigma: tl.float64, sigma_next: tl.float64, eta: tl.float64,
                            lo: tl.float64, hi: tl.float64, adv_max: tl.float64,
-                           B, D, C, NP,
+                           B, D, C, NP, sv, sx, sxp, so,
                            DYNAMICS: tl.constexpr, PER_SAMPLE: tl.constexpr, OLD: tl.constexpr,
-                           METHOD: tl.constexpr, BETA_DT: tl.constexpr,
+                           METHOD: tl.constexpr, BETA_DT: tl.constexpr, CHECK: tl.constexpr, ERR_BASE: tl.constexpr,
                            BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr, ITERS: tl.constexpr,
                            CP: tl.constexpr, LOG_CP: tl.constexpr, RB: tl.constexpr, LOG_RB: tl.constexpr):
     """The whole forward in one launch. Program p reduces chunk p % C of row p // C (as policy_loss_reduce_kernel
@@ -221,18 +225,22 @@ def policy_loss_fwd_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, adv_ptr, old_lp_ptr, p
     counter; the last program of a row sums the row's C partials in a fixed order and finishes the row
     (:func:`_finish_row`); the last row to finish takes a ticket on the batch counter and finishes the batch
     (:func:`_finish_batch`). Sums never depend on which program arrives last, so results are bitwise
-    reproducible. cnt (int32, B + 1) must be zero at launch and is zero again after it."""
+    reproducible. cnt (int32, B + 1) must be zero at launch and is zero again after it. CHECK: per-sample
+    values are checked in the row's finish (errors.py bits from ERR_BASE: tensor sigmas, the cps std,
+    advantages, old_log_prob); a row that fails gets a NaN loss, log-ratio and gradient and sets its bits."""
     pid, row, start, base = chunk_of_program(C, D, BLOCK, ITERS)
+    r64 = row.to(tl.int64)  # latent inputs: any stride over the batch dim, each sample contiguous
+    bv, bx, bxp, bo = r64 * sv, r64 * sx, r64 * sxp, r64 * so
     CD: tl.constexpr = part_ptr.dtype.element_ty
     lanes = tl.arange(0, BLOCK)
     # the first tile's loads go out before the float64 coefficient math, which then overlaps them
     offs = start + lanes
     m = offs < D
-    x = tl.load(x_ptr + base + offs, mask=m, other=0.0).to(CD)
-    v = tl.load(v_ptr + base + offs, mask=m, other=0.0).to(CD)
-    xp = tl.load(xp_ptr + base + offs, mask=m, other=0.0).to(CD)
+    x = tl.load(x_ptr + bx + offs, mask=m, other=0.0).to(CD)
+    v = tl.load(v_ptr + bv + offs, mask=m, other=0.0).to(CD)
+    xp = tl.load(xp_ptr + bxp + offs, mask=m, other=0.0).to(CD)
     if OLD != 0:
-        o = tl.load(old_ptr + base + offs, mask=m, other=0.0).to(CD)
+        o = tl.load(old_ptr + bo + offs, mask=m, other=0.0).to(CD)
     std_dev_t, std, a64, b64, beta, dt = row_step_coefficients(sig_ptr, nxt_ptr, sigma, sigma_next, eta, row,
                                                                DYNAMICS, PER_SAMPLE)
     a = a64.to(CD)
@@ -243,11 +251,11 @@ def policy_loss_fwd_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, adv_ptr, old_lp_ptr, p
         if it > 0:
             offs = start + it * BLOCK + lanes
             m = offs < D
-            x = tl.load(x_ptr + base + offs, mask=m, other=0.0).to(CD)
-            v = tl.load(v_ptr + base + offs, mask=m, other=0.0).to(CD)
-            xp = tl.load(xp_ptr + base + offs, mask=m, other=0.0).to(CD)
+            x = tl.load(x_ptr + bx + offs, mask=m, other=0.0).to(CD)
+            v = tl.load(v_ptr + bv + offs, mask=m, other=0.0).to(CD)
+            xp = tl.load(xp_ptr + bxp + offs, mask=m, other=0.0).to(CD)
             if OLD != 0:
-                o = tl.load(old_ptr + base + offs, mask=m, other=0.0).to(CD)
+                o = tl.load(old_ptr + bo + offs, mask=m, other=0.0).to(CD)
         if OLD == 0:
             acc1 = accumulate_sq_dev(acc1, xp, transition_mean(x, v, a, b), m)
         else:
@@ -265,17 +273,19 @@ def policy_loss_fwd_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, adv_ptr, old_lp_ptr, p
         tl.store(part_ptr + NP + pid, tree_sum(acc2, LOG_BLOCK))
     if last_to_arrive(cnt_ptr + row, C):
         tl.store(cnt_ptr + row, 0)
-        _finish_row(part_ptr, adv_ptr, old_lp_ptr, row_ptr, stats_ptr, row, std, b64, beta, dt, a, b,
-                    lo, hi, adv_max, B, D, C, NP, DYNAMICS, OLD, METHOD, BETA_DT, CP, LOG_CP)
+        _finish_row(part_ptr, adv_ptr, old_lp_ptr, row_ptr, stats_ptr, err_ptr, sig_ptr, nxt_ptr, row, std, b64, beta,
+                    dt, a, b, lo, hi, adv_max, B, D, C, NP, DYNAMICS, PER_SAMPLE, OLD, METHOD, BETA_DT, CHECK,
+                    ERR_BASE, CP, LOG_CP)
         if last_to_arrive(cnt_ptr + B, B):
             tl.store(cnt_ptr + B, 0)
             _finish_batch(row_ptr, stats_ptr, loss_ptr, B, RB, LOG_RB)
 
 
 @triton.jit
-def _finish_row(part_ptr, adv_ptr, old_lp_ptr, row_ptr, stats_ptr, row, std64, b64, beta64, dt64, a, b,
-                lo, hi, adv_max, B, D, C, NP,
-                DYNAMICS: tl.constexpr, OLD: tl.constexpr, METHOD: tl.constexpr, BETA_DT: tl.constexpr,
+def _finish_row(part_ptr, adv_ptr, old_lp_ptr, row_ptr, stats_ptr, err_ptr, sig_ptr, nxt_ptr, row, std64, b64,
+                beta64, dt64, a, b, lo, hi, adv_max, B, D, C, NP,
+                DYNAMICS: tl.constexpr, PER_SAMPLE: tl.constexpr, OLD: tl.constexpr, METHOD: tl.constexpr,
+                BETA_DT: tl.constexpr, CHECK: tl.constexpr, ERR_BASE: tl.constexpr,
                 CP: tl.constexpr, LOG_CP: tl.constexpr):
     """One row, in the compute dtype CD as reference.log_ratios / clipped_surrogate compute it; float64 only
     for the clip decision (the log-ratio against log(1 +- eps)) and the weight (reference.sample_weights).
@@ -289,7 +299,8 @@ def _finish_row(part_ptr, adv_ptr, old_lp_ptr, row_ptr, stats_ptr, row, std64, b
     adv_max = adv_max + tl.zeros([], tl.float64)
     if OLD == 0:
         lp = log_prob_from_sum(row_total(part_ptr, row, C, CP, LOG_CP), D, s, DYNAMICS)
-        lr = lp - tl.load(old_lp_ptr + row).to(CD)
+        old_lp = tl.load(old_lp_ptr + row).to(CD)
+        lr = lp - old_lp
         # d lr / d mu_j = (x'-mu)_j / (s^2 D)  (cps: 2 (x'-mu)_j / D)
         if DYNAMICS == CPS:
             c1 = 2.0 + var * 0.0
@@ -322,10 +333,21 @@ def _finish_row(part_ptr, adv_ptr, old_lp_ptr, row_ptr, stats_ptr, row, std64, b
             c1 = 1.0 / s
             c2 = var * 0.0
         tl.store(stats_ptr + 4 + B + row, bias)
+    adv_raw = tl.load(adv_ptr + row).to(tl.float64)
+    if CHECK:  # errors.py: +0 sigma, +1 sigma_next, +2 cps std at sigma_next == 0, +3 advantages, +4 old_log_prob
+        bad = tl.where(tl.abs(adv_raw) < float("inf"), 0, 1 << (ERR_BASE + 3))
+        if PER_SAMPLE:
+            bad = bad | sigma_errors(sig_ptr, nxt_ptr, row, ERR_BASE)
+            if DYNAMICS == CPS and METHOD >= 2:
+                bad = bad | tl.where(tl.load(nxt_ptr + row) == 0.0, 1 << (ERR_BASE + 2), 0)
+        if OLD == 0:
+            bad = bad | tl.where(tl.abs(old_lp) < float("inf"), 0, 1 << (ERR_BASE + 4))
+        if raise_errors(err_ptr, bad):
+            lr = lr + float("nan")  # NaN loss, log-ratio, stats and gradient for this sample
     tl.store(stats_ptr + 4 + row, lr)
     # clipped surrogate; the clip decision in float64 (exact: lr is a CD number, lo/hi float64 log(1 +- eps))
     lr64 = lr.to(tl.float64)
-    adv = tl.minimum(tl.maximum(tl.load(adv_ptr + row).to(tl.float64), -adv_max), adv_max).to(CD)
+    adv = clamp_nan(adv_raw, -adv_max, adv_max).to(CD)
     ratio = tl.exp(lr)
     ratio_c = tl.exp(tl.minimum(tl.maximum(lr64, lo), hi).to(CD))
     if METHOD == 3:
@@ -390,13 +412,15 @@ def _finish_batch(row_ptr, stats_ptr, loss_ptr, B, RB: tl.constexpr, LOG_RB: tl.
 
 @triton.jit
 def policy_loss_bwd_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, row_ptr, g_loss_ptr, g_v_ptr,
-                           B, D, C,
+                           B, D, C, sv, sx, sxp, so,
                            OLD: tl.constexpr, NEED_DELTA: tl.constexpr,
                            BLOCK: tl.constexpr, ITERS: tl.constexpr):
     """grad_v = (k_u*u + k_d*Delta) * grad_loss, elementwise, with the per-row constants (k_u, k_d, a, b) the
     forward left in the row buffer (no float64 here); grad_loss (0-dim) is read here, not multiplied by another
     launch. NEED_DELTA is False when k_d == 0 (then v is not read for OLD 1, 2)."""
     pid, row, start, base = chunk_of_program(C, D, BLOCK, ITERS)
+    r64 = row.to(tl.int64)  # latent inputs: any stride over the batch dim, each sample contiguous
+    bv, bx, bxp, bo = r64 * sv, r64 * sx, r64 * sxp, r64 * so
     CD: tl.constexpr = row_ptr.dtype.element_ty
     lanes = tl.arange(0, BLOCK)
     k_u = tl.load(row_ptr + row)
@@ -407,25 +431,25 @@ def policy_loss_bwd_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, row_ptr, g_loss_ptr, g
     for it in tl.static_range(ITERS):
         offs = start + it * BLOCK + lanes
         m = offs < D
-        xp = tl.load(xp_ptr + base + offs, mask=m, other=0.0).to(CD)
+        xp = tl.load(xp_ptr + bxp + offs, mask=m, other=0.0).to(CD)
         if OLD == 0:
-            x = tl.load(x_ptr + base + offs, mask=m, other=0.0).to(CD)
-            v = tl.load(v_ptr + base + offs, mask=m, other=0.0).to(CD)
+            x = tl.load(x_ptr + bx + offs, mask=m, other=0.0).to(CD)
+            v = tl.load(v_ptr + bv + offs, mask=m, other=0.0).to(CD)
             grad = k_u * (xp - transition_mean(x, v, a, b))
         else:
             if OLD == 1:
-                mu_old = tl.load(old_ptr + base + offs, mask=m, other=0.0).to(CD)
+                mu_old = tl.load(old_ptr + bo + offs, mask=m, other=0.0).to(CD)
             else:
-                x = tl.load(x_ptr + base + offs, mask=m, other=0.0).to(CD)
-                v_old = tl.load(old_ptr + base + offs, mask=m, other=0.0).to(CD)
+                x = tl.load(x_ptr + bx + offs, mask=m, other=0.0).to(CD)
+                v_old = tl.load(old_ptr + bo + offs, mask=m, other=0.0).to(CD)
                 mu_old = transition_mean(x, v_old, a, b)
             grad = k_u * (xp - mu_old)
             if NEED_DELTA:
-                v = tl.load(v_ptr + base + offs, mask=m, other=0.0).to(CD)
+                v = tl.load(v_ptr + bv + offs, mask=m, other=0.0).to(CD)
                 if OLD == 1:
-                    x = tl.load(x_ptr + base + offs, mask=m, other=0.0).to(CD)
+                    x = tl.load(x_ptr + bx + offs, mask=m, other=0.0).to(CD)
                     delta = transition_mean(x, v, a, b) - mu_old
                 else:
                     delta = b * (v - v_old)
                 grad += k_d * delta
-        tl.store(g_v_ptr + base + offs, rounded_for(grad * g, g_v_ptr), mask=m)
+        tl.store(g_v_ptr + bv + offs, rounded_for(grad * g, g_v_ptr), mask=m)

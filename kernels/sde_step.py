@@ -9,19 +9,21 @@ import triton
 import triton.language as tl
 
 from .common import (CPS, accumulate_sq_dev, chunk_of_program, last_to_arrive, load_sigmas, log_prob_from_sum,
-                     log_prob_from_total, rounded_for, row_step_coefficients, row_total, row_totals,
-                     step_coefficients, transition_mean, tree_sum)
+                     log_prob_from_total, raise_errors, rounded_for, row_step_coefficients, row_total, row_totals,
+                     sigma_errors, step_coefficients, transition_mean, tree_sum)
 
 
 @triton.jit
 def sde_step_reduce_kernel(v_ptr, x_ptr, xp_ptr, z_ptr, xp_out_ptr, mean_ptr, part_ptr,
                            sig_ptr, nxt_ptr, sigma: tl.float64, sigma_next: tl.float64, eta: tl.float64,
-                           D, C, ITERS,
+                           D, C, ITERS, sv, sx, sxp, sz,
                            DYNAMICS: tl.constexpr, PER_SAMPLE: tl.constexpr, ROLLOUT: tl.constexpr,
                            BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr):
     """mu = a*x + b*v -> mean (B, D); rollout: x' = round(mu + s*z) -> xp_out; part[p] = sum (x'-mu)^2 over
     this program's chunk (x' as stored), accumulated elementwise then summed by a fixed tree."""
     pid, row, start, base = chunk_of_program(C, D, BLOCK, ITERS)
+    r64 = row.to(tl.int64)  # latent inputs: any stride over the batch dim, each sample contiguous
+    bv, bx, bxp, bz = r64 * sv, r64 * sx, r64 * sxp, r64 * sz
     CD: tl.constexpr = mean_ptr.dtype.element_ty
     _, std, a64, b64, _, _ = row_step_coefficients(sig_ptr, nxt_ptr, sigma, sigma_next, eta, row, DYNAMICS,
                                                   PER_SAMPLE)
@@ -32,17 +34,17 @@ def sde_step_reduce_kernel(v_ptr, x_ptr, xp_ptr, z_ptr, xp_out_ptr, mean_ptr, pa
     for it in range(ITERS):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         m = offs < D
-        x = tl.load(x_ptr + base + offs, mask=m, other=0.0).to(CD)
-        v = tl.load(v_ptr + base + offs, mask=m, other=0.0).to(CD)
+        x = tl.load(x_ptr + bx + offs, mask=m, other=0.0).to(CD)
+        v = tl.load(v_ptr + bv + offs, mask=m, other=0.0).to(CD)
         mu = transition_mean(x, v, a, b)
         tl.store(mean_ptr + base + offs, mu, mask=m)
         if ROLLOUT:
-            z = tl.load(z_ptr + base + offs, mask=m, other=0.0).to(CD)
+            z = tl.load(z_ptr + bz + offs, mask=m, other=0.0).to(CD)
             stored = rounded_for(mu + s * z, xp_out_ptr)
             tl.store(xp_out_ptr + base + offs, stored, mask=m)
             xp = stored.to(CD)
         else:
-            xp = tl.load(xp_ptr + base + offs, mask=m, other=0.0).to(CD)
+            xp = tl.load(xp_ptr + bxp + offs, mask=m, other=0.0).to(CD)
         acc = accumulate_sq_dev(acc, xp, mu, m)
     tl.store(part_ptr + pid, tree_sum(acc, LOG_BLOCK))
 
@@ -68,20 +70,22 @@ def sde_step_finish_kernel(part_ptr, log_prob_ptr, std_dev_t_ptr,
 @triton.jit
 def sde_step_backward_kernel(xp_ptr, mean_ptr, g_prev_ptr, g_mean_ptr, g_lp_ptr, g_v_ptr, g_x_ptr,
                              sig_ptr, nxt_ptr, sigma: tl.float64, sigma_next: tl.float64, eta: tl.float64,
-                             D, C, ITERS,
+                             D, C, ITERS, sxp, s_glp,
                              DYNAMICS: tl.constexpr, PER_SAMPLE: tl.constexpr, HAS_G_PREV: tl.constexpr,
                              HAS_G_MEAN: tl.constexpr, HAS_G_LP: tl.constexpr, NEED_G_V: tl.constexpr,
                              NEED_G_X: tl.constexpr, BLOCK: tl.constexpr):
     """g_mu = g_prev + g_mean + g_lp_i * k_i * (x' - mu), k = 1/(s^2 D) (flow, dance) or 2/D (cps);
     g_v = b*g_mu, g_x = a*g_mu (x' is a constant of log_prob)."""
     pid, row, start, base = chunk_of_program(C, D, BLOCK, ITERS)
+    r64 = row.to(tl.int64)  # latent inputs: any stride over the batch dim, each sample contiguous
+    bxp = r64 * sxp
     CD: tl.constexpr = mean_ptr.dtype.element_ty
     _, std, a64, b64, _, _ = row_step_coefficients(sig_ptr, nxt_ptr, sigma, sigma_next, eta, row, DYNAMICS,
                                                   PER_SAMPLE)
     a = a64.to(CD)
     b = b64.to(CD)
     if HAS_G_LP:
-        g_lp = tl.load(g_lp_ptr + row).to(tl.float64)
+        g_lp = tl.load(g_lp_ptr + row * s_glp).to(tl.float64)
         if DYNAMICS == CPS:
             k = (g_lp * 2.0 / D).to(CD)
         else:
@@ -95,7 +99,7 @@ def sde_step_backward_kernel(xp_ptr, mean_ptr, g_prev_ptr, g_mean_ptr, g_lp_ptr,
         if HAS_G_MEAN:
             g += tl.load(g_mean_ptr + base + offs, mask=m, other=0.0).to(CD)
         if HAS_G_LP:
-            xp = tl.load(xp_ptr + base + offs, mask=m, other=0.0).to(CD)
+            xp = tl.load(xp_ptr + bxp + offs, mask=m, other=0.0).to(CD)
             mu = tl.load(mean_ptr + base + offs, mask=m, other=0.0)
             g += k * (xp - mu)
         if NEED_G_V:
@@ -109,29 +113,34 @@ def sde_step_backward_kernel(xp_ptr, mean_ptr, g_prev_ptr, g_mean_ptr, g_lp_ptr,
 # per-row constants.
 
 @triton.jit
-def sde_step_fwd_kernel(v_ptr, x_ptr, xp_ptr, z_ptr, xp_out_ptr, mean_ptr, part_ptr, row_ptr, cnt_ptr,
+def sde_step_fwd_kernel(v_ptr, x_ptr, xp_ptr, z_ptr, xp_out_ptr, mean_ptr, part_ptr, row_ptr, cnt_ptr, err_ptr,
                         log_prob_ptr, std_dev_t_ptr,
                         sig_ptr, nxt_ptr, sigma: tl.float64, sigma_next: tl.float64, eta: tl.float64,
-                        B, D, C,
+                        B, D, C, sv, sx, sxp, sz,
                         DYNAMICS: tl.constexpr, PER_SAMPLE: tl.constexpr, ROLLOUT: tl.constexpr,
-                        WRITE_MEAN: tl.constexpr, BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr,
+                        WRITE_MEAN: tl.constexpr, CHECK: tl.constexpr, ERR_BASE: tl.constexpr,
+                        BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr,
                         ITERS: tl.constexpr, CP: tl.constexpr, LOG_CP: tl.constexpr):
     """The whole forward in one launch. Program p handles chunk p % C of row p // C: mu = a*x + b*v (-> mean
     if WRITE_MEAN); rollout: x' = round(mu + s*z) -> xp_out; the chunk's sum of (x'-mu)^2 (x' as stored) ->
     part[p], by policy_loss_fwd_kernel's helpers and chunking (so old_log_prob - log p_theta is exactly 0
     on-policy). The last program of a row (ticket on cnt[row]) sums the row's partials in a fixed order and
-    writes log_prob, std_dev_t and the row buffer. cnt (int32, >= B) is zero at launch and again after it."""
+    writes log_prob, std_dev_t and the row buffer. cnt (int32, >= B) is zero at launch and again after it.
+    CHECK (tensor sigmas): a row whose sigmas break SPEC §2's bounds gets a NaN log-prob and sets its bits
+    (from ERR_BASE) in the error word at err_ptr (grpo_guard/ops/errors.py)."""
     pid, row, start, base = chunk_of_program(C, D, BLOCK, ITERS)
+    r64 = row.to(tl.int64)  # latent inputs: any stride over the batch dim, each sample contiguous
+    bv, bx, bxp, bz = r64 * sv, r64 * sx, r64 * sxp, r64 * sz
     CD: tl.constexpr = part_ptr.dtype.element_ty
     lanes = tl.arange(0, BLOCK)
     offs = start + lanes
     m = offs < D
-    x = tl.load(x_ptr + base + offs, mask=m, other=0.0).to(CD)
-    v = tl.load(v_ptr + base + offs, mask=m, other=0.0).to(CD)
+    x = tl.load(x_ptr + bx + offs, mask=m, other=0.0).to(CD)
+    v = tl.load(v_ptr + bv + offs, mask=m, other=0.0).to(CD)
     if ROLLOUT:
-        z = tl.load(z_ptr + base + offs, mask=m, other=0.0).to(CD)
+        z = tl.load(z_ptr + bz + offs, mask=m, other=0.0).to(CD)
     else:
-        xp = tl.load(xp_ptr + base + offs, mask=m, other=0.0).to(CD)
+        xp = tl.load(xp_ptr + bxp + offs, mask=m, other=0.0).to(CD)
     std_dev_t, std, a64, b64, _, _ = row_step_coefficients(sig_ptr, nxt_ptr, sigma, sigma_next, eta, row, DYNAMICS,
                                                            PER_SAMPLE)
     a = a64.to(CD)
@@ -142,12 +151,12 @@ def sde_step_fwd_kernel(v_ptr, x_ptr, xp_ptr, z_ptr, xp_out_ptr, mean_ptr, part_
         if it > 0:
             offs = start + it * BLOCK + lanes
             m = offs < D
-            x = tl.load(x_ptr + base + offs, mask=m, other=0.0).to(CD)
-            v = tl.load(v_ptr + base + offs, mask=m, other=0.0).to(CD)
+            x = tl.load(x_ptr + bx + offs, mask=m, other=0.0).to(CD)
+            v = tl.load(v_ptr + bv + offs, mask=m, other=0.0).to(CD)
             if ROLLOUT:
-                z = tl.load(z_ptr + base + offs, mask=m, other=0.0).to(CD)
+                z = tl.load(z_ptr + bz + offs, mask=m, other=0.0).to(CD)
             else:
-                xp = tl.load(xp_ptr + base + offs, mask=m, other=0.0).to(CD)
+                xp = tl.load(xp_ptr + bxp + offs, mask=m, other=0.0).to(CD)
         mu = transition_mean(x, v, a, b)
         if WRITE_MEAN:
             tl.store(mean_ptr + base + offs, mu, mask=m)
@@ -159,7 +168,11 @@ def sde_step_fwd_kernel(v_ptr, x_ptr, xp_ptr, z_ptr, xp_out_ptr, mean_ptr, part_
     tl.store(part_ptr + pid, tree_sum(acc, LOG_BLOCK))
     if last_to_arrive(cnt_ptr + row, C):
         tl.store(cnt_ptr + row, 0)
-        tl.store(log_prob_ptr + row, log_prob_from_sum(row_total(part_ptr, row, C, CP, LOG_CP), D, s, DYNAMICS))
+        lp = log_prob_from_sum(row_total(part_ptr, row, C, CP, LOG_CP), D, s, DYNAMICS)
+        if CHECK:
+            if raise_errors(err_ptr, sigma_errors(sig_ptr, nxt_ptr, row, ERR_BASE)):
+                lp = lp + float("nan")
+        tl.store(log_prob_ptr + row, lp)
         tl.store(std_dev_t_ptr + row, std_dev_t.to(CD))
         tl.store(row_ptr + row, a)
         tl.store(row_ptr + B + row, b)
@@ -172,7 +185,7 @@ def sde_step_fwd_kernel(v_ptr, x_ptr, xp_ptr, z_ptr, xp_out_ptr, mean_ptr, part_
 
 @triton.jit
 def sde_step_bwd_kernel(v_ptr, x_ptr, xp_ptr, mean_ptr, row_ptr, g_prev_ptr, g_mean_ptr, g_lp_ptr, g_v_ptr, g_x_ptr,
-                        B, D, C,
+                        B, D, C, sv, sx, sxp, s_glp,
                         HAS_MEAN: tl.constexpr, HAS_G_PREV: tl.constexpr, HAS_G_MEAN: tl.constexpr,
                         HAS_G_LP: tl.constexpr, NEED_G_V: tl.constexpr, NEED_G_X: tl.constexpr,
                         BLOCK: tl.constexpr, ITERS: tl.constexpr):
@@ -180,30 +193,32 @@ def sde_step_bwd_kernel(v_ptr, x_ptr, xp_ptr, mean_ptr, row_ptr, g_prev_ptr, g_m
     log_prob), with a, b, k from the forward's row buffer. mu is read from the saved mean (HAS_MEAN) or
     recomputed from x and v bit for bit (the same expression and constants as the forward)."""
     pid, row, start, base = chunk_of_program(C, D, BLOCK, ITERS)
+    r64 = row.to(tl.int64)  # latent inputs: any stride over the batch dim, each sample contiguous
+    bv, bx, bxp = r64 * sv, r64 * sx, r64 * sxp
     CD: tl.constexpr = row_ptr.dtype.element_ty
     lanes = tl.arange(0, BLOCK)
     a = tl.load(row_ptr + row)
     b = tl.load(row_ptr + B + row)
     if HAS_G_LP:
-        k = tl.load(g_lp_ptr + row).to(CD) * tl.load(row_ptr + 2 * B + row)
+        k = tl.load(g_lp_ptr + row * s_glp).to(CD) * tl.load(row_ptr + 2 * B + row)
     for it in tl.static_range(ITERS):
         offs = start + it * BLOCK + lanes
         m = offs < D
         g = tl.zeros([BLOCK], CD)
         if HAS_G_PREV:
-            g += tl.load(g_prev_ptr + base + offs, mask=m, other=0.0).to(CD)
+            g += tl.load(g_prev_ptr + bv + offs, mask=m, other=0.0).to(CD)
         if HAS_G_MEAN:
             g += tl.load(g_mean_ptr + base + offs, mask=m, other=0.0).to(CD)
         if HAS_G_LP:
-            xp = tl.load(xp_ptr + base + offs, mask=m, other=0.0).to(CD)
+            xp = tl.load(xp_ptr + bxp + offs, mask=m, other=0.0).to(CD)
             if HAS_MEAN:
                 mu = tl.load(mean_ptr + base + offs, mask=m, other=0.0)
             else:
-                x = tl.load(x_ptr + base + offs, mask=m, other=0.0).to(CD)
-                v = tl.load(v_ptr + base + offs, mask=m, other=0.0).to(CD)
+                x = tl.load(x_ptr + bx + offs, mask=m, other=0.0).to(CD)
+                v = tl.load(v_ptr + bv + offs, mask=m, other=0.0).to(CD)
                 mu = transition_mean(x, v, a, b)
             g += k * (xp - mu)
         if NEED_G_V:
-            tl.store(g_v_ptr + base + offs, rounded_for(b * g, g_v_ptr), mask=m)
+            tl.store(g_v_ptr + bv + offs, rounded_for(b * g, g_v_ptr), mask=m)
         if NEED_G_X:
-            tl.store(g_x_ptr + base + offs, rounded_for(a * g, g_x_ptr), mask=m)
+            tl.store(g_x_ptr + bx + offs, rounded_for(a * g, g_x_ptr), mask=m)

@@ -116,11 +116,11 @@ def signature(kernel, T, constexprs, extra):
 
 
 def compile_one(kernel, T, constexprs, extra, options=OPTIONS):
-    """As a launch specializes it: pointers 16-byte aligned and D a multiple of 16 (the SPEC §7 shapes), which
-    is what lets the loads vectorize."""
+    """As a launch specializes it: pointers 16-byte aligned, D and the batch strides multiples of 16 (the SPEC §7
+    shapes), which is what lets the loads vectorize."""
     sig = signature(kernel, T, constexprs, extra)
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
-             if sig[name].startswith("*") or name == "D"}
+             if sig[name].startswith("*") or name in ("D", "sv", "sx", "sxp", "so", "sz")}
     try:
         src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
     except (AssertionError, TypeError, KeyError):  # older layouts key constexprs by argument index

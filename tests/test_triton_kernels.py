@@ -203,6 +203,47 @@ def test_non_contiguous_inputs(seed):
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
+@pytest.mark.parametrize("kind", ["old_model_output", "old_prev_sample_mean", "old_log_prob"])
+def test_batch_strided_inputs_are_not_copied(monkeypatch, kind, seed):
+    """Latents sliced from a trajectory tensor (``latents[:, k]`` of (B, T, C, L): a batch stride of T*C*L, each
+    sample contiguous) give the bits of contiguous inputs, and the wrappers copy nothing: only torch.empty and
+    views, for the rollout, the scoring forward + backward and the policy loss + backward (validate=False: the
+    split kernels' value checks are torch ops)."""
+    B, T = 3, 4
+    traj_v, traj_x = latents(B, (T, 5, 40), torch.bfloat16, DEVICE)
+    sig, nxt = sigmas(B)
+    v, x, xp = traj_v[:, 1], traj_x[:, 1], traj_x[:, 2]
+    noise = torch.randn(B, T, 5, 40, device=DEVICE)[:, 3]
+    assert not v.is_contiguous() and triton_launch.samples_contiguous(v)
+    roll = gg.sde_step(v.contiguous(), x.contiguous(), sig, nxt, noise=noise.contiguous())
+    mean_traj = torch.zeros(B, T, 5, 40, device=DEVICE)
+    mean_traj[:, 0] = roll.prev_sample_mean
+    olds = {"old_model_output": (v, v.contiguous()), "old_prev_sample_mean": (mean_traj[:, 0], roll.prev_sample_mean),
+            "old_log_prob": (roll.log_prob, roll.log_prob)}
+    v_new = (v.float() + 1e-3 * torch.randn(v.shape, device=DEVICE)).bfloat16()
+    adv = torch.randn(B, device=DEVICE)
+    results = []
+    for strided in (True, False):
+        c = (lambda t: t) if strided else (lambda t: t.contiguous())
+        launches = _Launches(monkeypatch)
+        vg, vl = v_new.clone().requires_grad_(True), v_new.clone().requires_grad_(True)
+        old = olds[kind][0 if strided else 1]
+        with _torch_ops() as log:
+            r = gg.sde_step(c(v), c(x), sig, nxt, noise=c(noise), validate=False)
+            s = gg.sde_step(vg, c(x), sig, nxt, prev_sample=c(xp), validate=False)
+            s.log_prob.sum().backward()
+            loss, st = gg.policy_loss(vl, c(x), c(roll.prev_sample), sig, nxt, adv, clip_range=1e-2,
+                                      method="grpo" if kind == "old_log_prob" else "guard", validate=False,
+                                      **{kind: old})
+            loss.backward()
+        assert launches.count > 0
+        if strided:
+            extra = {"aten.sum", "aten.ones_like", "aten.expand", "aten.view"}  # the test's own log_prob.sum()
+            assert set(log.ops) <= HOST_OK | extra, sorted(set(log.ops) - HOST_OK)
+        results.append([r.prev_sample, r.log_prob, r.prev_sample_mean, s.log_prob, vg.grad, loss, vl.grad, st["log_ratio"]])
+    assert all(torch.equal(p, q) for p, q in zip(*results))
+
+
 class _Launches:
     """Counts kernel launches by replacing the kernels in their modules; runs them with any torch dispatch mode
     paused (the interpreter's own host copies are not host work of the wrappers)."""
@@ -244,6 +285,20 @@ def _torch_ops():
 HOST_OK = {"aten.empty", "aten.slice", "aten.select", "aten.detach", "aten.alias"}  # allocation and views
 
 
+def host_ok(req):
+    """HOST_OK, plus for the split kernels the torch ops of their device-side value checks and of the NaN they put
+    into failed samples' outputs (the single-launch kernels do both inside)."""
+    if triton_launch.FUSED:
+        return HOST_OK
+    from grpo_guard.ops import errors
+    with _torch_ops() as log:
+        bad = requests.device_checks(req)
+        if bad is not None:
+            errors.poison(torch.ones(bad.shape, device=DEVICE), bad)
+            errors.poison(torch.ones((), device=DEVICE), bad.any())
+    return HOST_OK | set(log.ops)
+
+
 @pytest.mark.parametrize("kind", ["old_model_output", "old_prev_sample_mean", "old_log_prob"])
 def test_policy_loss_launches_and_host_work(monkeypatch, kind, seed):
     """Training step: 1 launch forward (split kernels: 2), 1 backward; the wrappers only allocate (torch.empty)
@@ -264,7 +319,7 @@ def test_policy_loss_launches_and_host_work(monkeypatch, kind, seed):
         forward = launches.count
         loss.backward(grad_out)
     assert forward == (1 if triton_launch.FUSED else 2) and launches.count == forward + 1
-    assert set(log.ops) <= HOST_OK, sorted(set(log.ops) - HOST_OK)
+    assert set(log.ops) <= host_ok(req), sorted(set(log.ops) - host_ok(req))
     assert req.model_output.grad is not None and req.model_output.grad.dtype == torch.bfloat16
 
 
@@ -284,7 +339,7 @@ def test_sde_step_launches_and_host_work(monkeypatch, rollout, seed):
         forward = launches.count
         torch.autograd.backward([out.log_prob, out.prev_sample_mean], grads)
     assert forward == (1 if triton_launch.FUSED else 2) and launches.count == forward + 1
-    assert set(log.ops) <= HOST_OK, sorted(set(log.ops) - HOST_OK)
+    assert set(log.ops) <= host_ok(req), sorted(set(log.ops) - host_ok(req))
 
 
 def test_geometry_covers_each_sample_and_ignores_batch(monkeypatch):

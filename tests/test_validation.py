@@ -1,8 +1,12 @@
-"""Bad input gets a clear error naming the argument (issue #2); nothing is clamped or dropped silently."""
+"""Bad input gets a clear error naming the argument (issue #2); nothing is clamped or dropped silently.
+
+Python numbers and metadata are checked on the host at once; values in tensors with ``validate="sync"`` here
+(the default checks them on the device without a sync: tests/test_no_sync.py)."""
 import pytest
 import torch
 
 import grpo_guard as gg
+from grpo_guard.ops import requests
 
 
 def base(B=3, dtype=torch.float32):
@@ -34,12 +38,28 @@ def test_sigma_range(sigma, sigma_next, match):
 
 def test_sigma_tensors():
     v, x, _ = base()
-    with pytest.raises(ValueError, match="sigma must be a float or a 1-D tensor of length 3"):
+    with pytest.raises(ValueError, match=r"sigma must be a float or a tensor of shape \(\), \(1,\) or \(3,\)"):
         gg.sde_step(v, x, torch.tensor([0.5, 0.4]), 0.3)
     with pytest.raises(ValueError, match="sigma_next must be < sigma"):
-        gg.sde_step(v, x, torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.4, 0.4, 0.2]))
+        gg.sde_step(v, x, torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.4, 0.4, 0.2]), validate="sync")
     with pytest.raises(TypeError, match="sigma must be a float or a 1-D tensor"):
         gg.sde_step(v, x, "0.5", 0.4)
+    with pytest.raises(TypeError, match="sigma_next must be a floating tensor"):
+        gg.sde_step(v, x, torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0, 0, 0]))
+    # 0-dim and (1,) tensors are expanded on the device (no host read), equal to the (B,) form
+    a = gg.sde_step(v, x, torch.tensor(0.5, dtype=torch.float64), torch.tensor([0.4], dtype=torch.float64),
+                    prev_sample=x)
+    b = gg.sde_step(v, x, torch.full((3,), 0.5, dtype=torch.float64), torch.full((3,), 0.4, dtype=torch.float64),
+                    prev_sample=x)
+    assert torch.equal(a.log_prob, b.log_prob)
+
+
+def test_float_sigmas_are_refused_in_cuda_graph_capture(monkeypatch):
+    """A Python-float sigma is a kernel argument: a captured CUDA graph would replay it at every timestep."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(ValueError, match="Python floats while a CUDA graph is being captured"):
+        requests._refuse_float_sigmas_in_capture(torch.device("cuda"))
+    requests._refuse_float_sigmas_in_capture(torch.device("cpu"))  # no capture on the CPU
 
 
 def test_shapes_devices_dtypes():
@@ -77,9 +97,10 @@ def test_methods_need_their_old_inputs():
 def test_non_finite_per_sample_inputs():
     v, x, roll = base()
     with pytest.raises(ValueError, match="advantages has non-finite"):
-        loss(v, x, roll, advantages=torch.tensor([1.0, float("nan"), 0.0]))
+        loss(v, x, roll, advantages=torch.tensor([1.0, float("nan"), 0.0]), validate="sync")
     with pytest.raises(ValueError, match="old_log_prob has non-finite"):
-        loss(v, x, roll, method="grpo", old_model_output=None, old_log_prob=torch.tensor([0.0, float("inf"), 0.0]))
+        loss(v, x, roll, method="grpo", old_model_output=None, old_log_prob=torch.tensor([0.0, float("inf"), 0.0]),
+             validate="sync")
 
 
 @pytest.mark.parametrize("kw, match", [

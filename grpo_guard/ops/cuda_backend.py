@@ -16,7 +16,8 @@ import math
 import torch
 
 from .. import reference as ref
-from .requests import LossRequest, SDERequest
+from .requests import LossRequest, SDERequest, device_checks
+from .torch_backend import poisoned_loss, poisoned_sde_step
 
 _DYNAMICS = {"flow": 0, "dance": 1, "cps": 2}
 _METHODS = {"grpo": 0, "mean_revised": 1, "ratio_norm": 2, "guard": 3}
@@ -112,7 +113,8 @@ def sde_step(req: SDERequest) -> ref.SDEStep:
     outs = _SDEStepFn.apply(v, x, p, noise, _schedule(req), round_mode)
     log_prob, mean, std_dev_t = outs[:3]
     prev_out = outs[3].to(sample.dtype) if rollout else prev
-    return ref.SDEStep(prev_out, log_prob, mean if req.return_mean else None, std_dev_t)
+    out = ref.SDEStep(prev_out, log_prob, mean if req.return_mean else None, std_dev_t)
+    return poisoned_sde_step(out, device_checks(req))
 
 
 class _PolicyLossFn(torch.autograd.Function):
@@ -155,4 +157,4 @@ def policy_loss(req: LossRequest):
              "log_ratio": log_ratio}
     if len(outs) > 3:
         stats["bias"] = outs[3]
-    return loss, stats
+    return poisoned_loss(loss, stats, device_checks(req))

@@ -2,8 +2,11 @@
 
 All checks live here, once, so every backend rejects the same bad input with the same message. Latent-sized
 tensors are checked by shape/dtype/device only (a full finiteness pass would cost a read of each latent;
-a NaN there shows up as a NaN log-prob or loss). Per-sample inputs (sigmas, advantages, old log-probs) are
-checked by value, which costs one host sync for device tensors; pass ``validate=False`` to skip it.
+a NaN there shows up as a NaN log-prob or loss). Python numbers (sigmas given as floats, noise_level, clip_range,
+...) are checked on the host at once. Per-sample values in tensors (tensor sigmas, advantages, old log-probs) are
+checked on the device without a host synchronization (``validate=True``, the default: :mod:`.errors`; the
+backend does it, the Triton kernels inside the launch they make anyway), synchronously at each call
+(``validate="sync"``, for debugging), or not at all (``validate=False``).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from typing import Optional, Union
 import torch
 
 from .. import reference as ref
+from . import errors
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 Sigma = Union[float, torch.Tensor]
@@ -30,6 +34,7 @@ class SDERequest:
     prev_sample: Optional[torch.Tensor]
     noise: Optional[torch.Tensor]  # given iff prev_sample is None; compute dtype
     return_mean: bool = True
+    check: bool = False   # per-sample values in tensors still to be checked on the device (errors.py)
 
     def reference_kwargs(self):
         return dict(noise_level=self.noise_level, dynamics=self.dynamics, prev_sample=self.prev_sample,
@@ -53,6 +58,7 @@ class LossRequest:
     clip_range: float
     adv_clip_max: float
     guard_weight: str
+    check: bool = False   # per-sample values in tensors still to be checked on the device (errors.py)
 
     def reference_kwargs(self):
         return dict(old_log_prob=self.old_log_prob, old_prev_sample_mean=self.old_prev_sample_mean,
@@ -108,7 +114,18 @@ def _check_dtype_mix(named):
                         "use float64 for all latent inputs or for none")
 
 
-def _per_sample_vector(name, t, B, device, validate, dtype=None):
+def validate_mode(validate) -> str:
+    """validate=True -> "device" (values in tensors checked on the device, no sync), "sync", False -> "off"."""
+    if validate is True:
+        return "device"
+    if validate is False:
+        return "off"
+    if validate == "sync":
+        return "sync"
+    raise ValueError(f"validate must be True, False or 'sync', got {validate!r}")
+
+
+def _per_sample_vector(name, t, B, device, mode, dtype=None):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape ({B},), got {type(t).__name__}")
     if t.shape != (B,):
@@ -117,23 +134,32 @@ def _per_sample_vector(name, t, B, device, validate, dtype=None):
         raise ValueError(f"{name} is on {t.device} but the latents are on {device}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
-    if validate and not bool(torch.isfinite(t).all()):
+    if mode == "sync" and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} has non-finite values: {t.detach().cpu().tolist()}")
     return t if dtype is None else t.to(dtype)
 
 
-def _sigmas(sigma, sigma_next, B, device, validate):
-    """-> (sigma, sigma_next): both floats, or both float64 tensors (B,) on ``device``."""
+def _refuse_float_sigmas_in_capture(device):
+    """A Python-float sigma becomes a kernel argument: a CUDA graph would replay it at every later timestep."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise ValueError("sigma and sigma_next are Python floats while a CUDA graph is being captured: the graph "
+                         "would replay this step's values at every later timestep. Pass them as float64 tensors on "
+                         "the latents' device and write each timestep's values into those tensors before replaying")
+
+
+def _sigmas(sigma, sigma_next, B, device, mode):
+    """-> (sigma, sigma_next): both floats, or both float64 tensors (B,) on ``device`` (a 0-dim or length-1 tensor
+    is expanded, a view). Float values are checked on the host; tensor values by ``mode``."""
     def norm(name, s):
         if isinstance(s, torch.Tensor):
             if s.requires_grad:
                 raise ValueError(f"{name} must not require grad")
-            if s.dim() == 0:
-                return float(s)
-            if s.dim() != 1 or s.shape[0] not in (1, B):
-                raise ValueError(f"{name} must be a float or a 1-D tensor of length {B}, got shape "
+            if s.dim() > 1 or (s.dim() == 1 and s.shape[0] not in (1, B)):
+                raise ValueError(f"{name} must be a float or a tensor of shape (), (1,) or ({B},), got shape "
                                  f"{tuple(s.shape)}")
-            return s.to(device=device, dtype=torch.float64).expand(B).contiguous()
+            if not s.is_floating_point():
+                raise TypeError(f"{name} must be a floating tensor, got {s.dtype}")
+            return s.to(device=device, dtype=torch.float64).reshape(-1).expand(B).contiguous()
         if isinstance(s, (int, float)) and not isinstance(s, bool):
             return float(s)
         raise TypeError(f"{name} must be a float or a 1-D tensor, got {type(s).__name__}")
@@ -142,20 +168,27 @@ def _sigmas(sigma, sigma_next, B, device, validate):
     if isinstance(sig, torch.Tensor) != isinstance(nxt, torch.Tensor):
         sig = sig if isinstance(sig, torch.Tensor) else torch.full((B,), sig, dtype=torch.float64, device=device)
         nxt = nxt if isinstance(nxt, torch.Tensor) else torch.full((B,), nxt, dtype=torch.float64, device=device)
-    if validate or not isinstance(sig, torch.Tensor):
-        s_vals = sig.detach().cpu() if isinstance(sig, torch.Tensor) else torch.tensor([sig], dtype=torch.float64)
-        n_vals = nxt.detach().cpu() if isinstance(nxt, torch.Tensor) else torch.tensor([nxt], dtype=torch.float64)
-        if not (torch.isfinite(s_vals).all() and (s_vals > 0).all() and (s_vals <= 1).all()):
-            raise ValueError(f"sigma must lie in (0, 1], got {s_vals.tolist()}")
-        if not (torch.isfinite(n_vals).all() and (n_vals >= 0).all()):
-            raise ValueError(f"sigma_next must be finite and >= 0, got {n_vals.tolist()}")
-        if not (n_vals < s_vals).all():
-            raise ValueError(f"sigma_next must be < sigma (dt = sigma_next - sigma < 0), got sigma="
-                             f"{s_vals.tolist()}, sigma_next={n_vals.tolist()}")
+    if not isinstance(sig, torch.Tensor):
+        _refuse_float_sigmas_in_capture(torch.device(device))
+    if not isinstance(sig, torch.Tensor):
+        _check_sigma_values([sig], [nxt])
+    elif mode == "sync":
+        _check_sigma_values(sig.detach().cpu().tolist(), nxt.detach().cpu().tolist())
     return sig, nxt
 
 
-def _common(model_output, sample, sigma, sigma_next, noise_level, dynamics, validate):
+def _check_sigma_values(s_vals, n_vals):
+    """SPEC §2: 0 < sigma <= 1, 0 <= sigma_next < sigma (lists of floats; NaN fails every comparison)."""
+    if not all(0 < s <= 1 for s in s_vals):
+        raise ValueError(f"sigma must lie in (0, 1], got {s_vals}")
+    if not all(0 <= n < math.inf for n in n_vals):
+        raise ValueError(f"sigma_next must be finite and >= 0, got {n_vals}")
+    if not all(n < s for s, n in zip(s_vals, n_vals)):
+        raise ValueError(f"sigma_next must be < sigma (dt = sigma_next - sigma < 0), got sigma={s_vals}, "
+                         f"sigma_next={n_vals}")
+
+
+def _common(model_output, sample, sigma, sigma_next, noise_level, dynamics, mode):
     _latent("model_output", model_output)
     _latent("sample", sample, like=model_output)
     _choice("dynamics", dynamics, ref.DYNAMICS)
@@ -163,7 +196,7 @@ def _common(model_output, sample, sigma, sigma_next, noise_level, dynamics, vali
     if dynamics == "cps" and eta > 1:
         raise ValueError(f"noise_level must be in (0, 1] for cps dynamics (s = sigma'*sin(eta*pi/2)), got {eta}")
     B = model_output.shape[0]
-    sig, nxt = _sigmas(sigma, sigma_next, B, model_output.device, validate)
+    sig, nxt = _sigmas(sigma, sigma_next, B, model_output.device, mode)
     return B, eta, sig, nxt
 
 
@@ -177,7 +210,8 @@ def _draw_noise(sample, dtype, generator):
 
 def sde_request(model_output, sample, sigma, sigma_next, *, noise_level, dynamics, prev_sample, generator,
                 noise, validate, return_mean=True) -> SDERequest:
-    B, eta, sig, nxt = _common(model_output, sample, sigma, sigma_next, noise_level, dynamics, validate)
+    mode = validate_mode(validate)
+    B, eta, sig, nxt = _common(model_output, sample, sigma, sigma_next, noise_level, dynamics, mode)
     if prev_sample is not None:
         _latent("prev_sample", prev_sample, like=model_output)
         if noise is not None or generator is not None:
@@ -193,13 +227,15 @@ def sde_request(model_output, sample, sigma, sigma_next, *, noise_level, dynamic
             noise = noise.to(cd)
     if not isinstance(return_mean, bool):
         raise TypeError(f"return_mean must be a bool, got {type(return_mean).__name__}")
-    return SDERequest(model_output, sample, sig, nxt, eta, dynamics, prev_sample, noise, return_mean)
+    return SDERequest(model_output, sample, sig, nxt, eta, dynamics, prev_sample, noise, return_mean,
+                      check=mode == "device" and isinstance(sig, torch.Tensor))
 
 
 def loss_request(model_output, sample, prev_sample, sigma, sigma_next, advantages, *, old_log_prob,
                  old_prev_sample_mean, old_model_output, noise_level, dynamics, method, clip_range,
                  adv_clip_max, guard_weight, validate) -> LossRequest:
-    B, eta, sig, nxt = _common(model_output, sample, sigma, sigma_next, noise_level, dynamics, validate)
+    mode = validate_mode(validate)
+    B, eta, sig, nxt = _common(model_output, sample, sigma, sigma_next, noise_level, dynamics, mode)
     _choice("method", method, ref.METHODS)
     _choice("guard_weight", guard_weight, ref.GUARD_WEIGHTS)
     if sample.requires_grad:
@@ -224,11 +260,11 @@ def loss_request(model_output, sample, prev_sample, sigma, sigma_next, advantage
     _check_dtype_mix([("model_output", model_output), ("sample", sample), ("prev_sample", prev_sample),
                       ("old_prev_sample_mean", old_prev_sample_mean), ("old_model_output", old_model_output)])
     device = model_output.device
-    advantages = _per_sample_vector("advantages", advantages, B, device, validate)
+    advantages = _per_sample_vector("advantages", advantages, B, device, mode)
     if advantages.requires_grad:
         raise ValueError("advantages must not require grad")
     if old_log_prob is not None:
-        old_log_prob = _per_sample_vector("old_log_prob", old_log_prob, B, device, validate)
+        old_log_prob = _per_sample_vector("old_log_prob", old_log_prob, B, device, mode)
         if old_log_prob.requires_grad:
             raise ValueError("old_log_prob is rollout data and must not require grad")
     eps = _positive_float("clip_range", clip_range)
@@ -236,9 +272,42 @@ def loss_request(model_output, sample, prev_sample, sigma, sigma_next, advantage
         raise ValueError(f"clip_range must be < 1, got {eps}")
     adv_max = _positive_float("adv_clip_max", adv_clip_max, allow_inf=True)
     if dynamics == "cps" and method in ("ratio_norm", "guard"):
-        nvals = nxt.detach().cpu() if isinstance(nxt, torch.Tensor) else torch.tensor([nxt])
-        if (nvals == 0).any():
+        nvals = [nxt] if not isinstance(nxt, torch.Tensor) else nxt.detach().cpu().tolist() if mode == "sync" else []
+        if any(n == 0 for n in nvals):
             raise ValueError("method=%r divides by the transition std, which is 0 for cps at sigma_next == 0; "
                              "do not train the last step" % method)
     return LossRequest(model_output, sample, prev_sample, sig, nxt, advantages, old_log_prob,
-                       old_prev_sample_mean, old_model_output, eta, dynamics, method, eps, adv_max, guard_weight)
+                       old_prev_sample_mean, old_model_output, eta, dynamics, method, eps, adv_max, guard_weight,
+                       check=mode == "device")
+
+
+def device_checks(req) -> Optional[torch.Tensor]:
+    """The device-side checks of ``req`` (validate=True) with torch ops, for the backends whose kernels do not
+    make them (torch, cuda): sets the error-word bits (:mod:`.errors`) and returns a (B,) bool tensor, True for
+    the samples whose outputs must be NaN (None when nothing is checked). No host synchronization."""
+    if not req.check:
+        return None
+    device = req.model_output.device
+    bad_sig = bad_nxt = bad_std = None
+    if isinstance(req.sigma, torch.Tensor):
+        sig, nxt = req.sigma, req.sigma_next
+        bad_sig = ~((sig > 0) & (sig <= 1))
+        bad_nxt = ~((nxt >= 0) & (nxt < sig))  # NaN and +inf fail
+    if isinstance(req, SDERequest):
+        errors.flag(errors.SDE_STEP, [bad_sig, bad_nxt], device)
+        bads = [bad_sig, bad_nxt]
+    else:
+        if isinstance(req.sigma_next, torch.Tensor) and req.dynamics == "cps" and \
+                req.method in ("ratio_norm", "guard"):
+            bad_std = req.sigma_next == 0
+        bad_adv = ~torch.isfinite(req.advantages)
+        bad_lp = ~torch.isfinite(req.old_log_prob) if req.old_log_prob is not None else None
+        bads = [bad_sig, bad_nxt, bad_std, bad_adv, bad_lp]
+        errors.flag(errors.POLICY_LOSS, bads, device)
+    bads = [b for b in bads if b is not None]
+    if not bads:
+        return None
+    out = bads[0]
+    for b in bads[1:]:
+        out = out | b
+    return out

@@ -102,7 +102,12 @@ class RolloutBatch:
 
 
 def _noise(gens: Sequence[torch.Generator], shape, device, dtype) -> torch.Tensor:
-    return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device=device, dtype=dtype)
+    """Standard normal noise, one CPU generator per sample (reproducible on any device). To a GPU through pinned
+    memory, asynchronously: a pageable host-to-device copy would wait for the device's queue."""
+    z = torch.stack([torch.randn(shape, generator=g) for g in gens])
+    if torch.device(device).type == "cuda":
+        z = z.pin_memory().to(device, non_blocking=True)
+    return z.to(device=device, dtype=dtype)
 
 
 @torch.no_grad()

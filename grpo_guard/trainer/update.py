@@ -11,17 +11,20 @@ reduce-scatters the gradients into shards (as FSDP does), and each timestep's gr
 averaged gradient, summed over the shards. Under DeepSpeed ZeRO-1/2 the engine reduces, clips and steps
 (:mod:`.zero`); each timestep's norm is that of this process's gradient, as under DDP.
 
-A non-finite loss or gradient norm on any process skips the optimizer step on all of them.
+A non-finite loss or gradient norm on any process skips the optimizer step on all of them. The update makes one
+host synchronization per optimizer step (the gradient norm and the skip decision, which also carries the ops'
+device-side input checks, :func:`grpo_guard.check_errors`); the loss of each (timestep, micro-batch) is never read
+on the host in between.
 """
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Dict, List, Sequence
 
 import torch
 
 import grpo_guard as gg
+from grpo_guard.ops import errors
 
 from . import sharding, zero
 from .config import Config, UnsupportedDistributedError  # noqa: F401 (re-exported)
@@ -109,11 +112,14 @@ class Updater:
 
     def _loss_and_backward(self, b: RolloutBatch, k: int, scale: float, last: bool):
         """Recompute the velocity of micro-batch ``b`` at trained step ``k``, its loss (+ KL), and backpropagate
-        ``scale`` x it. Returns the detached (loss, ratio_mean, ratio_std, clipfrac, approx_kl, kl), or None when
-        the loss is non-finite (its backward still runs where it is a collective, FSDP2 / DeepSpeed)."""
+        ``scale`` x it. Returns the detached (loss, ratio_mean, ratio_std, clipfrac, approx_kl, kl) and a 0-dim
+        bool tensor, True if the loss is finite: all on the device, nothing read on the host. A non-finite loss
+        is still backpropagated (its step is skipped; under DeepSpeed it backpropagates NaN, so that the engine's
+        own check skips the step too)."""
         cfg, t = self.cfg, self.cfg.train
-        # contiguous like the rollout's latents: a strided bf16 input rounds differently in a Linear
-        x, x_next = b.latents[:, k].contiguous(), b.latents[:, k + 1].contiguous()
+        # x is contiguous like the rollout's latents (a strided bf16 input rounds differently in a Linear); the
+        # loss takes x' and the old velocity as slices of the trajectory tensors (the kernels read them in place)
+        x, x_next = b.latents[:, k].contiguous(), b.latents[:, k + 1]
         sig, nxt = b.sigmas[k], b.sigmas[k + 1]
         with ((lambda: self.acc.no_sync(self.model)) if self.manual_sync else contextlib.nullcontext)():
             with self.autocast():
@@ -128,16 +134,15 @@ class Updater:
                     v_ref = self.adapter.velocity(self.ref_model, x, sig, b.cond, cfg.sample.guidance_scale, cfg=t.cfg)
                 kl = kl_to_reference(v, v_ref, x, x_next, sig, nxt, cfg).mean()
             total = loss + t.beta_kl * kl
-            finite = bool(torch.isfinite(total))
+            finite = torch.isfinite(total.detach())
             if self.ds:  # a non-finite loss backpropagates NaN into every gradient, so that the engine's check on the
                 # gradients skips the step (a non-finite loss can have finite gradients)
-                zero.backward(self.model, total * scale if finite else v.float().sum() * float("nan"), last)
-            elif finite or self.fsdp:
+                total = total + torch.where(finite, 0.0, float("nan")) * v.float().sum()
+                zero.backward(self.model, total * scale, last)
+            else:
                 self.acc.backward(total * scale)
-        if not finite:
-            return None
         row = [loss, st["ratio_mean"], st["ratio_std"], st["clipfrac"], st["approx_kl"], kl]
-        return torch.stack([r.detach().double() for r in row])
+        return torch.stack([r.detach().double() for r in row]), finite
 
     def step(self, batches: Sequence[RolloutBatch]) -> Dict:
         """One optimizer step over ``batches`` (all with the same trained steps). Returns its metrics:
@@ -151,11 +156,9 @@ class Updater:
         try:
             for k in range(K):
                 for i, b in enumerate(batches):
-                    row = self._loss_and_backward(b, k, 1.0 / (K * n), last=(k == K - 1 and i == n - 1))
-                    if row is None:
-                        nonfinite += 1  # the step will be skipped
-                    else:
-                        stats[k, :6] += row / n
+                    row, finite = self._loss_and_backward(b, k, 1.0 / (K * n), last=(k == K - 1 and i == n - 1))
+                    nonfinite += (~finite).to(nonfinite.dtype)  # any: the step will be skipped
+                    stats[k, :6] += torch.where(finite, row / n, 0.0)
                 if norms is not None:  # this timestep's own gradient
                     stats[k, 6] = norms.pop()
         finally:
@@ -175,10 +178,12 @@ class Updater:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm)
         else:
             grad_norm = self.acc.clip_grad_norm_(self.params, t.max_grad_norm)
-        grad_norm = float(sharding.full(grad_norm))
-        flags = torch.tensor([float(nonfinite), float(not math.isfinite(grad_norm))], device=self.adapter.device)
+        grad_norm = sharding.full(grad_norm).to(self.adapter.device, torch.float32)
+        flags = torch.stack([nonfinite.float(), (~torch.isfinite(grad_norm)).float(), self._input_errors()])
         flags = self.acc.reduce(flags, reduction="sum") if self.multi else flags
-        skipped = bool(flags.sum() > 0)
+        flags, grad_norm = flags.tolist(), float(grad_norm)  # the step's one host synchronization
+        self._raise_input_errors(flags[2])
+        skipped = flags[0] + flags[1] > 0
         if not skipped:
             self.optimizer.step()
             self.lr_scheduler.step()
@@ -187,11 +192,27 @@ class Updater:
         self.optimizer.zero_grad(set_to_none=True)
         return skipped, grad_norm, int(flags[0])
 
+    def _input_errors(self) -> torch.Tensor:
+        """1.0 if an op's device-side input check failed on this process since the last step (errors.py), else 0.0,
+        as a device float (joins the step's flags, so every process learns it in the same collective)."""
+        return (errors.word(self.adapter.device)[0] != 0).float()
+
+    def _raise_input_errors(self, processes: float) -> None:
+        """After the flags' reduction: raise on every process if some process saw invalid op inputs (the one that
+        did names them)."""
+        if processes > 0:
+            gg.check_errors(self.adapter.device)  # raises here if this process saw them
+            raise gg.InvalidInputError(f"invalid per-sample inputs were given to grpo_guard ops on {int(processes)} "
+                                       "other process(es); see their error")
+
     def _deepspeed_step(self, nonfinite: torch.Tensor):
         """The engine's step (it skips on non-finite gradients, on every process); then the LR schedule and the
         EMA (of the float32 master weights) when it was applied. Same return as :meth:`_optimizer_step`."""
         applied, grad_norm = zero.step(self.model)
-        nonfinite = self.acc.reduce(nonfinite, reduction="sum") if self.multi else nonfinite
+        flags = torch.stack([nonfinite.float(), self._input_errors()])
+        flags = (self.acc.reduce(flags, reduction="sum") if self.multi else flags).tolist()
+        nonfinite = flags[0]
+        self._raise_input_errors(flags[1])
         if applied and nonfinite > 0:
             raise RuntimeError("DeepSpeed applied an optimizer step whose loss was non-finite on some process (its "
                                "gradients were finite); the weights can no longer be trusted")

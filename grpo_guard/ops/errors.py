@@ -1,0 +1,110 @@
+"""Checks of per-sample values that live on the device, without a host-device synchronization.
+
+The ops check what the host knows (shapes, dtypes, devices, Python-number sigmas) at once. Values in device
+tensors (tensor sigmas, advantages, old log-probs, rewards) are checked on the device: an invalid value makes
+the affected outputs NaN (so a trainer's non-finite check never applies them) and sets a bit in a per-device
+int32 *error word*; :func:`check_errors` reads the word (one synchronization: call it where the loop already
+synchronizes, e.g. once per optimizer step, as the trainer does) and raises :class:`InvalidInputError` naming
+the op, the argument and the rule. ``validate="sync"`` checks those values synchronously at each call instead
+(debugging); ``validate=False`` checks nothing on the device.
+
+The Triton kernels set the bits themselves, in the program that finishes each row (no extra launch); the torch
+and cuda backends set them with a few elementwise torch ops (:func:`flag`). Bit layout: ``BITS``, one place.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+
+#: (op, argument, rule) for each bit of the error word, in bit order. The Triton kernels index this layout by
+#: op-relative offsets: sde_step from ``SDE_STEP`` (+0 sigma, +1 sigma_next), policy_loss from ``POLICY_LOSS``
+#: (+0 sigma, +1 sigma_next, +2 sigma_next for cps with a normalized ratio, +3 advantages, +4 old_log_prob).
+CHECKS: Tuple[Tuple[str, str, str], ...] = (
+    ("sde_step", "sigma", "must lie in (0, 1]"),
+    ("sde_step", "sigma_next", "must be finite, >= 0 and < sigma"),
+    ("policy_loss", "sigma", "must lie in (0, 1]"),
+    ("policy_loss", "sigma_next", "must be finite, >= 0 and < sigma"),
+    ("policy_loss", "sigma_next", "must be > 0 for cps dynamics with method ratio_norm or guard (the transition "
+                                  "std is 0 at sigma_next == 0: do not train the last step)"),
+    ("policy_loss", "advantages", "must be finite"),
+    ("policy_loss", "old_log_prob", "must be finite"),
+    ("group_advantages", "rewards", "must be finite"),
+)
+BITS: Dict[Tuple[str, str, str], int] = {c: 1 << i for i, c in enumerate(CHECKS)}
+SDE_STEP = 0      # bit offset of sde_step's checks
+POLICY_LOSS = 2   # bit offset of policy_loss's checks
+GROUP_ADVANTAGES = 7
+
+VALIDATE_MODES = (True, False, "sync")
+
+
+class InvalidInputError(ValueError):
+    """Per-sample inputs that failed a device-side check; the message names each op, argument and rule."""
+
+
+_WORDS: Dict[Tuple[str, int], torch.Tensor] = {}
+
+
+def _key(device) -> Tuple[str, int]:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device.type, -1 if device.index is None else device.index
+
+
+def word(device) -> torch.Tensor:
+    """The error word of ``device``: an int32 tensor (1,), zero until a check fails."""
+    key = _key(device)
+    w = _WORDS.get(key)
+    if w is None:
+        w = _WORDS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return w
+
+
+def bit(op: str, argument: str, rule_index: int = 0) -> int:
+    """The bit of the ``rule_index``-th check of (op, argument)."""
+    return [b for (o, a, _), b in BITS.items() if o == op and a == argument][rule_index]
+
+
+def flag(offset: int, bads, device) -> None:
+    """word |= bit ``offset + k`` for every k whose ``bads[k]`` (a bool tensor, (B,) or broadcastable to it; None:
+    not checked) is True anywhere. On the device: a few small kernels, no host synchronization, no host-to-device
+    copy (so it also runs under CUDA-graph capture)."""
+    if all(b is None for b in bads):
+        return
+    like = next(b for b in bads if b is not None)
+    rows = [b.reshape(-1) if b is not None else torch.zeros(1, dtype=torch.bool, device=like.device) for b in bads]
+    failed = torch.stack(torch.broadcast_tensors(*rows), dim=0).any(dim=1)  # (K,)
+    shifts = torch.arange(offset, offset + len(bads), device=failed.device)
+    code = (failed.to(torch.int64) << shifts).sum().to(torch.int32)  # distinct bits: the sum is the OR
+    word(device).bitwise_or_(code.reshape(1))
+
+
+def messages(value: int) -> List[str]:
+    """The rules a word value says were broken, as 'op: argument rule' lines."""
+    return [f"{op}: {arg} {rule}" for (op, arg, rule), b in BITS.items() if value & b]
+
+
+def check_errors(device=None) -> None:
+    """Raise :class:`InvalidInputError` if a device-side check failed since the last call on ``device`` (every
+    device with an error word if None), then clear the word. One host-device synchronization per device."""
+    keys = list(_WORDS) if device is None else [_key(device)]
+    found = []
+    for key in keys:
+        w = _WORDS.get(key)
+        if w is None:
+            continue
+        value = int(w.item())
+        if value:
+            w.zero_()
+            found += [f"{line} (on {key[0]}{'' if key[0] == 'cpu' else ':' + str(key[1])})"
+                      for line in messages(value)]
+    if found:
+        raise InvalidInputError("invalid per-sample inputs were given to grpo_guard ops since the last check "
+                                "(their outputs were NaN):\n  " + "\n  ".join(found))
+
+
+def poison(t: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """``t`` with NaN where ``bad`` (broadcast against t), its gradient NaN there too: t * where(bad, nan, 1)."""
+    return t * torch.where(bad, float("nan"), 1.0).to(device=t.device, dtype=t.dtype)

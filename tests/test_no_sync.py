@@ -1,0 +1,157 @@
+"""No host-device synchronization on the default path (issue 9): sde_step (rollout and scoring, forward and
+backward), policy_loss (every old input, forward and backward) and group_advantages, with per-sample values in
+device tensors and the default ``validate=True``. Bad values still fail loudly: NaN outputs, and
+``grpo_guard.check_errors()`` names the op and the argument; ``validate="sync"`` raises at once.
+
+On CPU a dispatch mode records the ops that would synchronize a GPU (``aten._local_scalar_dense`` for ``.item()``
+/ ``bool()``, ``nonzero``, ``unique``, copies to the host, ...), with the Triton interpreter's own host work
+hidden; on a GPU ``torch.cuda.set_sync_debug_mode("error")`` makes any synchronization raise.
+"""
+import pytest
+import torch
+
+import grpo_guard as gg
+from grpo_guard.ops import errors
+
+from _cases import latents
+from _host_work import OpLog, cuda_sync_errors, hide_kernel_host_work
+
+DYNAMICS = ("flow", "dance", "cps")
+
+
+@pytest.fixture(params=["split", "fused"])
+def kernels(request, monkeypatch):
+    """The Triton kernel set (other backends ignore it); the interpreter's host work hidden from the log."""
+    try:
+        from grpo_guard.kernels import policy_loss as PL
+        from grpo_guard.kernels import sde_step as SDE
+        from grpo_guard.ops import triton_launch
+    except Exception:  # noqa: BLE001  (no triton: only the torch/cuda backends run)
+        yield request.param
+        return
+    monkeypatch.setattr(triton_launch, "FUSED", request.param == "fused")
+    hide_kernel_host_work(monkeypatch, (SDE, PL))
+    yield request.param
+
+
+@pytest.fixture(autouse=True)
+def _clean_error_word():
+    for w in errors._WORDS.values():
+        w.zero_()
+    yield
+    for w in errors._WORDS.values():
+        w.zero_()
+
+
+def schedule(B, device):
+    sig = torch.linspace(0.9, 0.4, B, dtype=torch.float64, device=device)
+    return sig, sig - 0.1
+
+
+def _skip_kernel_set_for_other_backends(bk, kernels):
+    if bk[0] != "triton" and kernels == "fused":
+        pytest.skip("the kernel set only matters for the triton backend")
+
+
+@pytest.mark.parametrize("dynamics", DYNAMICS)
+def test_default_path_does_not_synchronize(bk, kernels, dynamics, seed):
+    _skip_kernel_set_for_other_backends(bk, kernels)
+    name, device = bk
+    B = 3
+    v_old, x = latents(B, (4, 16), torch.bfloat16, device)
+    sig, nxt = schedule(B, device)
+    noise = torch.randn(x.shape, device=device)
+    adv = torch.randn(B, device=device)
+    rewards, ids = torch.randn(6, device=device), torch.tensor([3, 1, 3, 1, 2, 2], device=device)
+    roll = gg.sde_step(v_old, x, sig, nxt, dynamics=dynamics, noise=noise)  # warm-up: caches, compiled kernels
+    with cuda_sync_errors(device), OpLog() as log:
+        roll = gg.sde_step(v_old, x, sig, nxt, dynamics=dynamics, noise=noise)
+        v = v_old.detach().clone().requires_grad_(True)
+        scored = gg.sde_step(v, x, sig, nxt, dynamics=dynamics, prev_sample=roll.prev_sample)
+        scored.log_prob.sum().backward()
+        for method, kind in (("guard", "old_model_output"), ("ratio_norm", "old_prev_sample_mean"),
+                             ("grpo", "old_log_prob")):
+            old = {"old_model_output": v_old, "old_prev_sample_mean": roll.prev_sample_mean,
+                   "old_log_prob": roll.log_prob}[kind]
+            v = v_old.detach().clone().requires_grad_(True)
+            loss, stats = gg.policy_loss(v, x, roll.prev_sample, sig, nxt, adv, dynamics=dynamics, method=method,
+                                         **{kind: old})
+            loss.backward()
+        gg.group_advantages(rewards, ids)
+    assert log.syncs == [], log.syncs
+    gg.check_errors()  # nothing invalid was given
+
+
+def test_bad_device_values_give_nan_and_a_named_error(bk, kernels, seed):
+    """Out-of-range tensor sigmas, non-finite advantages / old log-probs / rewards: NaN where they enter, and
+    check_errors() raises once, naming each op and argument; the error word is then clear."""
+    _skip_kernel_set_for_other_backends(bk, kernels)
+    name, device = bk
+    B = 3
+    v, x = latents(B, (4, 16), torch.float32, device)
+    sig, nxt = schedule(B, device)
+    bad_nxt = nxt.clone()
+    bad_nxt[1] = sig[1] + 0.05  # sigma_next > sigma
+    with cuda_sync_errors(device):
+        out = gg.sde_step(v, x, sig, bad_nxt)
+    assert torch.isnan(out.log_prob[1]) and torch.isfinite(out.log_prob[[0, 2]]).all()
+    with pytest.raises(gg.InvalidInputError, match="sde_step: sigma_next must be finite, >= 0 and < sigma"):
+        gg.check_errors()
+    gg.check_errors()  # cleared
+
+    roll = gg.sde_step(v, x, sig, nxt)
+    adv = torch.tensor([1.0, float("inf"), -1.0], device=device)
+    vg = v.clone().requires_grad_(True)
+    with cuda_sync_errors(device):
+        loss, stats = gg.policy_loss(vg, x, roll.prev_sample, sig, nxt, adv, old_model_output=v)
+        loss.backward()
+        old_lp = roll.log_prob.clone()
+        old_lp[0] = float("nan")
+        loss2, _ = gg.policy_loss(v, x, roll.prev_sample, sig, nxt, torch.ones(B, device=device), method="grpo",
+                                  old_log_prob=old_lp)
+        adv_rewards = gg.group_advantages(torch.tensor([1.0, float("nan"), 2.0, 3.0], device=device),
+                                          torch.tensor([0, 0, 1, 1], device=device))
+    assert torch.isnan(loss) and torch.isnan(stats["log_ratio"][1]) and torch.isnan(vg.grad).any()
+    assert torch.isnan(loss2)
+    assert torch.isnan(adv_rewards[:2]).all() and torch.isfinite(adv_rewards[2:]).all()
+    with pytest.raises(gg.InvalidInputError) as info:
+        gg.check_errors()
+    msg = str(info.value)
+    assert "policy_loss: advantages must be finite" in msg and "policy_loss: old_log_prob must be finite" in msg
+    assert "group_advantages: rewards must be finite" in msg and "sde_step" not in msg
+
+
+def test_cps_zero_std_is_checked_on_the_device(bk, kernels, seed):
+    _skip_kernel_set_for_other_backends(bk, kernels)
+    name, device = bk
+    B = 2
+    v, x = latents(B, (4, 8), torch.float32, device)
+    sig = torch.tensor([0.3, 0.2], dtype=torch.float64, device=device)
+    nxt = torch.tensor([0.1, 0.0], dtype=torch.float64, device=device)
+    roll = gg.sde_step(v, x, sig, torch.tensor([0.1, 0.05], dtype=torch.float64, device=device), dynamics="cps")
+    loss, stats = gg.policy_loss(v, x, roll.prev_sample, sig, nxt, torch.ones(B, device=device), dynamics="cps",
+                                 method="guard", old_model_output=v)
+    assert torch.isnan(loss)
+    with pytest.raises(gg.InvalidInputError, match="sigma_next must be > 0 for cps"):
+        gg.check_errors()
+
+
+def test_validate_sync_raises_at_once_and_false_checks_nothing(bk, kernels):
+    _skip_kernel_set_for_other_backends(bk, kernels)
+    name, device = bk
+    B = 3
+    v, x = latents(B, (4, 16), torch.float32, device)
+    sig, nxt = schedule(B, device)
+    roll = gg.sde_step(v, x, sig, nxt)
+    adv = torch.tensor([1.0, float("nan"), 0.0], device=device)
+    with pytest.raises(ValueError, match="advantages has non-finite values"):
+        gg.policy_loss(v, x, roll.prev_sample, sig, nxt, adv, old_model_output=v, validate="sync")
+    with pytest.raises(ValueError, match="sigma_next must be < sigma"):
+        gg.sde_step(v, x, sig, sig, validate="sync")
+    with pytest.raises(ValueError, match="rewards has non-finite"):
+        gg.group_advantages(torch.tensor([1.0, float("inf")], device=device), [0, 0], validate="sync")
+    loss, _ = gg.policy_loss(v, x, roll.prev_sample, sig, nxt, adv, old_model_output=v, validate=False)
+    assert torch.isnan(loss)  # the NaN advantage itself, not a check
+    gg.check_errors()  # nothing flagged
+    with pytest.raises(ValueError, match="validate must be True, False or 'sync'"):
+        gg.sde_step(v, x, sig, nxt, validate="yes")
