@@ -203,7 +203,7 @@ def policy_loss_backward_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, coef_ptr, g_loss_
                 else:
                     delta = b * (v - v_old)
                 grad += k_d * delta
-        tl.store(g_v_ptr + bv + offs, rounded_for(grad * g, g_v_ptr), mask=m)
+        tl.store(g_v_ptr + base + offs, rounded_for(grad * g, g_v_ptr), mask=m)
 
 
 # ---- single launch forward (fused finish) ------------------------------------------------------------------
@@ -452,4 +452,4 @@ def policy_loss_bwd_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, row_ptr, g_loss_ptr, g
                 else:
                     delta = b * (v - v_old)
                 grad += k_d * delta
-        tl.store(g_v_ptr + bv + offs, rounded_for(grad * g, g_v_ptr), mask=m)
+        tl.store(g_v_ptr + base + offs, rounded_for(grad * g, g_v_ptr), mask=m)

@@ -206,7 +206,7 @@ def sde_step_bwd_kernel(v_ptr, x_ptr, xp_ptr, mean_ptr, row_ptr, g_prev_ptr, g_m
         m = offs < D
         g = tl.zeros([BLOCK], CD)
         if HAS_G_PREV:
-            g += tl.load(g_prev_ptr + bv + offs, mask=m, other=0.0).to(CD)
+            g += tl.load(g_prev_ptr + base + offs, mask=m, other=0.0).to(CD)
         if HAS_G_MEAN:
             g += tl.load(g_mean_ptr + base + offs, mask=m, other=0.0).to(CD)
         if HAS_G_LP:
@@ -219,6 +219,6 @@ def sde_step_bwd_kernel(v_ptr, x_ptr, xp_ptr, mean_ptr, row_ptr, g_prev_ptr, g_m
                 mu = transition_mean(x, v, a, b)
             g += k * (xp - mu)
         if NEED_G_V:
-            tl.store(g_v_ptr + bv + offs, rounded_for(b * g, g_v_ptr), mask=m)
+            tl.store(g_v_ptr + base + offs, rounded_for(b * g, g_v_ptr), mask=m)
         if NEED_G_X:
-            tl.store(g_x_ptr + bx + offs, rounded_for(a * g, g_x_ptr), mask=m)
+            tl.store(g_x_ptr + base + offs, rounded_for(a * g, g_x_ptr), mask=m)

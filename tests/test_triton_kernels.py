@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 import grpo_guard as gg  # noqa: E402
 from grpo_guard import dispatch  # noqa: E402
 from grpo_guard import reference as ref  # noqa: E402
-from grpo_guard.ops import requests  # noqa: E402
+from grpo_guard.ops import errors, requests  # noqa: E402
 
 from _cases import latents  # noqa: E402
 
@@ -222,11 +222,16 @@ def test_batch_strided_inputs_are_not_copied(monkeypatch, kind, seed):
             "old_log_prob": (roll.log_prob, roll.log_prob)}
     v_new = (v.float() + 1e-3 * torch.randn(v.shape, device=DEVICE)).bfloat16()
     adv = torch.randn(B, device=DEVICE)
+    errors.word(DEVICE)  # the device's error word exists (made once per process)
     results = []
     for strided in (True, False):
         c = (lambda t: t) if strided else (lambda t: t.contiguous())
         launches = _Launches(monkeypatch)
-        vg, vl = v_new.clone().requires_grad_(True), v_new.clone().requires_grad_(True)
+        # the differentiated velocity too: a slice of a trajectory leaf (strided) or a contiguous leaf
+        leaves = [torch.zeros(B, T, 5, 40, dtype=torch.bfloat16, device=DEVICE).index_copy_(
+            1, torch.tensor([1], device=DEVICE), v_new[:, None]).requires_grad_(True) for _ in range(2)]
+        vg, vl = (leaves[0][:, 1], leaves[1][:, 1]) if strided else (leaves[0][:, 1].detach().clone().requires_grad_(True),
+                                                                     leaves[1][:, 1].detach().clone().requires_grad_(True))
         old = olds[kind][0 if strided else 1]
         with _torch_ops() as log:
             r = gg.sde_step(c(v), c(x), sig, nxt, noise=c(noise), validate=False)
@@ -238,9 +243,13 @@ def test_batch_strided_inputs_are_not_copied(monkeypatch, kind, seed):
             loss.backward()
         assert launches.count > 0
         if strided:
-            extra = {"aten.sum", "aten.ones_like", "aten.expand", "aten.view"}  # the test's own log_prob.sum()
+            # the test's own log_prob.sum() and the slices' backward (autograd scatters into the leaf's gradient)
+            extra = {"aten.sum", "aten.ones_like", "aten.expand", "aten.view", "aten.new_zeros", "aten.zeros",
+                     "aten.select_backward", "aten.slice_scatter", "aten.select_scatter", "aten.add", "aten.copy_"}
             assert set(log.ops) <= HOST_OK | extra, sorted(set(log.ops) - HOST_OK)
-        results.append([r.prev_sample, r.log_prob, r.prev_sample_mean, s.log_prob, vg.grad, loss, vl.grad, st["log_ratio"]])
+        grads = (leaves[0].grad[:, 1], leaves[1].grad[:, 1]) if strided else (vg.grad, vl.grad)
+        results.append([r.prev_sample, r.log_prob, r.prev_sample_mean, s.log_prob, grads[0], loss, grads[1],
+                        st["log_ratio"]])
     assert all(torch.equal(p, q) for p, q in zip(*results))
 
 

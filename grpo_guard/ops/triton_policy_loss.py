@@ -1,11 +1,14 @@
-"""policy_loss on Triton: an autograd.Function around kernels/policy_loss.py.
+"""policy_loss on Triton: launch code for kernels/policy_loss.py, an autograd.Function (eager) around it, and the
+same forward/backward for the torch.library operators (grpo_guard/ops/library.py).
 
-Two kernel sets, chosen by ``triton_launch.FUSED``: the single-launch forward (``policy_loss_fwd_kernel``: reduce,
-then the last program of each row finishes the row and the last row finishes the batch) with an elementwise
-backward, or the split forward (reduce + one finishing program, 2 launches). Host work: torch.empty and views;
-no other torch op on the hot path.
+Two kernel sets, chosen by ``triton_launch.FUSED`` when the forward runs: the single-launch forward
+(``policy_loss_fwd_kernel``: reduce, then the last program of each row finishes the row and the last row the
+batch) with an elementwise backward, or the split forward (reduce + one finishing program, 2 launches). Host
+work: torch.empty and views; no other torch op on the hot path, no copy of batch-strided latents.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -16,125 +19,168 @@ from . import errors
 from . import triton_launch as TL
 from .requests import LossRequest, device_checks
 from .torch_backend import poisoned_loss
-from .triton_launch import DYNAMICS_CODE, LAUNCH_OPTIONS, batch_strided, flat, geometry, sigma_args
+from .triton_launch import DYNAMICS_CODE, LAUNCH_OPTIONS, batch_strided, flat, geometry
 
 METHOD_CODE = {m: i for i, m in enumerate(ref.METHODS)}  # grpo, mean_revised, ratio_norm, guard
+OLD_CODE = {"old_log_prob": 0, "old_prev_sample_mean": 1, "old_model_output": 2}
 ROW_FIELDS = 7  # kernels/policy_loss.py: the fused forward's row buffer (k_u, k_d, a, b, loss, r - 1, clipped)
 
 
-def _fused_forward(ctx, v, x, xp, old, advantages, old_log_prob, stats, sigma, sigma_next, req, old_kind):
+def eager_launch(kernel, grid, *args, **kwargs):
+    """Launch a kernel now (the eager path); the operators pass wrap_triton's launcher or a no-op instead."""
+    kernel[grid](*args, **kwargs)
+
+
+def forward(v, x, xp, old: Optional[torch.Tensor], adv, old_lp: Optional[torch.Tensor], sig_t, nxt_t,
+            sig_f: float, nxt_f: float, eta: float, dynamics: str, method: str, clip_range: float,
+            adv_clip_max: float, guard_weight: str, old_kind: int, check: bool, fused: bool,
+            counters: Optional[torch.Tensor], err: torch.Tensor, launch=eager_launch):
+    """Launch the forward. ``old``: old_prev_sample_mean (old_kind 1) or old_model_output (2), None for old_log_prob
+    (0); sigmas as float64 (B,) tensors (sig_t, nxt_t) or floats (sig_f, nxt_f). ``counters``: zeroed int32 (>= B+1)
+    for the fused kernel (None: allocated here). Returns (loss 0-dim, stats (4 + 2B,), work), ``work`` the per-row
+    constants the backward reads, then the chunk partials."""
     B = x.shape[0]
     D = x.numel() // B
-    cd = stats.dtype
-    g = TL.fused_geometry(D)
-    rb, log_rb = TL.finish_rows(B)
+    cd = ref.compute_dtype(v, x, xp, old)
     (v, sv), (x, sx), (xp, sxp) = batch_strided(v), batch_strided(x), batch_strided(xp)
     old, so = batch_strided(old) if old is not None else (x, sx)
-    n_part = B * g.chunks
-    work = torch.empty(ROW_FIELDS * B + 2 * n_part, dtype=cd, device=x.device)
-    row, part = work[:ROW_FIELDS * B], work[ROW_FIELDS * B:]
+    adv, old_lp = flat(adv), flat(old_lp) if old_lp is not None else None  # (B,): read with stride 1
+    stats = torch.empty(4 + 2 * B, dtype=cd, device=x.device)
     loss = torch.empty((), dtype=cd, device=x.device)
-    cnt = TL.counters(x.device, B + 1)
-    sig = sigma_args(sigma, sigma_next, work)
-    lo, hi = ref.clip_bounds(req.clip_range)
-    method = METHOD_CODE[req.method]
-    K.policy_loss_fwd_kernel[(n_part,)](
-        v, x, xp, old, advantages, old_log_prob if old_log_prob is not None else work, part, row, cnt,
-        errors.word(x.device), loss, stats, *sig[:4], req.noise_level, lo, hi, req.adv_clip_max, B, D, g.chunks,
-        n_part, sv, sx, sxp, so, DYNAMICS=DYNAMICS_CODE[req.dynamics], PER_SAMPLE=sig[4], OLD=old_kind, METHOD=method,
-        BETA_DT=req.guard_weight == "beta_dt", CHECK=req.check, ERR_BASE=errors.POLICY_LOSS, BLOCK=g.block, LOG_BLOCK=g.log_block, ITERS=g.iters,
-        CP=g.cp, LOG_CP=g.log_cp, RB=rb, LOG_RB=log_rb, num_warps=g.num_warps, **LAUNCH_OPTIONS)
-    need_delta = old_kind != 0 and method == 0
-    # only what the backward reads: v for OLD 0 or when k_d != 0; x unless OLD 1 without Delta
-    ctx.save_for_backward(v if (old_kind == 0 or need_delta) else None,
-                          x if (old_kind != 1 or need_delta) else None, xp, old if old_kind else None, row)
-    ctx.scalars = (True, old_kind, need_delta, D, g, (sv, sx, sxp, so))
-    ctx.v_dtype = v.dtype
-    return loss
-
-
-def _split_forward(ctx, v, x, xp, old, advantages, old_log_prob, stats, sigma, sigma_next, req, old_kind):
-    B = x.shape[0]
-    D = x.numel() // B
-    cd = stats.dtype
+    per_sample = sig_t is not None
+    lo, hi = ref.clip_bounds(clip_range)
+    dyn, meth = DYNAMICS_CODE[dynamics], METHOD_CODE[method]
+    if fused:
+        g = TL.fused_geometry(D)
+        rb, log_rb = TL.finish_rows(B)
+        n_part = B * g.chunks
+        work = torch.empty(ROW_FIELDS * B + 2 * n_part, dtype=cd, device=x.device)
+        row, part = work[:ROW_FIELDS * B], work[ROW_FIELDS * B:]
+        if counters is None:
+            counters = torch.zeros(B + 1, dtype=torch.int32, device=x.device)
+        launch(K.policy_loss_fwd_kernel, (n_part,),
+               v, x, xp, old, adv, old_lp if old_lp is not None else work, part, row, counters, err, loss, stats,
+               sig_t if per_sample else work, nxt_t if per_sample else work, sig_f, nxt_f, eta, lo, hi, adv_clip_max,
+               B, D, g.chunks, n_part, sv, sx, sxp, so,
+               DYNAMICS=dyn, PER_SAMPLE=per_sample, OLD=old_kind, METHOD=meth, BETA_DT=guard_weight == "beta_dt",
+               CHECK=check, ERR_BASE=errors.POLICY_LOSS, BLOCK=g.block, LOG_BLOCK=g.log_block, ITERS=g.iters,
+               CP=g.cp, LOG_CP=g.log_cp, RB=rb, LOG_RB=log_rb, num_warps=g.num_warps, **LAUNCH_OPTIONS)
+        return loss, stats, work
     g = geometry(B, D)
-    (v, sv), (x, sx), (xp, sxp) = batch_strided(v), batch_strided(x), batch_strided(xp)
-    old, so = batch_strided(old) if old is not None else (x, sx)
     n_part = B * g.chunks
     work = torch.empty(2 * B + 2 * n_part, dtype=cd, device=x.device)
     coef, part = work[:2 * B], work[2 * B:]
-    loss = torch.empty((), dtype=cd, device=x.device)
-    sig = sigma_args(sigma, sigma_next, work)
-    dyn = DYNAMICS_CODE[req.dynamics]
-    lo, hi = ref.clip_bounds(req.clip_range)
-    method = METHOD_CODE[req.method]
-    K.policy_loss_reduce_kernel[(n_part,)](
-        v, x, xp, old, part, *sig[:4], req.noise_level, D, g.chunks, g.iters, n_part, sv, sx, sxp, so,
-        DYNAMICS=dyn, PER_SAMPLE=sig[4], OLD=old_kind, BLOCK=g.block, LOG_BLOCK=g.log_block,
-        num_warps=g.num_warps, **LAUNCH_OPTIONS)
-    K.policy_loss_finish_kernel[(1,)](
-        part, advantages, old_log_prob if old_log_prob is not None else work, coef, loss, stats,
-        *sig[:4], req.noise_level, lo, hi, req.adv_clip_max, B, g.chunks, D, n_part,
-        DYNAMICS=dyn, PER_SAMPLE=sig[4], OLD=old_kind, METHOD=method, BETA_DT=req.guard_weight == "beta_dt",
-        RB=g.rows, CP=g.cp, LOG_CP=g.log_cp, num_warps=g.num_warps, **LAUNCH_OPTIONS)
-    ctx.save_for_backward(v, x, xp, old, coef, sigma if sig[4] else None, sigma_next if sig[4] else None)
-    ctx.scalars = (False, sig[2], sig[3], req.noise_level, dyn, sig[4], old_kind,
-                   old_kind != 0 and method == 0, D, g, (sv, sx, sxp, so))
-    return loss
+    launch(K.policy_loss_reduce_kernel, (n_part,),
+           v, x, xp, old, part, sig_t if per_sample else work, nxt_t if per_sample else work, sig_f, nxt_f, eta,
+           D, g.chunks, g.iters, n_part, sv, sx, sxp, so,
+           DYNAMICS=dyn, PER_SAMPLE=per_sample, OLD=old_kind, BLOCK=g.block, LOG_BLOCK=g.log_block,
+           num_warps=g.num_warps, **LAUNCH_OPTIONS)
+    launch(K.policy_loss_finish_kernel, (1,),
+           part, adv, old_lp if old_lp is not None else work, coef, loss, stats,
+           sig_t if per_sample else work, nxt_t if per_sample else work, sig_f, nxt_f, eta, lo, hi, adv_clip_max,
+           B, g.chunks, D, n_part,
+           DYNAMICS=dyn, PER_SAMPLE=per_sample, OLD=old_kind, METHOD=meth, BETA_DT=guard_weight == "beta_dt",
+           RB=g.rows, CP=g.cp, LOG_CP=g.log_cp, num_warps=g.num_warps, **LAUNCH_OPTIONS)
+    return loss, stats, work
+
+
+def saved_inputs(old_kind: int, method: str, fused: bool):
+    """Which of (v, x, x', old) the backward reads: (need_v, need_x, need_old); x' always."""
+    need_delta = old_kind != 0 and method == "grpo"  # k_d != 0
+    if not fused:
+        return True, True, old_kind != 0
+    return old_kind == 0 or need_delta, old_kind != 1 or need_delta, old_kind != 0
+
+
+def backward(g_loss, v: Optional[torch.Tensor], x: Optional[torch.Tensor], xp, old: Optional[torch.Tensor], work,
+             sig_t, nxt_t, sig_f: float, nxt_f: float, eta: float, dynamics: str, method: str, old_kind: int,
+             fused: bool, v_dtype: torch.dtype, launch=eager_launch):
+    """grad of the loss w.r.t. the velocity (contiguous, ``v_dtype``), one elementwise launch; ``g_loss`` 0-dim."""
+    B = xp.shape[0]
+    D = xp.numel() // B
+    (xp, sxp) = batch_strided(xp)
+    (v, sv) = batch_strided(v) if v is not None else (xp, sxp)
+    (x, sx) = batch_strided(x) if x is not None else (xp, sxp)
+    (old, so) = batch_strided(old) if old is not None else (xp, sxp)
+    g_v = torch.empty(xp.shape, dtype=v_dtype, device=xp.device)
+    need_delta = old_kind != 0 and method == "grpo"
+    if fused:
+        g = TL.fused_geometry(D)
+        launch(K.policy_loss_bwd_kernel, (B * g.chunks,),
+               v, x, xp, old, work, g_loss, g_v, B, D, g.chunks, sv, sx, sxp, so,
+               OLD=old_kind, NEED_DELTA=need_delta, BLOCK=g.block, ITERS=g.iters, num_warps=g.num_warps,
+               **LAUNCH_OPTIONS)
+        return g_v
+    g = geometry(B, D)
+    per_sample = sig_t is not None
+    launch(K.policy_loss_backward_kernel, (B * g.chunks,),
+           v, x, xp, old, work, g_loss, g_v, sig_t if per_sample else work, nxt_t if per_sample else work,
+           sig_f, nxt_f, eta, B, D, g.chunks, g.iters, sv, sx, sxp, so,
+           DYNAMICS=DYNAMICS_CODE[dynamics], PER_SAMPLE=per_sample, OLD=old_kind, NEED_DELTA=need_delta,
+           BLOCK=g.block, num_warps=g.num_warps, **LAUNCH_OPTIONS)
+    return g_v
 
 
 class _PolicyLoss(torch.autograd.Function):
-    """forward(v, x, x', old | None, advantages, old_log_prob | None, stats, req) -> loss (0-dim).
-    ``old`` is old_prev_sample_mean (OLD 1) or old_model_output (OLD 2); ``stats`` (4 + 2B,) is filled."""
+    """Eager: forward(v, x, x', old | None, advantages, old_log_prob | None, req, old_kind) -> (loss, stats)."""
 
     @staticmethod
-    def forward(ctx, v, x, xp, old, advantages, old_log_prob, stats, sigma, sigma_next, req, old_kind):
-        fwd = _fused_forward if TL.FUSED else _split_forward
-        return fwd(ctx, v, x, xp, old, advantages, old_log_prob, stats, sigma, sigma_next, req, old_kind)
+    def forward(ctx, v, x, xp, old, adv, old_lp, req, old_kind):
+        ctx.set_materialize_grads(False)  # no zero gradient made for the stats output
+        fused = TL.FUSED
+        sig_t, nxt_t, sig_f, nxt_f = _sigmas(req)
+        loss, stats, work = forward(
+            v, x, xp, old, adv, old_lp, sig_t, nxt_t, sig_f, nxt_f, req.noise_level, req.dynamics, req.method,
+            req.clip_range, req.adv_clip_max, req.guard_weight, old_kind, req.check, fused,
+            TL.counters(x.device, x.shape[0] + 1) if fused else None, errors.word(x.device))
+        need_v, need_x, need_old = saved_inputs(old_kind, req.method, fused)
+        ctx.save_for_backward(v if need_v else None, x if need_x else None, xp, old if need_old else None, work,
+                              sig_t, nxt_t)
+        ctx.args = (sig_f, nxt_f, req.noise_level, req.dynamics, req.method, old_kind, fused, v.dtype)
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
 
     @staticmethod
-    def backward(ctx, g_loss):
-        if ctx.scalars[0]:
-            v, x, xp, old, row = ctx.saved_tensors
-            _, old_kind, need_delta, D, g, strides = ctx.scalars
-            B = xp.shape[0]
-            g_v = torch.empty(xp.shape, dtype=ctx.v_dtype, device=xp.device)  # contiguous
-            K.policy_loss_bwd_kernel[(B * g.chunks,)](
-                v if v is not None else xp, x if x is not None else xp, xp, old if old is not None else xp, row,
-                g_loss, g_v, B, D, g.chunks, *strides, OLD=old_kind, NEED_DELTA=need_delta, BLOCK=g.block, ITERS=g.iters,
-                num_warps=g.num_warps, **LAUNCH_OPTIONS)
-            return g_v, None, None, None, None, None, None, None, None, None, None
-        v, x, xp, old, coef, sig_t, nxt_t = ctx.saved_tensors
-        _, sigma, sigma_next, eta, dyn, per_sample, old_kind, need_delta, D, g, strides = ctx.scalars
-        B = x.shape[0]
-        g_v = torch.empty(x.shape, dtype=v.dtype, device=v.device)
-        K.policy_loss_backward_kernel[(B * g.chunks,)](
-            v, x, xp, old, coef, g_loss, g_v, sig_t if per_sample else coef, nxt_t if per_sample else coef,
-            sigma, sigma_next, eta, B, D, g.chunks, g.iters, *strides,
-            DYNAMICS=dyn, PER_SAMPLE=per_sample, OLD=old_kind, NEED_DELTA=need_delta, BLOCK=g.block,
-            num_warps=g.num_warps, **LAUNCH_OPTIONS)
-        return g_v, None, None, None, None, None, None, None, None, None, None
+    def backward(ctx, g_loss, _g_stats):
+        if g_loss is None:
+            return (None,) * 8
+        v, x, xp, old, work, sig_t, nxt_t = ctx.saved_tensors
+        g_v = backward(g_loss, v, x, xp, old, work, sig_t, nxt_t, *ctx.args)
+        return g_v, None, None, None, None, None, None, None
+
+
+def _sigmas(req: LossRequest):
+    """(sig_t, nxt_t, sig_f, nxt_f): float64 (B,) tensors and zeros, or None and the floats."""
+    if isinstance(req.sigma, torch.Tensor):
+        return req.sigma, req.sigma_next, 0.0, 0.0
+    return None, None, float(req.sigma), float(req.sigma_next)
+
+
+def old_input(req: LossRequest):
+    """(old tensor or None, old_kind)."""
+    if req.old_model_output is not None:
+        return req.old_model_output, OLD_CODE["old_model_output"]
+    if req.old_prev_sample_mean is not None:
+        return req.old_prev_sample_mean, OLD_CODE["old_prev_sample_mean"]
+    return None, OLD_CODE["old_log_prob"]
+
+
+def stats_dict(stats: torch.Tensor, B: int, has_bias: bool):
+    """The stats dict of reference.policy_loss, as views of the packed (4 + 2B,) buffer."""
+    out = {"ratio_mean": stats[0], "ratio_std": stats[1], "clipfrac": stats[2], "approx_kl": stats[3],
+           "log_ratio": stats[4:4 + B]}
+    if has_bias:
+        out["bias"] = stats[4 + B:]
+    return out
 
 
 def policy_loss(req: LossRequest):
     """Same contract as reference.policy_loss: (loss, stats); stats are views of one detached buffer."""
     B = req.sample.shape[0]
-    if req.old_model_output is not None:
-        old, old_kind = req.old_model_output, 2
-    elif req.old_prev_sample_mean is not None:
-        old, old_kind = req.old_prev_sample_mean, 1
-    else:
-        old, old_kind = None, 0
-    cd = ref.compute_dtype(req.model_output, req.sample, req.prev_sample, req.old_prev_sample_mean,
-                           req.old_model_output)
-    stats = torch.empty(4 + 2 * B, dtype=cd, device=req.sample.device)
-    old_log_prob = flat(req.old_log_prob) if req.old_log_prob is not None else None
-    loss = _PolicyLoss.apply(req.model_output, req.sample, req.prev_sample, old, flat(req.advantages),
-                             old_log_prob, stats, req.sigma, req.sigma_next, req, old_kind)
-    out = {"ratio_mean": stats[0], "ratio_std": stats[1], "clipfrac": stats[2], "approx_kl": stats[3],
-           "log_ratio": stats[4:4 + B]}
-    if old_kind:
-        out["bias"] = stats[4 + B:]
+    old, old_kind = old_input(req)
+    loss, stats = _PolicyLoss.apply(req.model_output, req.sample, req.prev_sample, old, req.advantages,
+                                    req.old_log_prob, req, old_kind)
+    out = stats_dict(stats, B, old_kind != 0)
     if not TL.FUSED:  # the fused kernel checks inside; the split ones with torch ops
         return poisoned_loss(loss, out, device_checks(req))
     return loss, out
