@@ -91,10 +91,31 @@ def resolve(device: torch.device):
 
 
 def run(op: str, request, device: torch.device):
-    """Call ``op`` ("sde_step" or "policy_loss") of the chosen backend and remember which one ran."""
+    """Call ``op`` ("sde_step" or "policy_loss") of the chosen backend and remember which one ran. Under
+    torch.compile, the backend's operator (grpo_guard/ops/library.py): the backend is chosen when the caller is
+    traced (:func:`compiled_backend`)."""
+    if torch.compiler.is_compiling():
+        from .ops import library
+        name = compiled_backend(device.type)
+        compiled = library.COMPILED[op].get(name)
+        if compiled is None:
+            raise BackendUnavailable(f"backend {name!r} has no torch.compile path yet; use the triton or torch "
+                                     "backend inside compiled code (grpo_guard.backend('triton'))")
+        return compiled(request)
     name, module = resolve(device)
     _state.last = name
     return getattr(module, op)(request)
+
+
+@torch.compiler.assume_constant_result
+def compiled_backend(device_type: str) -> str:
+    """The backend :func:`resolve` picks for a device of this type, evaluated once when a compiled caller is traced
+    (a constant of the graph: changing GRPO_GUARD_BACKEND or grpo_guard.backend() later does not retrace). It runs
+    outside the trace, so it also makes the device's error word (errors.py) if it does not exist yet: the traced
+    code then finds it, and the guard on it holds at the next call."""
+    from .ops import errors
+    errors.word(device_type)
+    return resolve(torch.device(device_type))[0]
 
 
 def last_backend() -> Optional[str]:

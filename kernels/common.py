@@ -1,16 +1,65 @@
 """@triton.jit helpers shared by every kernel: coefficients, the transition mean, fixed-order sums, stores.
 
 Everything that must come out bit-identical in two kernels (mu, the squared-deviation accumulation, the
-chunk and partial sums) is written once here, so the on-policy log-ratio is exactly 0 by construction.
-Kernels are launched with ``enable_fp_fusion=False``: no FMA contraction, so ``a*x + b*v`` rounds the
-same way in every kernel (and as PyTorch's separate multiply and add do).
+chunk and partial sums, log p) is written once here, so the on-policy log-ratio is exactly 0 by construction.
+That arithmetic is never contracted into FMAs: compiled, it is explicitly rounded PTX (``mul.rn`` / ``add.rn`` /
+``sub.rn``, which neither LLVM nor ptxas fuses), so ``a*x + b*v`` rounds as PyTorch's separate multiply and add
+do whatever ``enable_fp_fusion`` a launcher compiles with (torch.compile's launches of user kernels do not pass
+the ``enable_fp_fusion=False`` that grpo_guard's own launches do). Under the interpreter, plain numpy arithmetic.
 """
 import triton
 import triton.language as tl
+from triton import knobs
 
 FLOW = tl.constexpr(0)
 DANCE = tl.constexpr(1)
 CPS = tl.constexpr(2)
+RN_ASM = tl.constexpr(not knobs.runtime.interpret)  # compiled kernels: explicitly rounded PTX arithmetic
+
+
+@triton.jit
+def mul_rn(a, b):
+    """a * b, rounded to nearest, never fused into an FMA (float32 or float64; scalars broadcast)."""
+    if RN_ASM:
+        if a.dtype == tl.float64:
+            r = tl.inline_asm_elementwise("mul.rn.f64 $0, $1, $2;", "=d,d,d", [a, b], dtype=tl.float64,
+                                          is_pure=True, pack=1)
+        else:
+            r = tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                          is_pure=True, pack=1)
+    else:
+        r = a * b
+    return r
+
+
+@triton.jit
+def add_rn(a, b):
+    """a + b, rounded to nearest, never fused with a product into an FMA."""
+    if RN_ASM:
+        if a.dtype == tl.float64:
+            r = tl.inline_asm_elementwise("add.rn.f64 $0, $1, $2;", "=d,d,d", [a, b], dtype=tl.float64,
+                                          is_pure=True, pack=1)
+        else:
+            r = tl.inline_asm_elementwise("add.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                          is_pure=True, pack=1)
+    else:
+        r = a + b
+    return r
+
+
+@triton.jit
+def sub_rn(a, b):
+    """a - b, rounded to nearest, never fused with a product into an FMA."""
+    if RN_ASM:
+        if a.dtype == tl.float64:
+            r = tl.inline_asm_elementwise("sub.rn.f64 $0, $1, $2;", "=d,d,d", [a, b], dtype=tl.float64,
+                                          is_pure=True, pack=1)
+        else:
+            r = tl.inline_asm_elementwise("sub.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                          is_pure=True, pack=1)
+    else:
+        r = a - b
+    return r
 
 
 @triton.jit
@@ -44,9 +93,9 @@ def step_coefficients(sig, nxt, eta, DYNAMICS: tl.constexpr):
         pi = tl.full([], 3.141592653589793, tl.float64)
         std = nxt * tl.sin(eta * pi / 2.0)
         std_dev_t = std
-        c = tl.sqrt(tl.maximum(nxt * nxt - std * std, 0.0))
+        c = tl.sqrt(tl.maximum(sub_rn(mul_rn(nxt, nxt), mul_rn(std, std)), 0.0))
         a = (1.0 - nxt) + c
-        b = (1.0 - sig) * c - sig * (1.0 - nxt)
+        b = sub_rn(mul_rn(1.0 - sig, c), mul_rn(sig, 1.0 - nxt))
         beta = b / dt
     else:
         if DYNAMICS == FLOW:
@@ -70,8 +119,9 @@ def clamp_nan(x, lo, hi):
 
 @triton.jit
 def transition_mean(x, v, a, b):
-    """mu = a*x + b*v in the compute dtype (x, v already upcast; a, b cast once per sample)."""
-    return a * x + b * v
+    """mu = a*x + b*v in the compute dtype (x, v already upcast; a, b cast once per sample), two rounded
+    products and a rounded sum (reference.transition_mean)."""
+    return add_rn(mul_rn(a, x), mul_rn(b, v))
 
 
 @triton.jit
@@ -95,7 +145,7 @@ def row_step_coefficients(sig_ptr, nxt_ptr, sigma, sigma_next, eta, row, DYNAMIC
 def accumulate_sq_dev(acc, xp, mu, mask):
     """acc + (x' - mu)^2, elementwise (masked lanes add 0): the log-prob's running sum."""
     d = xp - mu
-    return acc + tl.where(mask, d * d, 0.0)
+    return add_rn(acc, tl.where(mask, mul_rn(d, d), 0.0))
 
 
 @triton.jit
@@ -134,7 +184,7 @@ def log_prob_from_total(total, D, std, DYNAMICS: tl.constexpr):
         lp = -mean
     else:
         log_sqrt_2pi = tl.full([], 0.9189385332046727, tl.float64)
-        lp = -mean / (2.0 * std * std) - tl.log(std) - log_sqrt_2pi
+        lp = sub_rn(sub_rn(-mean / (2.0 * std * std), tl.log(std)), log_sqrt_2pi)
     return lp
 
 
@@ -204,7 +254,7 @@ def log_prob_from_sum(total, D, s, DYNAMICS: tl.constexpr):
     if DYNAMICS == CPS:
         lp = -mean
     else:
-        lp = -mean / (2.0 * s * s) - tl.log(s) - 0.9189385332046727
+        lp = sub_rn(sub_rn(-mean / (2.0 * s * s), tl.log(s)), tl.zeros_like(s) + 0.9189385332046727)
     return lp
 
 

@@ -88,6 +88,7 @@ def policy_loss_finish_kernel(part_ptr, adv_ptr, old_lp_ptr, coef_ptr, loss_ptr,
         if OLD == 0:
             lp = log_prob_from_total(row_totals(part_ptr, rows, rm, C, CP, LOG_CP), D, std, DYNAMICS).to(CD)
             lr = lp - tl.load(old_lp_ptr + rows, mask=rm, other=0.0).to(CD)
+            tl.store(stats_ptr + 4 + B + rows, tl.zeros([RB], CD), mask=rm)  # no bias without an old mean
             # d lr / d mu_j = (x'-mu)_j / (s^2 D)  (cps: 2 (x'-mu)_j / D)
             if DYNAMICS == CPS:
                 c1 = 2.0 + var * 0.0
@@ -301,6 +302,7 @@ def _finish_row(part_ptr, adv_ptr, old_lp_ptr, row_ptr, stats_ptr, err_ptr, sig_
         lp = log_prob_from_sum(row_total(part_ptr, row, C, CP, LOG_CP), D, s, DYNAMICS)
         old_lp = tl.load(old_lp_ptr + row).to(CD)
         lr = lp - old_lp
+        tl.store(stats_ptr + 4 + B + row, tl.full([], 0.0, CD))  # no bias without an old mean (defined bits)
         # d lr / d mu_j = (x'-mu)_j / (s^2 D)  (cps: 2 (x'-mu)_j / D)
         if DYNAMICS == CPS:
             c1 = 2.0 + var * 0.0

@@ -8,9 +8,9 @@ the mean pointer (float32, or float64 for float64 inputs).
 import triton
 import triton.language as tl
 
-from .common import (CPS, accumulate_sq_dev, chunk_of_program, last_to_arrive, load_sigmas, log_prob_from_sum,
-                     log_prob_from_total, raise_errors, rounded_for, row_step_coefficients, row_total, row_totals,
-                     sigma_errors, step_coefficients, transition_mean, tree_sum)
+from .common import (CPS, accumulate_sq_dev, add_rn, chunk_of_program, last_to_arrive, load_sigmas,
+                     log_prob_from_sum, log_prob_from_total, mul_rn, raise_errors, rounded_for, row_step_coefficients,
+                     row_total, row_totals, sigma_errors, step_coefficients, transition_mean, tree_sum)
 
 
 @triton.jit
@@ -40,7 +40,7 @@ def sde_step_reduce_kernel(v_ptr, x_ptr, xp_ptr, z_ptr, xp_out_ptr, mean_ptr, pa
         tl.store(mean_ptr + base + offs, mu, mask=m)
         if ROLLOUT:
             z = tl.load(z_ptr + bz + offs, mask=m, other=0.0).to(CD)
-            stored = rounded_for(mu + s * z, xp_out_ptr)
+            stored = rounded_for(add_rn(mu, mul_rn(s, z)), xp_out_ptr)
             tl.store(xp_out_ptr + base + offs, stored, mask=m)
             xp = stored.to(CD)
         else:
@@ -161,7 +161,7 @@ def sde_step_fwd_kernel(v_ptr, x_ptr, xp_ptr, z_ptr, xp_out_ptr, mean_ptr, part_
         if WRITE_MEAN:
             tl.store(mean_ptr + base + offs, mu, mask=m)
         if ROLLOUT:
-            stored = rounded_for(mu + s * z, xp_out_ptr)
+            stored = rounded_for(add_rn(mu, mul_rn(s, z)), xp_out_ptr)
             tl.store(xp_out_ptr + base + offs, stored, mask=m)
             xp = stored.to(CD)
         acc = accumulate_sq_dev(acc, xp, mu, m)

@@ -32,7 +32,7 @@ def pointer_types(T, CD):
             "log_prob_ptr": CD, "std_dev_t_ptr": CD, "g_prev_ptr": T, "g_mean_ptr": CD, "g_lp_ptr": CD,
             "g_v_ptr": T, "g_x_ptr": T, "sig_ptr": "fp64", "nxt_ptr": "fp64", "adv_ptr": "fp32",
             "old_lp_ptr": CD, "coef_ptr": CD, "loss_ptr": CD, "stats_ptr": CD, "g_loss_ptr": CD, "row_ptr": CD,
-            "cnt_ptr": "i32"}
+            "cnt_ptr": "i32", "err_ptr": "i32"}
 
 
 def variants(T, full):
@@ -51,7 +51,8 @@ def fused_variants(T, full):
     for dyn in dyns:
         for rollout, mean in ((True, False), (True, True), (False, True)) if full or dyn == 0 else ((True, False),):
             yield SDE.sde_step_fwd_kernel, f"dyn{dyn}-rollout{int(rollout)}-mean{int(mean)}", dict(
-                DYNAMICS=dyn, PER_SAMPLE=True, ROLLOUT=rollout, WRITE_MEAN=mean, **FUSED, **FUSED_FINISH), {}
+                DYNAMICS=dyn, PER_SAMPLE=True, ROLLOUT=rollout, WRITE_MEAN=mean, CHECK=True, ERR_BASE=0, **FUSED,
+                **FUSED_FINISH), {}
     for has_mean in (True, False):
         yield SDE.sde_step_bwd_kernel, f"mean{int(has_mean)}", dict(
             HAS_MEAN=has_mean, HAS_G_PREV=True, HAS_G_MEAN=has_mean, HAS_G_LP=True, NEED_G_V=True, NEED_G_X=True,
@@ -63,7 +64,7 @@ def fused_variants(T, full):
             for dyn in (dyns if method in (0, 3) else (0,)):
                 yield PL.policy_loss_fwd_kernel, f"old{old}-method{method}-dyn{dyn}", dict(
                     DYNAMICS=dyn, PER_SAMPLE=not full or dyn != 2, OLD=old, METHOD=method, BETA_DT=method == 3,
-                    RB=16, LOG_RB=4, **FUSED, **FUSED_FINISH), old_ty
+                    CHECK=True, ERR_BASE=2, RB=16, LOG_RB=4, **FUSED, **FUSED_FINISH), old_ty
         for need_delta in ((False, True) if old else (False,)):
             yield PL.policy_loss_bwd_kernel, f"old{old}-delta{int(need_delta)}", dict(
                 OLD=old, NEED_DELTA=need_delta, BLOCK=FUSED["BLOCK"], ITERS=FUSED["ITERS"]), old_ty
@@ -143,5 +144,45 @@ def main(T, full):
         print(json.dumps(row), flush=True)
 
 
+
+
+def fusion_probe():
+    """Compile the arithmetic that must match across kernels (transition_mean, accumulate_sq_dev, the rollout's
+    x' = mu + s z, log_prob_from_sum, the cps coefficients) in a probe kernel with FMA contraction enabled (as a
+    torch.compile launch would) and disabled (grpo_guard's own launches), and print how many FMAs the contraction
+    added (none may be: the result must not depend on the launcher's enable_fp_fusion)."""
+    import triton.language as tl
+    from grpo_guard.kernels import common as C
+
+    @triton.jit
+    def probe(x_ptr, v_ptr, xp_ptr, z_ptr, out_ptr, sig, nxt, eta, D, BLOCK: tl.constexpr, CPS_DYN: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        m = offs < D
+        x = tl.load(x_ptr + offs, mask=m, other=0.0)
+        v = tl.load(v_ptr + offs, mask=m, other=0.0)
+        xp = tl.load(xp_ptr + offs, mask=m, other=0.0)
+        z = tl.load(z_ptr + offs, mask=m, other=0.0)
+        _, std, a64, b64, _, _ = C.step_coefficients(sig + tl.zeros([], tl.float64), nxt + tl.zeros([], tl.float64),
+                                                     eta, CPS_DYN)
+        a, b, s = a64.to(tl.float32), b64.to(tl.float32), std.to(tl.float32)
+        mu = C.transition_mean(x, v, a, b)
+        x_new = C.add_rn(mu, C.mul_rn(s, z))
+        acc = C.accumulate_sq_dev(tl.zeros([BLOCK], tl.float32), xp, mu, m)
+        lp = C.log_prob_from_sum(C.tree_sum(acc, 10), D, s, CPS_DYN)
+        tl.store(out_ptr + offs, x_new + lp, mask=m)
+
+    for dyn in (0, 2):
+        sig = {"x_ptr": "*fp32", "v_ptr": "*fp32", "xp_ptr": "*fp32", "z_ptr": "*fp32", "out_ptr": "*fp32",
+               "sig": "fp64", "nxt": "fp64", "eta": "fp64", "D": "i32", "BLOCK": "constexpr", "CPS_DYN": "constexpr"}
+        src = triton.compiler.ASTSource(fn=probe, signature=sig, constexprs={"BLOCK": 1024, "CPS_DYN": dyn})
+        ptx = [triton.compile(src, target=TARGET, options={"num_warps": 4, "enable_fp_fusion": f}).asm["ptx"]
+               for f in (True, False)]
+        fmas = [p.count("fma.") for p in ptx]  # (the log's own implementation has some either way)
+        print(json.dumps({"probe": f"dyn{dyn}", "fma_added_by_fusion": fmas[0] - fmas[1]}), flush=True)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], "--full" in sys.argv[2:])
+    if sys.argv[1] == "--fusion-probe":
+        fusion_probe()
+    else:
+        main(sys.argv[1], "--full" in sys.argv[2:])

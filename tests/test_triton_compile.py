@@ -46,3 +46,16 @@ def test_kernels_compile_to_sm90(dtype, tmp_path):
         if not r["kernel"].endswith("_finish_kernel"):  # latent-sized streams: 16-byte loads, not scalar ones
             assert r["vector_loads"] > 0, r
     assert {r["kernel"] for r in rows} == kernel_names()
+
+
+def test_must_match_arithmetic_is_never_contracted(tmp_path):
+    """torch.compile launches user Triton kernels with FMA contraction enabled (it does not pass grpo_guard's
+    enable_fp_fusion=False): the arithmetic that makes the on-policy ratio exactly 1 (mu, the squared-deviation
+    sums, x' = mu + s z, log p, the cps coefficients) is explicitly rounded, so contraction adds no FMA to it."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "_compile_kernels.py"), "--fusion-probe"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert proc.returncode == 0 and len(rows) == 2, proc.stderr[-3000:]
+    assert all(r["fma_added_by_fusion"] == 0 for r in rows), rows

@@ -67,18 +67,26 @@ def bit(op: str, argument: str, rule_index: int = 0) -> int:
     return [b for (o, a, _), b in BITS.items() if o == op and a == argument][rule_index]
 
 
-def flag(offset: int, bads, device) -> None:
-    """word |= bit ``offset + k`` for every k whose ``bads[k]`` (a bool tensor, (B,) or broadcastable to it; None:
-    not checked) is True anywhere. On the device: a few small kernels, no host synchronization, no host-to-device
-    copy (so it also runs under CUDA-graph capture)."""
-    if all(b is None for b in bads):
-        return
+def bits(offset: int, bads) -> torch.Tensor:
+    """The error bits (int32 (1,)) of checks offset, offset + 1, ...: bit ``offset + k`` is set if ``bads[k]`` (a
+    bool tensor, (B,) or broadcastable to it; None: not checked) is True anywhere. A few small kernels, no host
+    synchronization, no host-to-device copy (so it also runs under CUDA-graph capture and torch.compile)."""
     like = next(b for b in bads if b is not None)
     rows = [b.reshape(-1) if b is not None else torch.zeros(1, dtype=torch.bool, device=like.device) for b in bads]
     failed = torch.stack(torch.broadcast_tensors(*rows), dim=0).any(dim=1)  # (K,)
     shifts = torch.arange(offset, offset + len(bads), device=failed.device)
-    code = (failed.to(torch.int64) << shifts).sum().to(torch.int32)  # distinct bits: the sum is the OR
-    word(device).bitwise_or_(code.reshape(1))
+    return (failed.to(torch.int64) << shifts).sum().to(torch.int32).reshape(1)  # distinct bits: sum = OR
+
+
+def record(code: torch.Tensor, device) -> None:
+    """word |= code (int32 (1,)), on the device."""
+    word(device).bitwise_or_(code)
+
+
+def flag(offset: int, bads, device) -> None:
+    """Record :func:`bits` of ``bads`` in ``device``'s error word (nothing if no check was made)."""
+    if any(b is not None for b in bads):
+        record(bits(offset, bads), device)
 
 
 def messages(value: int) -> List[str]:

@@ -149,8 +149,15 @@ def _refuse_float_sigmas_in_capture(device):
 
 def _sigmas(sigma, sigma_next, B, device, mode):
     """-> (sigma, sigma_next): both floats, or both float64 tensors (B,) on ``device`` (a 0-dim or length-1 tensor
-    is expanded, a view). Float values are checked on the host; tensor values by ``mode``."""
+    is expanded, a view). Float values are checked on the host; tensor values by ``mode``. Under torch.compile
+    floats become tensors (checked on the device): a float compared on the host would be a guarded constant, and
+    every timestep would compile again."""
     def norm(name, s):
+        if isinstance(s, (int, float)) and not isinstance(s, bool):
+            if torch.compiler.is_compiling():  # a graph input, not a guarded constant: one graph for all timesteps
+                # (zeros + s: inductor turns the float into a float64 tensor input; torch.full would specialize it)
+                return torch.zeros(B, dtype=torch.float64, device=device) + s
+            return float(s)
         if isinstance(s, torch.Tensor):
             if s.requires_grad:
                 raise ValueError(f"{name} must not require grad")
@@ -160,15 +167,13 @@ def _sigmas(sigma, sigma_next, B, device, mode):
             if not s.is_floating_point():
                 raise TypeError(f"{name} must be a floating tensor, got {s.dtype}")
             return s.to(device=device, dtype=torch.float64).reshape(-1).expand(B).contiguous()
-        if isinstance(s, (int, float)) and not isinstance(s, bool):
-            return float(s)
         raise TypeError(f"{name} must be a float or a 1-D tensor, got {type(s).__name__}")
 
     sig, nxt = norm("sigma", sigma), norm("sigma_next", sigma_next)
     if isinstance(sig, torch.Tensor) != isinstance(nxt, torch.Tensor):
         sig = sig if isinstance(sig, torch.Tensor) else torch.full((B,), sig, dtype=torch.float64, device=device)
         nxt = nxt if isinstance(nxt, torch.Tensor) else torch.full((B,), nxt, dtype=torch.float64, device=device)
-    if not isinstance(sig, torch.Tensor):
+    if not isinstance(sig, torch.Tensor) and not torch.compiler.is_compiling():
         _refuse_float_sigmas_in_capture(torch.device(device))
     if not isinstance(sig, torch.Tensor):
         _check_sigma_values([sig], [nxt])
@@ -281,33 +286,40 @@ def loss_request(model_output, sample, prev_sample, sigma, sigma_next, advantage
                        check=mode == "device")
 
 
-def device_checks(req) -> Optional[torch.Tensor]:
+def device_check_bits(req):
     """The device-side checks of ``req`` (validate=True) with torch ops, for the backends whose kernels do not
-    make them (torch, cuda): sets the error-word bits (:mod:`.errors`) and returns a (B,) bool tensor, True for
-    the samples whose outputs must be NaN (None when nothing is checked). No host synchronization."""
+    make them (torch, cuda): (bad, code), ``bad`` a (B,) bool tensor, True for the samples whose outputs must be
+    NaN, and ``code`` the error-word bits (:mod:`.errors`, int32 (1,)); (None, None) when nothing is checked. No
+    host synchronization, nothing recorded (:func:`device_checks` records)."""
     if not req.check:
-        return None
-    device = req.model_output.device
+        return None, None
     bad_sig = bad_nxt = bad_std = None
     if isinstance(req.sigma, torch.Tensor):
         sig, nxt = req.sigma, req.sigma_next
         bad_sig = ~((sig > 0) & (sig <= 1))
         bad_nxt = ~((nxt >= 0) & (nxt < sig))  # NaN and +inf fail
     if isinstance(req, SDERequest):
-        errors.flag(errors.SDE_STEP, [bad_sig, bad_nxt], device)
-        bads = [bad_sig, bad_nxt]
+        bads, offset = [bad_sig, bad_nxt], errors.SDE_STEP
     else:
         if isinstance(req.sigma_next, torch.Tensor) and req.dynamics == "cps" and \
                 req.method in ("ratio_norm", "guard"):
             bad_std = req.sigma_next == 0
         bad_adv = ~torch.isfinite(req.advantages)
         bad_lp = ~torch.isfinite(req.old_log_prob) if req.old_log_prob is not None else None
-        bads = [bad_sig, bad_nxt, bad_std, bad_adv, bad_lp]
-        errors.flag(errors.POLICY_LOSS, bads, device)
-    bads = [b for b in bads if b is not None]
-    if not bads:
-        return None
-    out = bads[0]
-    for b in bads[1:]:
-        out = out | b
-    return out
+        bads, offset = [bad_sig, bad_nxt, bad_std, bad_adv, bad_lp], errors.POLICY_LOSS
+    given = [b for b in bads if b is not None]
+    if not given:
+        return None, None
+    bad = given[0]
+    for b in given[1:]:
+        bad = bad | b
+    return bad, errors.bits(offset, bads)
+
+
+def device_checks(req) -> Optional[torch.Tensor]:
+    """:func:`device_check_bits`, recording the bits in the error word; returns the (B,) bool tensor of samples
+    whose outputs must be NaN, or None."""
+    bad, code = device_check_bits(req)
+    if code is not None:
+        errors.record(code, req.model_output.device)
+    return bad

@@ -27,8 +27,25 @@ ROW_FIELDS = 7  # kernels/policy_loss.py: the fused forward's row buffer (k_u, k
 
 
 def eager_launch(kernel, grid, *args, **kwargs):
-    """Launch a kernel now (the eager path); the operators pass wrap_triton's launcher or a no-op instead."""
+    """Launch a kernel now (the eager path); the operators pass wrap_triton's launcher or :func:`no_launch`."""
     kernel[grid](*args, **kwargs)
+
+
+def no_launch(kernel, grid, *args, **kwargs):
+    """The fake implementations' launcher: the forward/backward functions only allocate their outputs."""
+
+
+def row_fields(fused: bool) -> int:
+    """Per-row constants the forward leaves for the backward: k_u, k_d, a, b, loss, r - 1, clipped (fused) or
+    k_u, k_d (split)."""
+    return ROW_FIELDS if fused else 2
+
+
+def sizes(x):
+    """(B, D) as Python ints: the launch geometry is integer arithmetic on them (under torch.compile with dynamic
+    shapes this specializes the latent size, which a training run does not change)."""
+    B = int(x.shape[0])
+    return B, int(x.numel()) // B
 
 
 def forward(v, x, xp, old: Optional[torch.Tensor], adv, old_lp: Optional[torch.Tensor], sig_t, nxt_t,
@@ -38,15 +55,16 @@ def forward(v, x, xp, old: Optional[torch.Tensor], adv, old_lp: Optional[torch.T
     """Launch the forward. ``old``: old_prev_sample_mean (old_kind 1) or old_model_output (2), None for old_log_prob
     (0); sigmas as float64 (B,) tensors (sig_t, nxt_t) or floats (sig_f, nxt_f). ``counters``: zeroed int32 (>= B+1)
     for the fused kernel (None: allocated here). Returns (loss 0-dim, stats (4 + 2B,), work), ``work`` the per-row
-    constants the backward reads, then the chunk partials."""
-    B = x.shape[0]
-    D = x.numel() // B
+    constants the backward reads (a view of one buffer with the chunk partials, which only the forward reads)."""
     cd = ref.compute_dtype(v, x, xp, old)
+    stats = torch.empty(4 + 2 * x.shape[0], dtype=cd, device=x.device)
+    loss = torch.empty((), dtype=cd, device=x.device)
+    if launch is no_launch:
+        return loss, stats, torch.empty(row_fields(fused) * x.shape[0], dtype=cd, device=x.device)
+    B, D = sizes(x)
     (v, sv), (x, sx), (xp, sxp) = batch_strided(v), batch_strided(x), batch_strided(xp)
     old, so = batch_strided(old) if old is not None else (x, sx)
     adv, old_lp = flat(adv), flat(old_lp) if old_lp is not None else None  # (B,): read with stride 1
-    stats = torch.empty(4 + 2 * B, dtype=cd, device=x.device)
-    loss = torch.empty((), dtype=cd, device=x.device)
     per_sample = sig_t is not None
     lo, hi = ref.clip_bounds(clip_range)
     dyn, meth = DYNAMICS_CODE[dynamics], METHOD_CODE[method]
@@ -65,7 +83,7 @@ def forward(v, x, xp, old: Optional[torch.Tensor], adv, old_lp: Optional[torch.T
                DYNAMICS=dyn, PER_SAMPLE=per_sample, OLD=old_kind, METHOD=meth, BETA_DT=guard_weight == "beta_dt",
                CHECK=check, ERR_BASE=errors.POLICY_LOSS, BLOCK=g.block, LOG_BLOCK=g.log_block, ITERS=g.iters,
                CP=g.cp, LOG_CP=g.log_cp, RB=rb, LOG_RB=log_rb, num_warps=g.num_warps, **LAUNCH_OPTIONS)
-        return loss, stats, work
+        return loss, stats, row
     g = geometry(B, D)
     n_part = B * g.chunks
     work = torch.empty(2 * B + 2 * n_part, dtype=cd, device=x.device)
@@ -81,7 +99,7 @@ def forward(v, x, xp, old: Optional[torch.Tensor], adv, old_lp: Optional[torch.T
            B, g.chunks, D, n_part,
            DYNAMICS=dyn, PER_SAMPLE=per_sample, OLD=old_kind, METHOD=meth, BETA_DT=guard_weight == "beta_dt",
            RB=g.rows, CP=g.cp, LOG_CP=g.log_cp, num_warps=g.num_warps, **LAUNCH_OPTIONS)
-    return loss, stats, work
+    return loss, stats, coef
 
 
 def saved_inputs(old_kind: int, method: str, fused: bool):
@@ -96,13 +114,14 @@ def backward(g_loss, v: Optional[torch.Tensor], x: Optional[torch.Tensor], xp, o
              sig_t, nxt_t, sig_f: float, nxt_f: float, eta: float, dynamics: str, method: str, old_kind: int,
              fused: bool, v_dtype: torch.dtype, launch=eager_launch):
     """grad of the loss w.r.t. the velocity (contiguous, ``v_dtype``), one elementwise launch; ``g_loss`` 0-dim."""
-    B = xp.shape[0]
-    D = xp.numel() // B
+    g_v = torch.empty(xp.shape, dtype=v_dtype, device=xp.device)
+    if launch is no_launch:
+        return g_v
+    B, D = sizes(xp)
     (xp, sxp) = batch_strided(xp)
     (v, sv) = batch_strided(v) if v is not None else (xp, sxp)
     (x, sx) = batch_strided(x) if x is not None else (xp, sxp)
     (old, so) = batch_strided(old) if old is not None else (xp, sxp)
-    g_v = torch.empty(xp.shape, dtype=v_dtype, device=xp.device)
     need_delta = old_kind != 0 and method == "grpo"
     if fused:
         g = TL.fused_geometry(D)

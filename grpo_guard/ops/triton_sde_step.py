@@ -20,7 +20,7 @@ from . import triton_launch as TL
 from .requests import SDERequest, device_checks
 from .torch_backend import poisoned_sde_step
 from .triton_launch import DYNAMICS_CODE, LAUNCH_OPTIONS, batch_strided, flat, geometry
-from .triton_policy_loss import eager_launch
+from .triton_policy_loss import eager_launch, no_launch, sizes
 
 ROW_FIELDS = 3  # kernels/sde_step.py: the fused forward's row buffer (a, b, k)
 
@@ -30,22 +30,26 @@ def forward(v, x, prev_sample: Optional[torch.Tensor], noise: Optional[torch.Ten
             counters: Optional[torch.Tensor], err: torch.Tensor, launch=eager_launch):
     """Launch the forward: a rollout (``noise`` given: x' = mu + s*noise, stored in x's dtype) or the scoring of
     ``prev_sample``. Returns (x' (rollout) or an empty tensor, log_prob (B,), mean (like x, compute dtype; empty
-    unless return_mean or the split kernels), std_dev_t (B,), work): ``work`` holds what the backward reads."""
-    B, shape = x.shape[0], x.shape
-    D = x.numel() // B
+    unless return_mean or the split kernels), std_dev_t (B,), work): ``work`` holds the per-row constants the
+    backward reads (fused: a view of one buffer with the chunk partials; split: empty)."""
+    shape = x.shape
     cd = ref.compute_dtype(v, x, prev_sample)
-    (v, sv), (x, sx) = batch_strided(v), batch_strided(x)
     rollout = prev_sample is None
     xp_out = torch.empty(shape if rollout else (0,), dtype=x.dtype, device=x.device)
+    log_prob = torch.empty(shape[0], dtype=cd, device=x.device)
+    std_dev_t = torch.empty(shape[0], dtype=cd, device=x.device)
+    mean = torch.empty(shape if return_mean or not fused else (0,), dtype=cd, device=x.device)
+    if launch is no_launch:
+        return xp_out, log_prob, mean, std_dev_t, torch.empty(ROW_FIELDS * shape[0] if fused else 0, dtype=cd,
+                                                              device=x.device)
+    B, D = sizes(x)
+    (v, sv), (x, sx) = batch_strided(v), batch_strided(x)
     xp, sxp = (xp_out, D) if rollout else batch_strided(prev_sample)
     z, sz = batch_strided(noise) if rollout else (x, sx)
-    log_prob = torch.empty(B, dtype=cd, device=x.device)
-    std_dev_t = torch.empty(B, dtype=cd, device=x.device)
     per_sample = sig_t is not None
     dyn = DYNAMICS_CODE[dynamics]
     if fused:
         g = TL.fused_geometry(D)
-        mean = torch.empty(shape if return_mean else (0,), dtype=cd, device=x.device)
         n_part = B * g.chunks
         work = torch.empty(ROW_FIELDS * B + n_part, dtype=cd, device=x.device)
         row, part = work[:ROW_FIELDS * B], work[ROW_FIELDS * B:]
@@ -58,21 +62,20 @@ def forward(v, x, prev_sample: Optional[torch.Tensor], noise: Optional[torch.Ten
                DYNAMICS=dyn, PER_SAMPLE=per_sample, ROLLOUT=rollout, WRITE_MEAN=return_mean,
                CHECK=check and per_sample, ERR_BASE=errors.SDE_STEP, BLOCK=g.block, LOG_BLOCK=g.log_block,
                ITERS=g.iters, CP=g.cp, LOG_CP=g.log_cp, num_warps=g.num_warps, **LAUNCH_OPTIONS)
-        return xp_out, log_prob, mean, std_dev_t, work
-    g = geometry(B, D)
-    mean = torch.empty(shape, dtype=cd, device=x.device)  # the split backward reads it
-    work = torch.empty(B * g.chunks, dtype=cd, device=x.device)
+        return xp_out, log_prob, mean, std_dev_t, row
+    g = geometry(B, D)  # the split backward reads the mean
+    part = torch.empty(B * g.chunks, dtype=cd, device=x.device)
     launch(K.sde_step_reduce_kernel, (B * g.chunks,),
-           v, x, xp, z, xp, mean, work, sig_t if per_sample else work, nxt_t if per_sample else work,
+           v, x, xp, z, xp, mean, part, sig_t if per_sample else part, nxt_t if per_sample else part,
            sig_f, nxt_f, eta, D, g.chunks, g.iters, sv, sx, sxp, sz,
            DYNAMICS=dyn, PER_SAMPLE=per_sample, ROLLOUT=rollout, BLOCK=g.block, LOG_BLOCK=g.log_block,
            num_warps=g.num_warps, **LAUNCH_OPTIONS)
     launch(K.sde_step_finish_kernel, (1,),
-           work, log_prob, std_dev_t, sig_t if per_sample else work, nxt_t if per_sample else work,
+           part, log_prob, std_dev_t, sig_t if per_sample else part, nxt_t if per_sample else part,
            sig_f, nxt_f, eta, B, g.chunks, D,
            DYNAMICS=dyn, PER_SAMPLE=per_sample, RB=g.rows, CP=g.cp, LOG_CP=g.log_cp,
            num_warps=g.num_warps, **LAUNCH_OPTIONS)
-    return xp_out, log_prob, mean, std_dev_t, work
+    return xp_out, log_prob, mean, std_dev_t, part[:0]
 
 
 def backward(g_prev: Optional[torch.Tensor], g_lp: Optional[torch.Tensor], g_mean: Optional[torch.Tensor],
@@ -81,11 +84,12 @@ def backward(g_prev: Optional[torch.Tensor], g_lp: Optional[torch.Tensor], g_mea
              v_dtype: Optional[torch.dtype], x_dtype: Optional[torch.dtype], launch=eager_launch):
     """(grad w.r.t. v or None, grad w.r.t. x or None) from the gradients of x' (rollout), log_prob and the mean:
     g_mu = g_prev + g_mean + g_lp k (x' - mu); g_v = b g_mu, g_x = a g_mu. ``mean`` None: recomputed from x, v."""
-    B = xp.shape[0]
-    D = xp.numel() // B
-    xp, sxp = batch_strided(xp)
     g_v = torch.empty(xp.shape, dtype=v_dtype, device=xp.device) if v_dtype is not None else None
     g_x = torch.empty(xp.shape, dtype=x_dtype, device=xp.device) if x_dtype is not None else None
+    if launch is no_launch:
+        return g_v, g_x
+    B, D = sizes(xp)
+    xp, sxp = batch_strided(xp)
     g_prev = flat(g_prev) if g_prev is not None else None
     g_mean = flat(g_mean) if g_mean is not None else None
     s_glp = g_lp.stride(0) if g_lp is not None else 0
