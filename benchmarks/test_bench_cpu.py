@@ -1,10 +1,11 @@
 """pytest-benchmark entry for what runs on a CPU: grpo_guard's torch backend vs the published eager formulas at a
-small shape (forward, and forward + backward), and the float32 precision comparison (printed).
+small shape (forward, and forward + backward), and the time of the float32 precision comparison (printed).
 
     pytest benchmarks/test_bench_cpu.py --benchmark-only
 
-Not collected by the default ``pytest`` run (testpaths = tests). One torch thread: on a shared CPU,
-multi-threaded reductions stall on OpenMP barriers and the timings measure the neighbours.
+Timing only: not collected by the default ``pytest`` run (testpaths = tests); the precision table's assertions
+are tests/test_precision_table.py. One torch thread: on a shared CPU, multi-threaded reductions stall on OpenMP
+barriers and the timings measure the neighbours.
 """
 import pytest
 import torch
@@ -52,11 +53,8 @@ def test_op(benchmark, module, provider, dtype, mode):
 
 
 def test_precision_published_vs_closed_form(benchmark, capsys):
-    """Times one evaluation of the precision table (SD3.5 512 px shape, log r_hat = 2e-6) and prints it; asserts
-    SPEC §6's bound for grpo_guard (<= 1e-3 relative at every sigma) and that the published float32 formula is
-    worse than that at sigma = 0.96."""
+    """Times one evaluation of the precision table (SD3.5 512 px shape, log r_hat = 2e-6) and prints it (its
+    assertions: tests/test_precision_table.py)."""
     rows = benchmark.pedantic(precision_table, args=("sd35_512", (2e-6,)), rounds=1, iterations=1)
     with capsys.disabled():
         print("\n" + format_precision(rows))
-    assert all(r["gg_old_velocity_rel"] <= 1e-3 and r["gg_old_mean_rel"] <= 1e-3 for r in rows)
-    assert next(r for r in rows if r["step"] == 1)["published_rel"] > 1e-3

@@ -5,6 +5,7 @@ here (before the tests import grpo_guard's kernels) whenever no CUDA GPU is pres
 runs on CPU tensors through the interpreter.
 """
 import os
+import zlib
 
 import torch
 
@@ -17,6 +18,23 @@ import grpo_guard as gg  # noqa: E402
 from _backends import backend_params  # noqa: E402
 
 
+def base_seed() -> int:
+    """The run's base seed: GRPO_GUARD_TEST_SEED (an integer, or "random" for a fresh one), default 0."""
+    value = os.environ.get("GRPO_GUARD_TEST_SEED", "0").strip()
+    if value == "random":
+        value = str(int.from_bytes(os.urandom(4), "little"))
+        os.environ["GRPO_GUARD_TEST_SEED"] = value  # the same for the whole run (and for xdist workers)
+    return int(value)
+
+
+BASE_SEED = base_seed()
+
+
+def pytest_report_header(config):
+    return (f"grpo_guard test seed: {BASE_SEED} (GRPO_GUARD_TEST_SEED=<int> reruns with another, =random draws one); "
+            "each test seeds torch with crc32(base seed, test id)")
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU (torch.cuda.is_available() is False)")
     for item in items:
@@ -25,11 +43,12 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
-def seed():
-    """A fresh seed per test run (printed on failure through the test id's output) for fresh random inputs."""
-    s = int.from_bytes(os.urandom(4), "little")
+def seed(request):
+    """This test's seed, crc32 of the run's base seed and the test id: reproducible (same base seed, same
+    inputs), distinct between tests; torch is seeded with it and it is printed (shown on failure)."""
+    s = zlib.crc32(f"{BASE_SEED}:{request.node.nodeid}".encode())
     torch.manual_seed(s)
-    print(f"torch seed {s}")
+    print(f"torch seed {s} (base seed {BASE_SEED}, GRPO_GUARD_TEST_SEED)")
     return s
 
 
