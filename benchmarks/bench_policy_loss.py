@@ -69,7 +69,7 @@ def _published(fn):
 def _ours(c):
     loss, _ = gg.policy_loss(c["v"], c["x"], c["x_next"], c["sigma"], c["sigma_next"], c["advantages"],
                              old_model_output=c["v_old"], noise_level=NOISE_LEVEL, method="guard",
-                             clip_range=CLIP_RANGE, adv_clip_max=ADV_CLIP_MAX, validate=False)
+                             clip_range=CLIP_RANGE, adv_clip_max=ADV_CLIP_MAX)  # default validation: no sync
     return loss
 
 

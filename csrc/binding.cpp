@@ -1,8 +1,9 @@
 // grpo_guard._C: torch binding of the CUDA launchers in gg_kernels.h (kernels in sde_step.cu, policy_loss.cu).
 //
-// Called by grpo_guard/ops/cuda_backend.py, which prepares the inputs: contiguous CUDA tensors, latent inputs
-// in one storage dtype T, compute-dtype (TC: float64 for float64, else float32) tensors where the API says TC,
-// sigmas as float64 (B,) tensors or Python floats. The autograd.Functions live in Python.
+// Called by grpo_guard/ops/cuda_backend.py, which prepares the inputs: CUDA tensors whose samples are contiguous
+// (any stride over the batch dim: read in place), latent inputs in one storage dtype T, compute-dtype (TC: float64
+// for float64, else float32) tensors where the API says TC, sigmas as float64 (B,) tensors or Python floats. The
+// autograd.Functions live in Python.
 #include <torch/extension.h>
 
 #include <c10/cuda/CUDAStream.h>
@@ -33,10 +34,25 @@ at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kD
 
 const void* ptr_or_null(const OptTensor& t) { return t.has_value() && t->defined() ? t->data_ptr() : nullptr; }
 
+// True if every sample t[i] is contiguous (any stride over dim 0).
+bool samples_contiguous(const Tensor& t) {
+  int64_t expected = 1;
+  for (int64_t d = t.dim() - 1; d >= 1; --d) {
+    if (t.size(d) != 1 && t.stride(d) != expected) return false;
+    expected *= t.size(d);
+  }
+  return true;
+}
+
+// The batch stride of a latent in elements (its sample size when B == 1).
+int64_t batch_stride(const Tensor& t) { return t.size(0) > 1 ? t.stride(0) : t.numel(); }
+int64_t batch_stride(const OptTensor& t) { return t.has_value() && t->defined() ? batch_stride(*t) : 0; }
+
 void check_latent(const char* name, const Tensor& t, const Tensor& like, at::ScalarType dtype) {
   TORCH_CHECK(t.is_cuda(), "grpo_guard._C: ", name, " must be a CUDA tensor, got one on ", t.device());
   TORCH_CHECK(t.device() == like.device(), "grpo_guard._C: ", name, " must be on ", like.device());
-  TORCH_CHECK(t.is_contiguous(), "grpo_guard._C: ", name, " must be contiguous");
+  TORCH_CHECK(t.dim() >= 1 && t.size(0) == like.size(0) && samples_contiguous(t), "grpo_guard._C: ", name,
+              " must have ", like.size(0), " contiguous samples (any stride over the batch dim)");
   TORCH_CHECK(t.numel() == like.numel(), "grpo_guard._C: ", name, " has ", t.numel(), " elements, expected ",
               like.numel());
   TORCH_CHECK(t.scalar_type() == dtype, "grpo_guard._C: ", name, " must be ", dtype, ", got ", t.scalar_type());
@@ -114,6 +130,10 @@ std::vector<Tensor> sde_forward(const Tensor& v, const Tensor& x, const OptTenso
   a.log_prob = log_prob.data_ptr();
   a.std_dev_t = std_dev_t.data_ptr();
   a.partial = partial.data_ptr();
+  a.s_v = batch_stride(v);
+  a.s_x = batch_stride(x);
+  a.s_prev = batch_stride(prev);
+  a.s_noise = batch_stride(noise);
   check_launch(gg_sde_forward(&a, &sched, c10::cuda::getCurrentCUDAStream().stream()), "sde_step forward");
   std::vector<Tensor> out = {log_prob, mean, std_dev_t};
   if (rollout) out.push_back(prev_out);
@@ -132,6 +152,9 @@ std::vector<Tensor> sde_backward(const OptTensor& g_mean, const OptTensor& g_pre
   check_latent("prev_sample_mean", mean, prev, TC);
   check_opt("grad prev_sample_mean", g_mean, prev, TC);
   check_opt("grad prev_sample", g_prev, prev, T);
+  TORCH_CHECK(mean.is_contiguous() && (!g_mean.has_value() || !g_mean->defined() || g_mean->is_contiguous()) &&
+                  (!g_prev.has_value() || !g_prev->defined() || g_prev->is_contiguous()),
+              "grpo_guard._C: the saved mean and the incoming gradients must be contiguous");
   check_vector("grad log_prob", g_logp, prev, B, TC);
   const c10::cuda::CUDAGuard guard(prev.device());
   const gg_schedule sched = make_schedule(prev, B, sigma, sigma_next, sigma_value, sigma_next_value, eta,
@@ -149,6 +172,7 @@ std::vector<Tensor> sde_backward(const OptTensor& g_mean, const OptTensor& g_pre
   a.mean = mean.data_ptr();
   a.grad_v = need_v ? grad_v.data_ptr() : nullptr;
   a.grad_x = need_x ? grad_x.data_ptr() : nullptr;
+  a.s_prev = batch_stride(prev);
   if (need_v || need_x)
     check_launch(gg_sde_backward(&a, &sched, c10::cuda::getCurrentCUDAStream().stream()), "sde_step backward");
   return {grad_v, grad_x};
@@ -214,6 +238,10 @@ std::vector<Tensor> loss_forward(const Tensor& v, const Tensor& x, const Tensor&
   a.coefs = coefs.data_ptr();
   a.partial = partial.data_ptr();
   a.work = work.data_ptr();
+  a.s_v = batch_stride(v);
+  a.s_x = batch_stride(x);
+  a.s_prev = batch_stride(prev);
+  a.s_old = batch_stride(mu_old) + batch_stride(v_old);  // at most one is given
   check_launch(gg_loss_forward(&a, &sched, &cfg, c10::cuda::getCurrentCUDAStream().stream()), "policy_loss forward");
   return {loss, stats, log_ratio, bias, coefs};
 }
@@ -235,7 +263,7 @@ Tensor loss_backward(const Tensor& v, const Tensor& x, const Tensor& prev, const
   const c10::cuda::CUDAGuard guard(v.device());
   const gg_schedule sched = make_schedule(v, B, sigma, sigma_next, sigma_value, sigma_next_value, eta,
                                           sin_half_pi_eta, dynamics);
-  Tensor grad_v = at::empty(v.sizes(), v.options());
+  Tensor grad_v = at::empty(v.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
   gg_loss_bwd_args a;
   a.dtype = dtype_code(T);
   a.old_mode = old_mode(mu_old, v_old);
@@ -249,11 +277,73 @@ Tensor loss_backward(const Tensor& v, const Tensor& x, const Tensor& prev, const
   a.coefs = coefs.data_ptr();
   a.grad_loss = grad_loss.data_ptr();
   a.grad_v = grad_v.data_ptr();
+  a.s_v = batch_stride(v);
+  a.s_x = batch_stride(x);
+  a.s_prev = batch_stride(prev);
+  a.s_old = batch_stride(mu_old) + batch_stride(v_old);
   check_launch(gg_loss_backward(&a, &sched, c10::cuda::getCurrentCUDAStream().stream()), "policy_loss backward");
   return grad_v;
 }
 
+// ---- torch.library operators (torch.compile, export, CUDA graphs): fixed outputs, empty tensors for absent ones --
+
+Tensor or_empty(const Tensor& t, const Tensor& like) { return t.defined() ? t : at::empty({0}, like.options()); }
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> sde_step_cuda(
+    const Tensor& v, const Tensor& x, const OptTensor& prev, const OptTensor& noise, const OptTensor& sigma,
+    const OptTensor& sigma_next, double sigma_value, double sigma_next_value, double eta, double sin_half_pi_eta,
+    int64_t dynamics, int64_t round_mode) {
+  auto out = sde_forward(v, x, prev, noise, sigma, sigma_next, sigma_value, sigma_next_value, eta, sin_half_pi_eta,
+                         dynamics, round_mode);
+  return {out[0], out[1], out[2], out.size() > 3 ? out[3] : at::empty({0}, v.options())};
+}
+
+std::tuple<Tensor, Tensor> sde_step_cuda_backward(
+    const OptTensor& g_mean, const OptTensor& g_prev, const OptTensor& g_logp, const Tensor& prev, const Tensor& mean,
+    bool need_v, bool need_x, const OptTensor& sigma, const OptTensor& sigma_next, double sigma_value,
+    double sigma_next_value, double eta, double sin_half_pi_eta, int64_t dynamics) {
+  auto g = sde_backward(g_mean, g_prev, g_logp, prev, mean, need_v, need_x, sigma, sigma_next, sigma_value,
+                        sigma_next_value, eta, sin_half_pi_eta, dynamics);
+  return {or_empty(g[0], prev), or_empty(g[1], prev)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> policy_loss_cuda(
+    const Tensor& v, const Tensor& x, const Tensor& prev, const OptTensor& mu_old, const OptTensor& v_old,
+    const Tensor& adv, const OptTensor& old_logp, const OptTensor& sigma, const OptTensor& sigma_next,
+    double sigma_value, double sigma_next_value, double eta, double sin_half_pi_eta, int64_t dynamics,
+    int64_t method, double clip_lo, double clip_hi, double adv_clip_max, int64_t guard_weight) {
+  auto out = loss_forward(v, x, prev, mu_old, v_old, adv, old_logp, sigma, sigma_next, sigma_value,
+                          sigma_next_value, eta, sin_half_pi_eta, dynamics, method, clip_lo, clip_hi, adv_clip_max,
+                          guard_weight);
+  return {out[0], out[1], out[2], or_empty(out[3], out[2]), out[4]};
+}
+
 }  // namespace
+
+// Schemas of the operators (their fake implementations and autograd formulas are registered from Python,
+// grpo_guard/ops/library.py). FRAGMENT: the Python side defines other operators of the namespace.
+TORCH_LIBRARY_FRAGMENT(grpo_guard, m) {
+  m.def("sde_step_cuda(Tensor v, Tensor x, Tensor? prev_sample, Tensor? noise, Tensor? sigma, Tensor? sigma_next, "
+        "float sigma_value, float sigma_next_value, float eta, float sin_half_pi_eta, int dynamics, int round_mode) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("sde_step_cuda_backward(Tensor? g_mean, Tensor? g_prev, Tensor? g_logp, Tensor prev_sample, Tensor mean, "
+        "bool need_v, bool need_x, Tensor? sigma, Tensor? sigma_next, float sigma_value, float sigma_next_value, "
+        "float eta, float sin_half_pi_eta, int dynamics) -> (Tensor, Tensor)");
+  m.def("policy_loss_cuda(Tensor v, Tensor x, Tensor prev_sample, Tensor? mu_old, Tensor? v_old, Tensor advantages, "
+        "Tensor? old_log_prob, Tensor? sigma, Tensor? sigma_next, float sigma_value, float sigma_next_value, "
+        "float eta, float sin_half_pi_eta, int dynamics, int method, float clip_lo, float clip_hi, "
+        "float adv_clip_max, int guard_weight) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("policy_loss_cuda_backward(Tensor v, Tensor x, Tensor prev_sample, Tensor? mu_old, Tensor? v_old, "
+        "Tensor coefs, Tensor grad_loss, Tensor? sigma, Tensor? sigma_next, float sigma_value, "
+        "float sigma_next_value, float eta, float sin_half_pi_eta, int dynamics) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(grpo_guard, CUDA, m) {
+  m.impl("sde_step_cuda", &sde_step_cuda);
+  m.impl("sde_step_cuda_backward", &sde_step_cuda_backward);
+  m.impl("policy_loss_cuda", &policy_loss_cuda);
+  m.impl("policy_loss_cuda_backward", &loss_backward);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "grpo_guard CUDA kernels (csrc/): sde_step and policy_loss forward/backward";

@@ -1,6 +1,8 @@
 /* grpo_guard CUDA kernels: the C launcher API (no torch). Formulas: grpo_guard/reference.py, SPEC.md §2-6.
  *
- * Every latent tensor is a contiguous flat (B, D) array. Storage dtype T (one of GG_F32/F64/F16/BF16) is
+ * Every latent tensor is a (B, D) array whose rows (samples) are contiguous; latent *inputs* may have any stride
+ * over the batch dim (the s_* fields, in elements: a [:, k] slice of a (B, T, ...) trajectory tensor is read in
+ * place), outputs and gradients are contiguous (row stride D). Storage dtype T (one of GG_F32/F64/F16/BF16) is
  * shared by the latent inputs of a call; the compute dtype TC is double for T = double, float otherwise
  * (per-sample outputs, means, partial sums and gradients of TC-typed outputs are TC).
  *
@@ -54,6 +56,7 @@ typedef struct {
   int dtype; int round_mode; int64_t B, D;
   const void* v; const void* x; const void* prev_in; const void* noise;
   void* prev_out; void* mean; void* log_prob; void* std_dev_t; void* partial;
+  int64_t s_v, s_x, s_prev, s_noise;  /* batch strides of the inputs (elements) */
 } gg_sde_fwd_args;
 cudaError_t gg_sde_forward(const gg_sde_fwd_args* args, const gg_schedule* sched, cudaStream_t stream);
 
@@ -63,6 +66,7 @@ typedef struct {
   int dtype; int64_t B, D;
   const void* g_mean; const void* g_prev; const void* g_logp; const void* prev; const void* mean;
   void* grad_v; void* grad_x;
+  int64_t s_prev;  /* batch stride of prev (elements); g_mean, g_prev, mean are contiguous */
 } gg_sde_bwd_args;
 cudaError_t gg_sde_backward(const gg_sde_bwd_args* args, const gg_schedule* sched, cudaStream_t stream);
 
@@ -81,6 +85,7 @@ typedef struct {
   const void* v; const void* x; const void* prev; const void* mu_old; const void* v_old;
   const void* adv; const void* old_logp;
   void* loss; void* stats; void* log_ratio; void* bias; void* coefs; void* partial; void* work;
+  int64_t s_v, s_x, s_prev, s_old;  /* batch strides of v, x, prev and of mu_old / v_old (elements) */
 } gg_loss_fwd_args;
 cudaError_t gg_loss_forward(const gg_loss_fwd_args* args, const gg_schedule* sched, const gg_loss_config* cfg,
                             cudaStream_t stream);
@@ -91,6 +96,7 @@ typedef struct {
   int dtype; int old_mode; int64_t B, D;
   const void* v; const void* x; const void* prev; const void* mu_old; const void* v_old;
   const void* coefs; const void* grad_loss; void* grad_v;
+  int64_t s_v, s_x, s_prev, s_old;  /* batch strides of the inputs (elements); grad_v is contiguous */
 } gg_loss_bwd_args;
 cudaError_t gg_loss_backward(const gg_loss_bwd_args* args, const gg_schedule* sched, cudaStream_t stream);
 

@@ -16,23 +16,40 @@
 namespace gg {
 namespace {
 
-// (u, Delta) of one element for GG_OLD_MEAN / GG_OLD_V; for GG_OLD_LOGP u = x' - mu_theta, Delta = 0.
+// One sample's inputs: each pointer at the sample's first element (inputs may have any batch stride).
+template <typename T>
+struct Rows {
+  const T* v;
+  const T* x;
+  const T* prev;
+  const typename Acc<T>::type* mu_old;
+  const T* v_old;
+};
+
+template <typename T>
+__device__ __forceinline__ Rows<T> rows_of(int64_t i, const T* v, const T* x, const T* prev,
+                                           const typename Acc<T>::type* mu_old, const T* v_old, int64_t s_v,
+                                           int64_t s_x, int64_t s_prev, int64_t s_old) {
+  return {v + i * s_v, x + i * s_x, prev + i * s_prev, mu_old != nullptr ? mu_old + i * s_old : nullptr,
+          v_old != nullptr ? v_old + i * s_old : nullptr};
+}
+
+// (u, Delta) of element d of a sample for GG_OLD_MEAN / GG_OLD_V; for GG_OLD_LOGP u = x' - mu_theta, Delta = 0.
 template <typename T>
 __device__ __forceinline__ void policy_terms(int mode, typename Acc<T>::type a, typename Acc<T>::type b,
-                                             const T* v, const T* x, const T* prev,
-                                             const typename Acc<T>::type* mu_old, const T* v_old, int64_t e,
-                                             typename Acc<T>::type& u, typename Acc<T>::type& delta) {
+                                             const Rows<T>& r, int64_t d, typename Acc<T>::type& u,
+                                             typename Acc<T>::type& delta) {
   using TC = typename Acc<T>::type;
-  const TC xv = load(x + e), vv = load(v + e), xp = load(prev + e);
+  const TC xv = load(r.x + d), vv = load(r.v + d), xp = load(r.prev + d);
   if (mode == GG_OLD_LOGP) {
     u = sub(xp, transition_mean(a, b, xv, vv));
     delta = TC(0);
   } else if (mode == GG_OLD_MEAN) {
-    const TC mo = mu_old[e];
+    const TC mo = r.mu_old[d];
     u = sub(xp, mo);
     delta = sub(transition_mean(a, b, xv, vv), mo);
   } else {
-    const TC vo = load(v_old + e);
+    const TC vo = load(r.v_old + d);
     u = sub(xp, transition_mean(a, b, xv, vo));
     delta = mul(b, sub(vv, vo));
   }
@@ -42,19 +59,20 @@ template <typename T>
 __global__ void __launch_bounds__(kBlock)
 loss_chunks(const T* __restrict__ v, const T* __restrict__ x, const T* __restrict__ prev,
             const typename Acc<T>::type* __restrict__ mu_old, const T* __restrict__ v_old, int mode,
-            typename Acc<T>::type* __restrict__ partial, int64_t D, int nchunks, gg_schedule sched) {
+            typename Acc<T>::type* __restrict__ partial, int64_t D, int nchunks, gg_schedule sched, int64_t s_v,
+            int64_t s_x, int64_t s_prev, int64_t s_old) {
   using TC = typename Acc<T>::type;
   const ChunkPos pos = chunk_pos(nchunks);
   const Coef c = step_coef(sched, pos.sample);
   const TC a = static_cast<TC>(c.a), b = static_cast<TC>(c.b);
-  const int64_t base = pos.sample * D;
+  const Rows<T> r = rows_of(pos.sample, v, x, prev, mu_old, v_old, s_v, s_x, s_prev, s_old);
   TC s1 = TC(0), s2 = TC(0);
 #pragma unroll
   for (int k = 0; k < kItems; ++k) {
     const int64_t d = elem_in_sample(pos.chunk, k);
     if (d < D) {
       TC u, delta;
-      policy_terms<T>(mode, a, b, v, x, prev, mu_old, v_old, base + d, u, delta);
+      policy_terms<T>(mode, a, b, r, d, u, delta);
       if (mode == GG_OLD_LOGP) {
         s1 = fma(u, u, s1);  // = sde_forward_chunks' accumulation of (x'-mu)^2
       } else {
@@ -171,20 +189,21 @@ loss_backward_kernel(const T* __restrict__ v, const T* __restrict__ x, const T* 
                      const typename Acc<T>::type* __restrict__ mu_old, const T* __restrict__ v_old, int mode,
                      const typename Acc<T>::type* __restrict__ coefs,
                      const typename Acc<T>::type* __restrict__ grad_loss, T* __restrict__ grad_v, int64_t D,
-                     int nchunks, gg_schedule sched) {
+                     int nchunks, gg_schedule sched, int64_t s_v, int64_t s_x, int64_t s_prev, int64_t s_old) {
   using TC = typename Acc<T>::type;
   const ChunkPos pos = chunk_pos(nchunks);
   const Coef c = step_coef(sched, pos.sample);
   const TC a = static_cast<TC>(c.a), b = static_cast<TC>(c.b);
   const TC g = grad_loss[0];
   const TC c1 = g * coefs[2 * pos.sample], c2 = g * coefs[2 * pos.sample + 1];
-  const int64_t base = pos.sample * D;
+  const int64_t base = pos.sample * D;  // grad_v is contiguous
+  const Rows<T> r = rows_of(pos.sample, v, x, prev, mu_old, v_old, s_v, s_x, s_prev, s_old);
 #pragma unroll
   for (int k = 0; k < kItems; ++k) {
     const int64_t d = elem_in_sample(pos.chunk, k);
     if (d < D) {
       TC u, delta;
-      policy_terms<T>(mode, a, b, v, x, prev, mu_old, v_old, base + d, u, delta);
+      policy_terms<T>(mode, a, b, r, d, u, delta);
       store(grad_v + base + d, c1 * u + c2 * delta);
     }
   }
@@ -203,7 +222,7 @@ extern "C" cudaError_t gg_loss_forward(const gg_loss_fwd_args* p, const gg_sched
     loss_chunks<scalar_t><<<grid, kBlock, 0, stream>>>(
         static_cast<const scalar_t*>(p->v), static_cast<const scalar_t*>(p->x), static_cast<const scalar_t*>(p->prev),
         static_cast<const TC*>(p->mu_old), static_cast<const scalar_t*>(p->v_old), cfg->old_mode,
-        static_cast<TC*>(p->partial), p->D, nchunks, *sched);
+        static_cast<TC*>(p->partial), p->D, nchunks, *sched, p->s_v, p->s_x, p->s_prev, p->s_old);
     loss_finalize<TC><<<1, kBlock, 0, stream>>>(
         static_cast<const TC*>(p->partial), nchunks, p->B, p->D, *sched, *cfg, static_cast<const TC*>(p->adv),
         static_cast<const TC*>(p->old_logp), static_cast<TC*>(p->log_ratio), static_cast<TC*>(p->bias),
@@ -222,7 +241,7 @@ extern "C" cudaError_t gg_loss_backward(const gg_loss_bwd_args* p, const gg_sche
         static_cast<const scalar_t*>(p->v), static_cast<const scalar_t*>(p->x), static_cast<const scalar_t*>(p->prev),
         static_cast<const TC*>(p->mu_old), static_cast<const scalar_t*>(p->v_old), p->old_mode,
         static_cast<const TC*>(p->coefs), static_cast<const TC*>(p->grad_loss), static_cast<scalar_t*>(p->grad_v), p->D,
-        nchunks, *sched);
+        nchunks, *sched, p->s_v, p->s_x, p->s_prev, p->s_old);
   });
   return cudaGetLastError();
 }

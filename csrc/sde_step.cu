@@ -15,25 +15,28 @@ __global__ void __launch_bounds__(kBlock)
 sde_forward_chunks(const T* __restrict__ v, const T* __restrict__ x, const T* __restrict__ prev_in,
                    const typename Acc<T>::type* __restrict__ noise, T* __restrict__ prev_out,
                    typename Acc<T>::type* __restrict__ mean, typename Acc<T>::type* __restrict__ partial,
-                   int64_t D, int nchunks, gg_schedule sched, int round_mode) {
+                   int64_t D, int nchunks, gg_schedule sched, int round_mode, int64_t s_v, int64_t s_x,
+                   int64_t s_prev, int64_t s_noise) {
   using TC = typename Acc<T>::type;
   const ChunkPos pos = chunk_pos(nchunks);
   const Coef c = step_coef(sched, pos.sample);
   const TC a = static_cast<TC>(c.a), b = static_cast<TC>(c.b), s = static_cast<TC>(c.std);
-  const int64_t base = pos.sample * D;
+  const int64_t base = pos.sample * D;  // outputs; inputs start at sample * their batch stride
+  const T* vr = v + pos.sample * s_v;
+  const T* xr = x + pos.sample * s_x;
   TC acc = TC(0), unused = TC(0);
 #pragma unroll
   for (int k = 0; k < kItems; ++k) {
     const int64_t d = elem_in_sample(pos.chunk, k);
     if (d < D) {
       const int64_t e = base + d;
-      const TC mu = transition_mean(a, b, load(x + e), load(v + e));
+      const TC mu = transition_mean(a, b, load(xr + d), load(vr + d));
       mean[e] = mu;
       TC xp;
       if (prev_in != nullptr) {
-        xp = load(prev_in + e);
+        xp = load(prev_in + pos.sample * s_prev + d);
       } else {  // log p is that of the stored (rounded) x'
-        xp = rounded<T>(add(mu, mul(s, noise[e])));
+        xp = rounded<T>(add(mu, mul(s, noise[pos.sample * s_noise + d])));
         if (round_mode == GG_ROUND_BF16) xp = rounded<__nv_bfloat16>(xp);
         if (round_mode == GG_ROUND_F16) xp = rounded<__half>(xp);
         store(prev_out + e, xp);
@@ -66,7 +69,7 @@ __global__ void __launch_bounds__(kBlock)
 sde_backward_kernel(const typename Acc<T>::type* __restrict__ g_mean, const T* __restrict__ g_prev,
                     const typename Acc<T>::type* __restrict__ g_logp, const T* __restrict__ prev,
                     const typename Acc<T>::type* __restrict__ mean, T* __restrict__ grad_v,
-                    T* __restrict__ grad_x, int64_t D, int nchunks, gg_schedule sched) {
+                    T* __restrict__ grad_x, int64_t D, int nchunks, gg_schedule sched, int64_t s_prev) {
   using TC = typename Acc<T>::type;
   const ChunkPos pos = chunk_pos(nchunks);
   const Coef c = step_coef(sched, pos.sample);
@@ -83,7 +86,7 @@ sde_backward_kernel(const typename Acc<T>::type* __restrict__ g_mean, const T* _
       TC g = TC(0);
       if (g_mean != nullptr) g += g_mean[e];
       if (g_prev != nullptr) g += load(g_prev + e);
-      if (g_logp != nullptr) g += gl * (load(prev + e) - mean[e]);
+      if (g_logp != nullptr) g += gl * (load(prev + pos.sample * s_prev + d) - mean[e]);
       if (grad_v != nullptr) store(grad_v + e, b * g);
       if (grad_x != nullptr) store(grad_x + e, a * g);
     }
@@ -107,7 +110,7 @@ extern "C" cudaError_t gg_sde_forward(const gg_sde_fwd_args* p, const gg_schedul
         static_cast<const scalar_t*>(p->v), static_cast<const scalar_t*>(p->x),
         static_cast<const scalar_t*>(p->prev_in), static_cast<const TC*>(p->noise),
         static_cast<scalar_t*>(p->prev_out), static_cast<TC*>(p->mean), static_cast<TC*>(p->partial), p->D,
-        nchunks, *sched, p->round_mode);
+        nchunks, *sched, p->round_mode, p->s_v, p->s_x, p->s_prev, p->s_noise);
     sde_finalize<TC><<<fin_blocks, kBlock, 0, stream>>>(static_cast<const TC*>(p->partial), nchunks, p->B, p->D,
                                                         *sched, static_cast<TC*>(p->log_prob),
                                                         static_cast<TC*>(p->std_dev_t));
@@ -123,7 +126,7 @@ extern "C" cudaError_t gg_sde_backward(const gg_sde_bwd_args* p, const gg_schedu
     sde_backward_kernel<scalar_t><<<chunk_grid(p->B, p->D), kBlock, 0, stream>>>(
         static_cast<const TC*>(p->g_mean), static_cast<const scalar_t*>(p->g_prev),
         static_cast<const TC*>(p->g_logp), static_cast<const scalar_t*>(p->prev), static_cast<const TC*>(p->mean),
-        static_cast<scalar_t*>(p->grad_v), static_cast<scalar_t*>(p->grad_x), p->D, nchunks, *sched);
+        static_cast<scalar_t*>(p->grad_v), static_cast<scalar_t*>(p->grad_x), p->D, nchunks, *sched, p->s_prev);
   });
   return cudaGetLastError();
 }

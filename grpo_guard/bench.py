@@ -137,6 +137,29 @@ def graph_time(fn: Callable[[], object], device, *, rep: int = 20,
     return max(per_call[0] - per_call[1], 0.0)
 
 
+def host_time(fn: Callable[[], object], device, *, warmup: int = 3, rep: int = 50,
+              before: Optional[Callable[[], None]] = None) -> float:
+    """Median host time of one call in milliseconds: ``time.perf_counter`` around the Python call, no device
+    synchronization inside the timed region (what a training loop's thread pays to issue the op; on a GPU the
+    kernels run asynchronously, so this is Python, checks, dispatch and launches -- and any synchronization the op
+    makes). The queue is drained between calls, so a call never waits for an earlier one's kernels."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        if before is not None:
+            before()
+        fn()
+    times = []
+    for _ in range(rep):
+        if before is not None:
+            before()
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    synchronize(device)
+    return quantiles(times)[0]
+
+
 def quantiles(times: Sequence[float], qs: Sequence[float] = QUANTILES) -> List[float]:
     """Linear-interpolated quantiles (numpy's default) of ``times``."""
     xs = sorted(times)
@@ -254,6 +277,7 @@ class Row:
     peak_extra_mib: Optional[float] = None
     graph_ms: Optional[float] = None      # GPU time without host overhead (graph_time), CUDA only
     graph_gbps: Optional[float] = None
+    host_ms: Optional[float] = None       # host time of one call (host_time): what the calling thread pays
     note: str = ""
 
 
@@ -280,6 +304,7 @@ def run_op(op: str, providers: Iterable[Provider], cases: Iterable[dict], modes:
                         fn, before = mode_callables(p, case, mode)
                         times = measure(fn, device, warmup=warmup, rep=rep, max_seconds=max_seconds, before=before)
                         row.peak_extra_mib = peak_extra_memory(fn, device, before)
+                        row.host_ms = host_time(fn, device, rep=min(rep, 50), before=before)
                         try:  # not "backward": its forward ran outside the capture, on another stream
                             if mode != "backward":
                                 row.graph_ms = graph_time(fn, device, before=before)
@@ -337,7 +362,8 @@ def format_row(r: Row) -> str:
     return (f"{r.op:<12} {r.mode:<8} {r.provider:<10} {r.shape:<10} {r.dtype:<8} "
             f"{r.median_ms * 1e3:>10.1f} {r.p20_ms * 1e3:>10.1f} {r.p80_ms * 1e3:>10.1f} "
             f"{_fmt(r.gbps, '8.1f'):>8} {_fmt(r.pct_of_copy, '6.1f'):>6} {_fmt(r.peak_extra_mib, '9.1f'):>9} "
-            f"{_fmt(None if r.graph_ms is None else r.graph_ms * 1e3, '9.1f'):>9} {_fmt(r.graph_gbps, '8.1f'):>8}")
+            f"{_fmt(None if r.graph_ms is None else r.graph_ms * 1e3, '9.1f'):>9} {_fmt(r.graph_gbps, '8.1f'):>8} "
+            f"{_fmt(None if r.host_ms is None else r.host_ms * 1e3, '9.1f'):>9}")
 
 
 def format_table(rows: Sequence[Row], copy_gbps: Optional[float] = None, env: Optional[dict] = None) -> str:
@@ -348,7 +374,7 @@ def format_table(rows: Sequence[Row], copy_gbps: Optional[float] = None, env: Op
         lines.append(f"copy bandwidth: {copy_gbps:.1f} GB/s")
     lines.append(f"{'op':<12} {'mode':<8} {'provider':<10} {'shape':<10} {'dtype':<8} "
                  f"{'median_us':>10} {'p20_us':>10} {'p80_us':>10} {'GB/s':>8} {'%copy':>6} {'extra_MiB':>9} "
-                 f"{'graph_us':>9} {'graph_GB/s':>8}")
+                 f"{'graph_us':>9} {'graph_GB/s':>8} {'host_us':>9}")
     lines.extend(format_row(r) for r in rows)
     return "\n".join(lines)
 
@@ -358,17 +384,18 @@ def markdown_table(rows: Sequence[Row], baseline: str = "eager") -> str:
     base = {(r.op, r.mode, r.shape, r.dtype): r.median_ms for r in rows
             if r.provider == baseline and r.median_ms is not None}
     out = ["| op | mode | shape | dtype | provider | median us | p20 us | p80 us | GB/s | % of copy | "
-           f"vs {baseline} | peak extra MiB | GPU us (graph) | GPU GB/s |", "|---" * 14 + "|"]
+           f"vs {baseline} | peak extra MiB | GPU us (graph) | GPU GB/s | host us |", "|---" * 15 + "|"]
     for r in rows:
         if r.median_ms is None:
-            out.append(f"| {r.op} | {r.mode} | {r.shape} | {r.dtype} | {r.provider} | {r.note} ||||||||| ")
+            out.append(f"| {r.op} | {r.mode} | {r.shape} | {r.dtype} | {r.provider} | {r.note} |||||||||| ")
             continue
         b = base.get((r.op, r.mode, r.shape, r.dtype))
         out.append(f"| {r.op} | {r.mode} | {r.shape} | {r.dtype} | {r.provider} | {r.median_ms * 1e3:.1f} | "
                    f"{r.p20_ms * 1e3:.1f} | {r.p80_ms * 1e3:.1f} | {_fmt(r.gbps, '.1f')} | "
                    f"{_fmt(r.pct_of_copy, '.0f')} | {'' if not b else format(b / r.median_ms, '.2f') + 'x'} | "
                    f"{_fmt(r.peak_extra_mib, '.1f')} | "
-                   f"{_fmt(None if r.graph_ms is None else r.graph_ms * 1e3, '.1f')} | {_fmt(r.graph_gbps, '.0f')} |")
+                   f"{_fmt(None if r.graph_ms is None else r.graph_ms * 1e3, '.1f')} | {_fmt(r.graph_gbps, '.0f')} | "
+                   f"{_fmt(None if r.host_ms is None else r.host_ms * 1e3, '.1f')} |")
     return "\n".join(out)
 
 

@@ -18,7 +18,7 @@ from _cases import latents, sd35_sigmas
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-BACKENDS = [b for b in ("torch", "triton") if dispatch.unsupported_reason(b, DEVICE) is None]
+BACKENDS = [b for b in ("torch", "triton", "cuda") if dispatch.unsupported_reason(b, DEVICE) is None]
 METHOD_KINDS = [("grpo", "old_log_prob"), ("grpo", "old_prev_sample_mean"), ("grpo", "old_model_output"),
                 ("mean_revised", "old_prev_sample_mean"), ("mean_revised", "old_model_output"),
                 ("ratio_norm", "old_model_output"), ("ratio_norm", "old_prev_sample_mean"),
@@ -55,7 +55,7 @@ def _policy_case(dtype, dynamics, kind, B=3, shape=(4, 16)):
                                                    enumerate(itertools.product(METHOD_KINDS, DTYPES))])
 def test_opcheck_policy_loss(backend, kernel_set, i, method_kind, dtype):
     """Every method x old input x dtype (dynamics and float/tensor sigmas cycle through the cases)."""
-    if backend == "torch" and kernel_set:
+    if backend != "triton" and kernel_set:
         pytest.skip("the kernel set is the triton backend's")
     method, kind = method_kind
     dynamics = ("flow", "dance", "cps")[i % 3]
@@ -67,6 +67,15 @@ def test_opcheck_policy_loss(backend, kernel_set, i, method_kind, dtype):
         op = torch.ops.grpo_guard.policy_loss_triton.default
         args = (v, x, xp, old if kind != "old_log_prob" else None, adv, old if kind == "old_log_prob" else None,
                 *sig_args, *common, OLD_KIND[kind], True, kernel_set)
+    elif backend == "cuda":
+        from grpo_guard.ops import cuda_backend, requests
+        req = requests.loss_request(v, x, xp, sig if tensor_sigmas else 0.9, nxt if tensor_sigmas else 0.8, adv,
+                                    **{k: (old if kind == k else None) for k in OLD_KIND}, noise_level=0.7,
+                                    dynamics=dynamics, method=method, clip_range=1e-3, adv_clip_max=5.0,
+                                    guard_weight=common[-1], validate=True)
+        v_, x_, xp_, mu_old, v_old, adv_, old_lp, sched, cfg = cuda_backend._loss_inputs(req)
+        op = torch.ops.grpo_guard.policy_loss_cuda.default
+        args = (v_, x_, xp_, mu_old, v_old, adv_, old_lp, *sched, *cfg)
     else:
         olds = [old if kind == k else None for k in ("old_log_prob", "old_prev_sample_mean", "old_model_output")]
         op = torch.ops.grpo_guard.policy_loss_torch.default
@@ -79,7 +88,7 @@ def test_opcheck_policy_loss(backend, kernel_set, i, method_kind, dtype):
 @pytest.mark.parametrize("dynamics", ["flow", "dance", "cps"])
 def test_opcheck_sde_step(backend, kernel_set, dtype, dynamics):
     """Rollout and scoring, with and without the mean, float and tensor sigmas (cycling through the cases)."""
-    if backend == "torch" and kernel_set:
+    if backend != "triton" and kernel_set:
         pytest.skip("the kernel set is the triton backend's")
     B = 3
     v, x = latents(B, (4, 16), dtype, DEVICE)
@@ -94,6 +103,13 @@ def test_opcheck_sde_step(backend, kernel_set, dtype, dynamics):
     args = (v, x, prev, noise, *sig_args, 0.7, dynamics, return_mean, True)
     if backend == "triton":
         torch.library.opcheck(torch.ops.grpo_guard.sde_step_triton.default, args + (kernel_set,))
+    elif backend == "cuda":
+        from grpo_guard.ops import cuda_backend, requests
+        req = requests.sde_request(v, x, sig if tensor_sigmas else 0.9, nxt if tensor_sigmas else 0.8,
+                                   noise_level=0.7, dynamics=dynamics, prev_sample=prev, generator=None, noise=noise,
+                                   validate=True)
+        v_, x_, p_, noise_, sched, round_mode = cuda_backend._sde_inputs(req)
+        torch.library.opcheck(torch.ops.grpo_guard.sde_step_cuda.default, (v_, x_, p_, noise_, *sched, round_mode))
     else:
         torch.library.opcheck(torch.ops.grpo_guard.sde_step_torch.default, args)
 
@@ -121,9 +137,9 @@ def test_compiled_training_step_over_the_schedule(backend, kernel_set, sigmas_as
     """fullgraph=True, every trained timestep of the SD3.5 10-step schedule: one compilation with tensor sigmas
     (floats: at most two, the first specialized, then dynamic); the on-policy log-ratio exactly 0 (through the
     stored mean and the stored log-prob); eager's loss, x', log-ratios and gradient: bit for bit on the Triton
-    operators, within 1e-5 relative on the torch backend under inductor (which fuses the reference's own torch
-    ops and may reorder its sums)."""
-    if backend == "torch" and kernel_set:
+    operators under the interpreter, within 1e-5 relative under inductor (which may fuse the reference's torch
+    ops, reordering sums, and compiles user Triton kernels with FMA contraction on)."""
+    if backend != "triton" and kernel_set:
         pytest.skip("the kernel set is the triton backend's")
     import torch._dynamo as dynamo
     from torch._dynamo.utils import counters
@@ -137,7 +153,10 @@ def test_compiled_training_step_over_the_schedule(backend, kernel_set, sigmas_as
     dynamo.reset()
     counters.clear()
     with gg.backend(backend):
-        compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if backend == "triton" else "inductor")
+        # the interpreter's opaque operators gain nothing from inductor on a CPU; on a GPU inductor launches the
+        # Triton kernels itself (triton_op)
+        cpu_triton = backend == "triton" and DEVICE.type == "cpu"
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if cpu_triton else "inductor")
         for i in range(9):
             if sigmas_as == "tensors":
                 sig = torch.full((B,), sig_list[i], dtype=torch.float64, device=DEVICE)
@@ -146,7 +165,9 @@ def test_compiled_training_step_over_the_schedule(backend, kernel_set, sigmas_as
                 sig, nxt = sig_list[i], sig_list[i + 1]
             noise = torch.randn(x0.shape, device=DEVICE)
             outs, grads = [], []
-            exact = backend == "triton"  # inductor's own fusion of the reference's torch ops can reorder sums
+            # inductor may fuse the reference's torch ops (reordering sums) and launches user Triton kernels with FMA
+            # contraction on (only the arithmetic the on-policy ratio needs is explicitly rounded)
+            exact = cpu_triton
             for fn in (compiled, step):
                 W.grad = None
                 loss, log_ratio, xp, on_policy = fn(x0, sig, nxt, v_old, noise, adv)

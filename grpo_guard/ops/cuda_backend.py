@@ -16,6 +16,7 @@ import math
 import torch
 
 from .. import reference as ref
+from .layout import samples_contiguous
 from .requests import LossRequest, SDERequest, device_checks
 from .torch_backend import poisoned_loss, poisoned_sde_step
 
@@ -69,10 +70,15 @@ def _schedule(req):
 
 
 def _storage(*tensors):
-    """Contiguous latents in one storage dtype (float32 if the given ones differ); None stays None."""
+    """Latents in one storage dtype (float32 if the given ones differ; a copy then), each sample contiguous (any
+    batch stride is read in place; other layouts are copied); None stays None."""
     dtypes = {t.dtype for t in tensors if t is not None}
     common = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    return [None if t is None else t.to(common).contiguous() for t in tensors], common
+    return [None if t is None else _rows(t.to(common)) for t in tensors], common
+
+
+def _rows(t):
+    return t if samples_contiguous(t) else t.contiguous()
 
 
 def _c(t):
@@ -103,16 +109,22 @@ class _SDEStepFn(torch.autograd.Function):
         return gv, gx, None, None, None, None
 
 
-def sde_step(req: SDERequest) -> ref.SDEStep:
+def _sde_inputs(req: SDERequest):
+    """(v, x, prev | None, noise | None, schedule, round_mode) as the kernels take them."""
     sample, prev = req.sample, req.prev_sample
     cd = ref.compute_dtype(req.model_output, sample, prev)
     (v, x, p), storage = _storage(req.model_output, sample, prev)
     rollout = prev is None
     round_mode = _ROUND.get(sample.dtype, 0) if rollout and storage != sample.dtype else 0
-    noise = req.noise.to(cd).contiguous() if rollout else None
-    outs = _SDEStepFn.apply(v, x, p, noise, _schedule(req), round_mode)
+    noise = _rows(req.noise.to(cd)) if rollout else None
+    return v, x, p, noise, _schedule(req), round_mode
+
+
+def sde_step(req: SDERequest) -> ref.SDEStep:
+    v, x, p, noise, sched, round_mode = _sde_inputs(req)
+    outs = _SDEStepFn.apply(v, x, p, noise, sched, round_mode)
     log_prob, mean, std_dev_t = outs[:3]
-    prev_out = outs[3].to(sample.dtype) if rollout else prev
+    prev_out = outs[3].to(req.sample.dtype) if req.prev_sample is None else req.prev_sample
     out = ref.SDEStep(prev_out, log_prob, mean if req.return_mean else None, std_dev_t)
     return poisoned_sde_step(out, device_checks(req))
 
@@ -140,21 +152,112 @@ class _PolicyLossFn(torch.autograd.Function):
         return (grad_v,) + (None,) * 8
 
 
-def policy_loss(req: LossRequest):
+def _loss_inputs(req: LossRequest):
+    """(v, x, prev, mu_old | None, v_old | None, adv, old_logp | None, schedule, config) as the kernels take them."""
     mu_old, v_old = req.old_prev_sample_mean, req.old_model_output
     cd = ref.compute_dtype(req.model_output, req.sample, req.prev_sample, mu_old, v_old)
     (v, x, prev, v_old), _ = _storage(req.model_output, req.sample, req.prev_sample, v_old)
-    mu_old = None if mu_old is None else mu_old.to(cd).contiguous()
+    mu_old = None if mu_old is None else _rows(mu_old.to(cd))
     old_logp = None
     if mu_old is None and v_old is None:
         old_logp = req.old_log_prob.to(cd).contiguous()
     adv = req.advantages.detach().to(cd).contiguous()
     lo, hi = ref.clip_bounds(req.clip_range)
     cfg = (_METHODS[req.method], lo, hi, float(req.adv_clip_max), _WEIGHTS[req.guard_weight])
-    outs = _PolicyLossFn.apply(v, x, prev, mu_old, v_old, adv, old_logp, _schedule(req), cfg)
-    loss, packed, log_ratio = outs[:3]
+    return v, x, prev, mu_old, v_old, adv, old_logp, _schedule(req), cfg
+
+
+def _stats(loss, packed, log_ratio, bias, req: LossRequest):
     stats = {"ratio_mean": packed[0], "ratio_std": packed[1], "clipfrac": packed[2], "approx_kl": packed[3],
              "log_ratio": log_ratio}
-    if len(outs) > 3:
-        stats["bias"] = outs[3]
+    if bias is not None:
+        stats["bias"] = bias
     return poisoned_loss(loss, stats, device_checks(req))
+
+
+def policy_loss(req: LossRequest):
+    outs = _PolicyLossFn.apply(*_loss_inputs(req))
+    return _stats(outs[0], outs[1], outs[2], outs[3] if len(outs) > 3 else None, req)
+
+
+# ---- the torch.library operators (csrc/binding.cpp: grpo_guard::sde_step_cuda, policy_loss_cuda, *_backward):
+# fake implementations and autograd formulas, and the compiled path (grpo_guard/ops/library.py) --------------------
+
+def register_operators():
+    """Fake implementations and autograd formulas of the extension's operators (once the extension is loaded)."""
+    lib = torch.library
+
+    @lib.register_fake("grpo_guard::sde_step_cuda")
+    def _(v, x, prev, noise, sigma, sigma_next, sv, snv, eta, sin, dyn, round_mode):
+        B, cd = v.shape[0], ref.compute_dtype(v)
+        return (v.new_empty((B,), dtype=cd), v.new_empty(v.shape, dtype=cd), v.new_empty((B,), dtype=cd),
+                v.new_empty(v.shape if prev is None else (0,)))
+
+    @lib.register_fake("grpo_guard::sde_step_cuda_backward")
+    def _(g_mean, g_prev, g_logp, prev, mean, need_v, need_x, *sched):
+        shape = tuple(prev.shape)
+        return prev.new_empty(shape if need_v else (0,)), prev.new_empty(shape if need_x else (0,))
+
+    @lib.register_fake("grpo_guard::policy_loss_cuda")
+    def _(v, x, prev, mu_old, v_old, adv, old_logp, *rest):
+        B, cd = v.shape[0], ref.compute_dtype(v)
+        has_bias = mu_old is not None or v_old is not None
+        return (v.new_empty((), dtype=cd), v.new_empty((4,), dtype=cd), v.new_empty((B,), dtype=cd),
+                v.new_empty((B if has_bias else 0,), dtype=cd), v.new_empty((B, 2), dtype=cd))
+
+    @lib.register_fake("grpo_guard::policy_loss_cuda_backward")
+    def _(v, *rest):
+        return v.new_empty(v.shape)
+
+    def sde_setup(ctx, inputs, output):
+        v, x, prev, noise, sigma, sigma_next, sv, snv, eta, sin, dyn, round_mode = inputs
+        ctx.set_materialize_grads(False)
+        ctx.rollout = prev is None
+        ctx.save_for_backward(output[3] if ctx.rollout else prev, output[1], sigma, sigma_next)
+        ctx.sched = (sv, snv, eta, sin, dyn)
+
+    def sde_backward(ctx, g_logp, g_mean, _g_std, g_prev):
+        xp, mean, sigma, sigma_next = ctx.saved_tensors
+        need_v, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        g_prev = g_prev if ctx.rollout else None
+        if not (need_v or need_x) or (g_logp is None and g_mean is None and g_prev is None):
+            return (None,) * 12
+        gv, gx = torch.ops.grpo_guard.sde_step_cuda_backward(_c(g_mean), _c(g_prev), _c(g_logp), xp, mean, need_v,
+                                                             need_x, sigma, sigma_next, *ctx.sched)
+        return (gv if need_v else None, gx if need_x else None) + (None,) * 10
+
+    lib.register_autograd("grpo_guard::sde_step_cuda", sde_backward, setup_context=sde_setup)
+
+    def loss_setup(ctx, inputs, output):
+        v, x, prev, mu_old, v_old, adv, old_logp, sigma, sigma_next, sv, snv, eta, sin, dyn = inputs[:14]
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(v, x, prev, mu_old, v_old, output[4], sigma, sigma_next)
+        ctx.sched = (sv, snv, eta, sin, dyn)
+
+    def loss_backward(ctx, g_loss, *_):
+        if g_loss is None or not ctx.needs_input_grad[0]:
+            return (None,) * 19
+        v, x, prev, mu_old, v_old, coefs, sigma, sigma_next = ctx.saved_tensors
+        grad_v = torch.ops.grpo_guard.policy_loss_cuda_backward(v, x, prev, mu_old, v_old, coefs,
+                                                                g_loss.reshape(1).contiguous(), sigma, sigma_next,
+                                                                *ctx.sched)
+        return (grad_v,) + (None,) * 18
+
+    lib.register_autograd("grpo_guard::policy_loss_cuda", loss_backward, setup_context=loss_setup)
+
+
+def sde_step_compiled(req: SDERequest) -> ref.SDEStep:
+    """sde_step through ``torch.ops.grpo_guard.sde_step_cuda`` (the torch.compile path)."""
+    v, x, p, noise, sched, round_mode = _sde_inputs(req)
+    log_prob, mean, std_dev_t, prev_out = torch.ops.grpo_guard.sde_step_cuda(v, x, p, noise, *sched, round_mode)
+    prev_out = prev_out.to(req.sample.dtype) if req.prev_sample is None else req.prev_sample
+    out = ref.SDEStep(prev_out, log_prob, mean if req.return_mean else None, std_dev_t)
+    return poisoned_sde_step(out, device_checks(req))
+
+
+def policy_loss_compiled(req: LossRequest):
+    """policy_loss through ``torch.ops.grpo_guard.policy_loss_cuda`` (the torch.compile path)."""
+    v, x, prev, mu_old, v_old, adv, old_logp, sched, cfg = _loss_inputs(req)
+    loss, packed, log_ratio, bias, _ = torch.ops.grpo_guard.policy_loss_cuda(v, x, prev, mu_old, v_old, adv,
+                                                                             old_logp, *sched, *cfg)
+    return _stats(loss, packed, log_ratio, bias if bias.numel() else None, req)

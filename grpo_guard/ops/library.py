@@ -317,3 +317,16 @@ COMPILED = {"sde_step": {"torch": sde_step_torch}, "policy_loss": {"torch": poli
 if _TRITON:
     COMPILED["sde_step"]["triton"] = sde_step_triton
     COMPILED["policy_loss"]["triton"] = policy_loss_triton
+
+
+def _register_cuda_ops():
+    """The CUDA extension's operators (TORCH_LIBRARY in csrc/binding.cpp), where the extension is built."""
+    from . import cuda_backend
+    if cuda_backend._load() is None:
+        return
+    cuda_backend.register_operators()
+    COMPILED["sde_step"]["cuda"] = cuda_backend.sde_step_compiled
+    COMPILED["policy_loss"]["cuda"] = cuda_backend.policy_loss_compiled
+
+
+_register_cuda_ops()

@@ -14,6 +14,8 @@ import triton
 
 from grpo_guard.kernels import sde_step as _k
 
+from .layout import batch_strided, flat, samples_contiguous  # noqa: F401 (re-exported)
+
 DYNAMICS_CODE = {"flow": 0, "dance": 1, "cps": 2}
 MAX_CHUNKS = 1024          # partials per sample: the finish kernels tree-sum at most this many
 COMPILED_BLOCK = 1024      # elements per loop iteration of a compiled program (4 warps x 8 per thread)
@@ -75,30 +77,6 @@ def sigma_args(sigma, sigma_next, dummy: torch.Tensor):
     if isinstance(sigma, torch.Tensor):
         return sigma, sigma_next, 0.0, 0.0, True
     return dummy, dummy, float(sigma), float(sigma_next), False
-
-
-def flat(t: torch.Tensor) -> torch.Tensor:
-    """Contiguous view (copy only if needed) of a tensor the kernels index as flat (B, D) or (B,)."""
-    return t if t.is_contiguous() else t.contiguous()
-
-
-def samples_contiguous(t: torch.Tensor) -> bool:
-    """True if every sample t[i] is contiguous (any stride over the batch dim, e.g. ``latents[:, k]`` of a
-    (B, T, ...) tensor)."""
-    expected = 1
-    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
-        if size != 1 and stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def batch_strided(t: torch.Tensor):
-    """(t, its stride over the batch dim) for a latent whose samples are contiguous, without a copy; any other
-    layout is copied to a contiguous tensor first."""
-    if not samples_contiguous(t):
-        t = t.contiguous()
-    return t, (t.stride(0) if t.shape[0] > 1 else t[0].numel())
 
 
 class FusedGeometry(NamedTuple):
