@@ -66,8 +66,8 @@ def policy_loss(model_output: torch.Tensor, sample: torch.Tensor, prev_sample: t
     (0-dim), log_ratio (B,) and bias (B,) when an old mean is known.
 
     validate: True (default): advantages, old_log_prob and tensor sigmas are checked on the device, no host
-    sync: if a sample fails, the loss (and its gradient) and that sample's log_ratio are NaN and
-    :func:`grpo_guard.check_errors` raises, naming the argument. "sync": checked at once (host syncs; debugging).
+    sync: if a sample fails, the loss and its gradient are NaN and :func:`grpo_guard.check_errors` raises,
+    naming the argument. "sync": checked at once (host syncs; debugging).
     False: not checked. Python-number arguments are always checked on the host.
     """
     req = requests.loss_request(model_output, sample, prev_sample, sigma, sigma_next, advantages,

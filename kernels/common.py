@@ -217,13 +217,18 @@ def last_to_arrive(cnt_ptr, n):
 
 
 @triton.jit
-def sigma_errors(sig_ptr, nxt_ptr, row, ERR_BASE: tl.constexpr):
-    """The error-word bits (grpo_guard/ops/errors.py) of row ``row``'s tensor sigmas: bit ERR_BASE unless
-    0 < sigma <= 1, bit ERR_BASE + 1 unless 0 <= sigma' < sigma (NaN fails every comparison). int32, 0 if valid."""
-    sig = tl.load(sig_ptr + row)
-    nxt = tl.load(nxt_ptr + row)
+def sigma_error_bits(sig, nxt, ERR_BASE: tl.constexpr):
+    """The error-word bits (grpo_guard/ops/errors.py) of tensor sigmas (float64 values, elementwise): bit
+    ERR_BASE unless 0 < sigma <= 1, bit ERR_BASE + 1 unless 0 <= sigma' < sigma (NaN fails every comparison);
+    int32, 0 where valid."""
     bad = tl.where((sig > 0.0) & (sig <= 1.0), 0, 1 << ERR_BASE)
     return bad | tl.where((nxt >= 0.0) & (nxt < sig), 0, 1 << (ERR_BASE + 1))
+
+
+@triton.jit
+def sigma_errors(sig_ptr, nxt_ptr, row, ERR_BASE: tl.constexpr):
+    """:func:`sigma_error_bits` of row ``row``'s tensor sigmas."""
+    return sigma_error_bits(tl.load(sig_ptr + row), tl.load(nxt_ptr + row), ERR_BASE)
 
 
 @triton.jit
@@ -233,6 +238,12 @@ def raise_errors(err_ptr, bad):
     if failed:
         tl.atomic_or(err_ptr, bad, sem="relaxed")
     return failed
+
+
+@triton.jit
+def raise_row_errors(err_ptr, bad, mask):
+    """OR the bits of every row of ``bad`` (int32 vector; rows outside ``mask`` ignored) into the error word."""
+    tl.atomic_or(err_ptr + bad * 0, bad, mask=mask & (bad != 0), sem="relaxed")
 
 
 @triton.jit

@@ -11,9 +11,10 @@ u = x' - mu_theta, k_d = 0). METHOD: 0 grpo, 1 mean_revised, 2 ratio_norm, 3 gua
 import triton
 import triton.language as tl
 
-from .common import (CPS, accumulate_sq_dev, chunk_of_program, clamp_nan, expm1_cd, expm1_f64, last_to_arrive, load_sigmas,
-                     log_prob_from_sum, log_prob_from_total, raise_errors, rounded_for, row_step_coefficients,
-                     row_total, row_totals, sigma_errors, step_coefficients, transition_mean, tree_sum)
+from .common import (CPS, accumulate_sq_dev, chunk_of_program, clamp_nan, expm1_cd, expm1_f64, last_to_arrive,
+                     load_sigmas, log_prob_from_sum, log_prob_from_total, raise_errors, raise_row_errors, rounded_for,
+                     row_step_coefficients, row_total, row_totals, sigma_error_bits, sigma_errors, step_coefficients,
+                     transition_mean, tree_sum)
 
 
 @triton.jit
@@ -58,14 +59,16 @@ def policy_loss_reduce_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, part_ptr,
 
 
 @triton.jit
-def policy_loss_finish_kernel(part_ptr, adv_ptr, old_lp_ptr, coef_ptr, loss_ptr, stats_ptr,
+def policy_loss_finish_kernel(part_ptr, adv_ptr, old_lp_ptr, coef_ptr, loss_ptr, stats_ptr, err_ptr,
                               sig_ptr, nxt_ptr, sigma: tl.float64, sigma_next: tl.float64, eta: tl.float64,
                               lo: tl.float64, hi: tl.float64, adv_max: tl.float64,
                               B, C, D, NP,
                               DYNAMICS: tl.constexpr, PER_SAMPLE: tl.constexpr, OLD: tl.constexpr,
-                              METHOD: tl.constexpr, BETA_DT: tl.constexpr,
-                              RB: tl.constexpr, CP: tl.constexpr, LOG_CP: tl.constexpr):
-    """One program over all samples, RB rows at a time. Per row (reference.log_ratios / clipped_surrogate):
+                              METHOD: tl.constexpr, BETA_DT: tl.constexpr, CHECK: tl.constexpr,
+                              ERR_BASE: tl.constexpr, RB: tl.constexpr, CP: tl.constexpr, LOG_CP: tl.constexpr):
+    """One program over all samples, RB rows at a time. CHECK: per-sample values checked as in
+    policy_loss_fwd_kernel (a row that fails gets NaN outputs and sets its error bits). Per row
+    (reference.log_ratios / clipped_surrogate):
     log-ratio, ratio = exp, clip on the log-ratio against [lo, hi], per-sample loss w*max(-A r, -A r_clip),
     dL/dlog_ratio mirroring autograd's max/clamp rule (ties split 1/2), and k_u, k_d -> coef[0:B], coef[B:2B].
     stats = [ratio_mean, ratio_std, clipfrac, approx_kl, log_ratio (B), bias (B)], ratio stats from
@@ -122,11 +125,22 @@ def policy_loss_finish_kernel(part_ptr, adv_ptr, old_lp_ptr, coef_ptr, loss_ptr,
                 c1 = 1.0 / std
                 c2 = var * 0.0
             tl.store(stats_ptr + 4 + B + rows, bias.to(CD), mask=rm)
+        adv = tl.load(adv_ptr + rows, mask=rm, other=0.0).to(tl.float64)
+        if CHECK:  # errors.py: +0 sigma, +1 sigma_next, +2 cps std at sigma_next == 0, +3 advantages, +4 old_log_prob
+            bad = tl.where(tl.abs(adv) < float("inf"), 0, 1 << (ERR_BASE + 3))
+            if PER_SAMPLE:
+                bad = bad | sigma_error_bits(sig, nxt, ERR_BASE)
+                if DYNAMICS == CPS and METHOD >= 2:
+                    bad = bad | tl.where(nxt == 0.0, 1 << (ERR_BASE + 2), 0)
+            if OLD == 0:
+                old_lp = tl.load(old_lp_ptr + rows, mask=rm, other=0.0)
+                bad = bad | tl.where(tl.abs(old_lp) < float("inf"), 0, 1 << (ERR_BASE + 4))
+            raise_row_errors(err_ptr, bad, rm)
+            lr = tl.where(bad != 0, float("nan"), lr)  # NaN loss, log-ratio, stats and gradient for these samples
         tl.store(stats_ptr + 4 + rows, lr, mask=rm)
         # clipped surrogate (reference.clipped_surrogate), in the compute dtype like the reference
         lr64 = lr.to(tl.float64)
-        adv = tl.load(adv_ptr + rows, mask=rm, other=0.0).to(CD)
-        adv = clamp_nan(adv.to(tl.float64), -adv_max, adv_max).to(CD)
+        adv = clamp_nan(adv, -adv_max, adv_max).to(CD)
         ratio = tl.exp(lr64).to(CD)
         ratio_c = tl.exp(tl.minimum(tl.maximum(lr64, lo), hi)).to(CD)
         if METHOD == 3:

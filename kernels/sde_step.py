@@ -9,8 +9,9 @@ import triton
 import triton.language as tl
 
 from .common import (CPS, accumulate_sq_dev, add_rn, chunk_of_program, last_to_arrive, load_sigmas,
-                     log_prob_from_sum, log_prob_from_total, mul_rn, raise_errors, rounded_for, row_step_coefficients,
-                     row_total, row_totals, sigma_errors, step_coefficients, transition_mean, tree_sum)
+                     log_prob_from_sum, log_prob_from_total, mul_rn, raise_errors, raise_row_errors, rounded_for,
+                     row_step_coefficients, row_total, row_totals, sigma_error_bits, sigma_errors, step_coefficients,
+                     transition_mean, tree_sum)
 
 
 @triton.jit
@@ -50,12 +51,14 @@ def sde_step_reduce_kernel(v_ptr, x_ptr, xp_ptr, z_ptr, xp_out_ptr, mean_ptr, pa
 
 
 @triton.jit
-def sde_step_finish_kernel(part_ptr, log_prob_ptr, std_dev_t_ptr,
+def sde_step_finish_kernel(part_ptr, log_prob_ptr, std_dev_t_ptr, err_ptr,
                            sig_ptr, nxt_ptr, sigma: tl.float64, sigma_next: tl.float64, eta: tl.float64,
                            B, C, D,
-                           DYNAMICS: tl.constexpr, PER_SAMPLE: tl.constexpr,
-                           RB: tl.constexpr, CP: tl.constexpr, LOG_CP: tl.constexpr):
-    """One program: log_prob[i] = log_prob_from_total(sum_c part[i, c]) and std_dev_t[i], RB rows at a time."""
+                           DYNAMICS: tl.constexpr, PER_SAMPLE: tl.constexpr, CHECK: tl.constexpr,
+                           ERR_BASE: tl.constexpr, RB: tl.constexpr, CP: tl.constexpr, LOG_CP: tl.constexpr):
+    """One program: log_prob[i] = log_prob_from_total(sum_c part[i, c]) and std_dev_t[i], RB rows at a time.
+    CHECK (tensor sigmas): rows whose sigmas break SPEC §2's bounds get a NaN log-prob and set their bits (from
+    ERR_BASE) in the error word (grpo_guard/ops/errors.py)."""
     CD: tl.constexpr = log_prob_ptr.dtype.element_ty
     for r0 in range(0, B, RB):
         rows = r0 + tl.arange(0, RB)
@@ -63,7 +66,12 @@ def sde_step_finish_kernel(part_ptr, log_prob_ptr, std_dev_t_ptr,
         total = row_totals(part_ptr, rows, rm, C, CP, LOG_CP)
         sig, nxt = load_sigmas(sig_ptr, nxt_ptr, sigma, sigma_next, rows, rm, PER_SAMPLE)
         std_dev_t, std, _, _, _, _ = step_coefficients(sig, nxt, eta, DYNAMICS)
-        tl.store(log_prob_ptr + rows, log_prob_from_total(total, D, std, DYNAMICS).to(CD), mask=rm)
+        lp = log_prob_from_total(total, D, std, DYNAMICS).to(CD)
+        if CHECK:
+            bad = sigma_error_bits(sig, nxt, ERR_BASE)
+            raise_row_errors(err_ptr, bad, rm)
+            lp = tl.where(bad != 0, float("nan"), lp)
+        tl.store(log_prob_ptr + rows, lp, mask=rm)
         tl.store(std_dev_t_ptr + rows, std_dev_t.to(CD), mask=rm)
 
 

@@ -80,7 +80,8 @@ def split_variants(T, full):
         for rollout in (True, False):
             yield SDE.sde_step_reduce_kernel, f"dyn{dyn}-rollout{int(rollout)}", dict(
                 DYNAMICS=dyn, PER_SAMPLE=True, ROLLOUT=rollout, **geo), {}
-        yield SDE.sde_step_finish_kernel, f"dyn{dyn}", dict(DYNAMICS=dyn, PER_SAMPLE=True, **fin), {}
+        yield SDE.sde_step_finish_kernel, f"dyn{dyn}", dict(DYNAMICS=dyn, PER_SAMPLE=True, CHECK=True, ERR_BASE=0,
+                                                            **fin), {}
         yield SDE.sde_step_backward_kernel, f"dyn{dyn}", dict(
             DYNAMICS=dyn, PER_SAMPLE=True, HAS_G_PREV=True, HAS_G_MEAN=True, HAS_G_LP=True, NEED_G_V=True,
             NEED_G_X=True, BLOCK=BLOCK), {}
@@ -94,7 +95,7 @@ def split_variants(T, full):
             for dyn in (dyns if method == 0 else (0,)):
                 yield PL.policy_loss_finish_kernel, f"old{old}-method{method}-dyn{dyn}", dict(
                     DYNAMICS=dyn, PER_SAMPLE=not full or dyn != 2, OLD=old, METHOD=method,
-                    BETA_DT=method == 3, **fin), old_ty
+                    BETA_DT=method == 3, CHECK=True, ERR_BASE=2, **fin), old_ty
         for need_delta in ((False, True) if old else (False,)):
             yield PL.policy_loss_backward_kernel, f"old{old}-delta{int(need_delta)}", dict(
                 DYNAMICS=0, PER_SAMPLE=True, OLD=old, NEED_DELTA=need_delta, BLOCK=BLOCK), old_ty

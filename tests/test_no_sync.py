@@ -111,7 +111,7 @@ def test_bad_device_values_give_nan_and_a_named_error(bk, kernels, seed):
                                   old_log_prob=old_lp)
         adv_rewards = gg.group_advantages(torch.tensor([1.0, float("nan"), 2.0, 3.0], device=device),
                                           torch.tensor([0, 0, 1, 1], device=device))
-    assert torch.isnan(loss) and torch.isnan(stats["log_ratio"][1]) and torch.isnan(vg.grad).any()
+    assert torch.isnan(loss) and torch.isnan(vg.grad).any()
     assert torch.isnan(loss2)
     assert torch.isnan(adv_rewards[:2]).all() and torch.isfinite(adv_rewards[2:]).all()
     with pytest.raises(gg.InvalidInputError) as info:

@@ -207,8 +207,8 @@ def test_non_contiguous_inputs(seed):
 def test_batch_strided_inputs_are_not_copied(monkeypatch, kind, seed):
     """Latents sliced from a trajectory tensor (``latents[:, k]`` of (B, T, C, L): a batch stride of T*C*L, each
     sample contiguous) give the bits of contiguous inputs, and the wrappers copy nothing: only torch.empty and
-    views, for the rollout, the scoring forward + backward and the policy loss + backward (validate=False: the
-    split kernels' value checks are torch ops)."""
+    views, for the rollout, the scoring forward + backward and the policy loss + backward (with the default
+    validation: the kernels check the per-sample values themselves)."""
     B, T = 3, 4
     traj_v, traj_x = latents(B, (T, 5, 40), torch.bfloat16, DEVICE)
     sig, nxt = sigmas(B)
@@ -234,12 +234,11 @@ def test_batch_strided_inputs_are_not_copied(monkeypatch, kind, seed):
                                                                      leaves[1][:, 1].detach().clone().requires_grad_(True))
         old = olds[kind][0 if strided else 1]
         with _torch_ops() as log:
-            r = gg.sde_step(c(v), c(x), sig, nxt, noise=c(noise), validate=False)
-            s = gg.sde_step(vg, c(x), sig, nxt, prev_sample=c(xp), validate=False)
+            r = gg.sde_step(c(v), c(x), sig, nxt, noise=c(noise))
+            s = gg.sde_step(vg, c(x), sig, nxt, prev_sample=c(xp))
             s.log_prob.sum().backward()
             loss, st = gg.policy_loss(vl, c(x), c(roll.prev_sample), sig, nxt, adv, clip_range=1e-2,
-                                      method="grpo" if kind == "old_log_prob" else "guard", validate=False,
-                                      **{kind: old})
+                                      method="grpo" if kind == "old_log_prob" else "guard", **{kind: old})
             loss.backward()
         assert launches.count > 0
         if strided:
@@ -294,19 +293,6 @@ def _torch_ops():
 HOST_OK = {"aten.empty", "aten.slice", "aten.select", "aten.detach", "aten.alias"}  # allocation and views
 
 
-def host_ok(req):
-    """HOST_OK, plus for the split kernels the torch ops of their device-side value checks and of the NaN they put
-    into failed samples' outputs (the single-launch kernels do both inside)."""
-    if triton_launch.FUSED:
-        return HOST_OK
-    from grpo_guard.ops import errors
-    with _torch_ops() as log:
-        bad = requests.device_checks(req)
-        if bad is not None:
-            errors.poison(torch.ones(bad.shape, device=DEVICE), bad)
-            errors.poison(torch.ones((), device=DEVICE), bad.any())
-    return HOST_OK | set(log.ops)
-
 
 @pytest.mark.parametrize("kind", ["old_model_output", "old_prev_sample_mean", "old_log_prob"])
 def test_policy_loss_launches_and_host_work(monkeypatch, kind, seed):
@@ -328,7 +314,7 @@ def test_policy_loss_launches_and_host_work(monkeypatch, kind, seed):
         forward = launches.count
         loss.backward(grad_out)
     assert forward == (1 if triton_launch.FUSED else 2) and launches.count == forward + 1
-    assert set(log.ops) <= host_ok(req), sorted(set(log.ops) - host_ok(req))
+    assert set(log.ops) <= HOST_OK, sorted(set(log.ops) - HOST_OK)
     assert req.model_output.grad is not None and req.model_output.grad.dtype == torch.bfloat16
 
 
@@ -348,7 +334,7 @@ def test_sde_step_launches_and_host_work(monkeypatch, rollout, seed):
         forward = launches.count
         torch.autograd.backward([out.log_prob, out.prev_sample_mean], grads)
     assert forward == (1 if triton_launch.FUSED else 2) and launches.count == forward + 1
-    assert set(log.ops) <= host_ok(req), sorted(set(log.ops) - host_ok(req))
+    assert set(log.ops) <= HOST_OK, sorted(set(log.ops) - HOST_OK)
 
 
 def test_geometry_covers_each_sample_and_ignores_batch(monkeypatch):

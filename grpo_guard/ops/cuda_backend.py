@@ -17,8 +17,7 @@ import torch
 
 from .. import reference as ref
 from .layout import samples_contiguous
-from .requests import LossRequest, SDERequest, device_checks
-from .torch_backend import poisoned_loss, poisoned_sde_step
+from .requests import LossRequest, SDERequest, record_checked
 
 _DYNAMICS = {"flow": 0, "dance": 1, "cps": 2}
 _METHODS = {"grpo": 0, "mean_revised": 1, "ratio_norm": 2, "guard": 3}
@@ -121,12 +120,12 @@ def _sde_inputs(req: SDERequest):
 
 
 def sde_step(req: SDERequest) -> ref.SDEStep:
+    req = record_checked(req)
     v, x, p, noise, sched, round_mode = _sde_inputs(req)
     outs = _SDEStepFn.apply(v, x, p, noise, sched, round_mode)
     log_prob, mean, std_dev_t = outs[:3]
     prev_out = outs[3].to(req.sample.dtype) if req.prev_sample is None else req.prev_sample
-    out = ref.SDEStep(prev_out, log_prob, mean if req.return_mean else None, std_dev_t)
-    return poisoned_sde_step(out, device_checks(req))
+    return ref.SDEStep(prev_out, log_prob, mean if req.return_mean else None, std_dev_t)
 
 
 class _PolicyLossFn(torch.autograd.Function):
@@ -167,17 +166,17 @@ def _loss_inputs(req: LossRequest):
     return v, x, prev, mu_old, v_old, adv, old_logp, _schedule(req), cfg
 
 
-def _stats(loss, packed, log_ratio, bias, req: LossRequest):
+def _stats(loss, packed, log_ratio, bias):
     stats = {"ratio_mean": packed[0], "ratio_std": packed[1], "clipfrac": packed[2], "approx_kl": packed[3],
              "log_ratio": log_ratio}
     if bias is not None:
         stats["bias"] = bias
-    return poisoned_loss(loss, stats, device_checks(req))
+    return loss, stats
 
 
 def policy_loss(req: LossRequest):
-    outs = _PolicyLossFn.apply(*_loss_inputs(req))
-    return _stats(outs[0], outs[1], outs[2], outs[3] if len(outs) > 3 else None, req)
+    outs = _PolicyLossFn.apply(*_loss_inputs(record_checked(req)))
+    return _stats(outs[0], outs[1], outs[2], outs[3] if len(outs) > 3 else None)
 
 
 # ---- the torch.library operators (csrc/binding.cpp: grpo_guard::sde_step_cuda, policy_loss_cuda, *_backward):
@@ -248,16 +247,16 @@ def register_operators():
 
 def sde_step_compiled(req: SDERequest) -> ref.SDEStep:
     """sde_step through ``torch.ops.grpo_guard.sde_step_cuda`` (the torch.compile path)."""
+    req = record_checked(req)
     v, x, p, noise, sched, round_mode = _sde_inputs(req)
     log_prob, mean, std_dev_t, prev_out = torch.ops.grpo_guard.sde_step_cuda(v, x, p, noise, *sched, round_mode)
     prev_out = prev_out.to(req.sample.dtype) if req.prev_sample is None else req.prev_sample
-    out = ref.SDEStep(prev_out, log_prob, mean if req.return_mean else None, std_dev_t)
-    return poisoned_sde_step(out, device_checks(req))
+    return ref.SDEStep(prev_out, log_prob, mean if req.return_mean else None, std_dev_t)
 
 
 def policy_loss_compiled(req: LossRequest):
     """policy_loss through ``torch.ops.grpo_guard.policy_loss_cuda`` (the torch.compile path)."""
-    v, x, prev, mu_old, v_old, adv, old_logp, sched, cfg = _loss_inputs(req)
+    v, x, prev, mu_old, v_old, adv, old_logp, sched, cfg = _loss_inputs(record_checked(req))
     loss, packed, log_ratio, bias, _ = torch.ops.grpo_guard.policy_loss_cuda(v, x, prev, mu_old, v_old, adv,
                                                                              old_logp, *sched, *cfg)
-    return _stats(loss, packed, log_ratio, bias if bias.numel() else None, req)
+    return _stats(loss, packed, log_ratio, bias if bias.numel() else None)

@@ -67,15 +67,16 @@ def bit(op: str, argument: str, rule_index: int = 0) -> int:
     return [b for (o, a, _), b in BITS.items() if o == op and a == argument][rule_index]
 
 
-def bits(offset: int, bads) -> torch.Tensor:
+def bits(offset: int, bads):
     """The error bits (int32 (1,)) of checks offset, offset + 1, ...: bit ``offset + k`` is set if ``bads[k]`` (a
-    bool tensor, (B,) or broadcastable to it; None: not checked) is True anywhere. A few small kernels, no host
+    bool tensor; None: not checked) is True anywhere; None if nothing was checked. A few small kernels, no host
     synchronization, no host-to-device copy (so it also runs under CUDA-graph capture and torch.compile)."""
-    like = next(b for b in bads if b is not None)
-    rows = [b.reshape(-1) if b is not None else torch.zeros(1, dtype=torch.bool, device=like.device) for b in bads]
-    failed = torch.stack(torch.broadcast_tensors(*rows), dim=0).any(dim=1)  # (K,)
-    shifts = torch.arange(offset, offset + len(bads), device=failed.device)
-    return (failed.to(torch.int64) << shifts).sum().to(torch.int32).reshape(1)  # distinct bits: sum = OR
+    code = None
+    for k, bad in enumerate(bads):
+        if bad is not None:
+            term = bad.any().to(torch.int32) * (1 << (offset + k))
+            code = term if code is None else code | term
+    return None if code is None else code.reshape(1)
 
 
 def record(code: torch.Tensor, device) -> None:
@@ -85,8 +86,9 @@ def record(code: torch.Tensor, device) -> None:
 
 def flag(offset: int, bads, device) -> None:
     """Record :func:`bits` of ``bads`` in ``device``'s error word (nothing if no check was made)."""
-    if any(b is not None for b in bads):
-        record(bits(offset, bads), device)
+    code = bits(offset, bads)
+    if code is not None:
+        record(code, device)
 
 
 def messages(value: int) -> List[str]:
@@ -111,8 +113,3 @@ def check_errors(device=None) -> None:
     if found:
         raise InvalidInputError("invalid per-sample inputs were given to grpo_guard ops since the last check "
                                 "(their outputs were NaN):\n  " + "\n  ".join(found))
-
-
-def poison(t: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
-    """``t`` with NaN where ``bad`` (broadcast against t), its gradient NaN there too: t * where(bad, nan, 1)."""
-    return t * torch.where(bad, float("nan"), 1.0).to(device=t.device, dtype=t.dtype)

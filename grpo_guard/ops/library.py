@@ -161,7 +161,7 @@ def _loss_setup(ctx, inputs, output):
     (v, x, prev_sample, old, advantages, old_log_prob, sigma, sigma_next, sigma_value, sigma_next_value,
      noise_level, dynamics, method, clip_range, adv_clip_max, guard_weight, old_kind, check, fused) = inputs
     ctx.set_materialize_grads(False)
-    need_v, need_x, need_old = TPL.saved_inputs(old_kind, method, fused)
+    need_v, need_x, need_old = TPL.saved_inputs(old_kind, method)
     ctx.save_for_backward(v if need_v else None, x if need_x else None, prev_sample, old if need_old else None,
                           output[2], sigma, sigma_next)
     ctx.args = (sigma_value, sigma_next_value, noise_level, dynamics, method, old_kind, fused, v.dtype)
@@ -186,10 +186,8 @@ def sde_step_triton(req: requests.SDERequest) -> ref.SDEStep:
         req.model_output, req.sample, req.prev_sample, req.noise, sig_t, nxt_t, sig_f, nxt_f, req.noise_level,
         req.dynamics, req.return_mean, req.check, TL.FUSED)
     errors.word(req.sample.device).bitwise_or_(err)
-    out = ref.SDEStep(xp_out if req.prev_sample is None else req.prev_sample, log_prob,
-                      mean if req.return_mean else None, std_dev_t)
-    from .torch_backend import poisoned_sde_step
-    return out if TL.FUSED else poisoned_sde_step(out, requests.device_checks(req))
+    return ref.SDEStep(xp_out if req.prev_sample is None else req.prev_sample, log_prob,
+                       mean if req.return_mean else None, std_dev_t)
 
 
 def policy_loss_triton(req: requests.LossRequest):
@@ -201,11 +199,7 @@ def policy_loss_triton(req: requests.LossRequest):
         nxt_f, req.noise_level, req.dynamics, req.method, req.clip_range, req.adv_clip_max, req.guard_weight,
         old_kind, req.check, TL.FUSED)
     errors.word(req.sample.device).bitwise_or_(err)
-    out = TPL.stats_dict(stats, req.sample.shape[0], old_kind != 0)
-    if not TL.FUSED:
-        from .torch_backend import poisoned_loss
-        return poisoned_loss(loss, out, requests.device_checks(req))
-    return loss, out
+    return loss, TPL.stats_dict(stats, req.sample.shape[0], old_kind != 0)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -230,18 +224,17 @@ def _no_error_bits(like: Tensor) -> Tensor:
 
 def _sde_step_torch(v, x, prev_sample, noise, sigma, sigma_next, sigma_value, sigma_next_value, noise_level,
                     dynamics, return_mean, check):
-    """(x' or empty, log_prob, mean or empty, std_dev_t, error bits): reference.sde_step with the device-side
-    checks' NaN and bits (requests.device_check_bits)."""
-    sig = sigma if sigma is not None else sigma_value
-    nxt = sigma_next if sigma_next is not None else sigma_next_value
-    out = ref.sde_step(v, x, sig, nxt, noise_level=noise_level, dynamics=dynamics, prev_sample=prev_sample,
-                       noise=noise)
-    req = requests.SDERequest(v, x, sig, nxt, noise_level, dynamics, prev_sample, noise, return_mean, check)
-    bad, code = requests.device_check_bits(req)
-    log_prob = out.log_prob if bad is None else errors.poison(out.log_prob, bad)
+    """(x' or empty, log_prob, mean or empty, std_dev_t, error bits): reference.sde_step after the device-side
+    checks (requests.checked: failed values become NaN)."""
+    req = requests.SDERequest(v, x, sigma if sigma is not None else sigma_value,
+                              sigma_next if sigma_next is not None else sigma_next_value, noise_level, dynamics,
+                              prev_sample, noise, return_mean, check)
+    req, code = requests.checked(req)
+    out = ref.sde_step(v, x, req.sigma, req.sigma_next, noise_level=noise_level, dynamics=dynamics,
+                       prev_sample=prev_sample, noise=noise)
     empty = x.new_empty((0,))
-    return (out.prev_sample if prev_sample is None else empty, log_prob,
-            out.prev_sample_mean if return_mean else empty.to(log_prob.dtype), out.std_dev_t,
+    return (out.prev_sample if prev_sample is None else empty, out.log_prob,
+            out.prev_sample_mean if return_mean else empty.to(out.log_prob.dtype), out.std_dev_t,
             code if code is not None else _no_error_bits(x))
 
 
@@ -250,19 +243,14 @@ def _policy_loss_torch(v, x, prev_sample, old_log_prob, old_prev_sample_mean, ol
                        adv_clip_max, guard_weight, check):
     """(loss, stats packed as the Triton kernels pack them (4 + 2B: ratio_mean, ratio_std, clipfrac, approx_kl,
     log_ratio, bias (zeros without an old mean)), error bits)."""
-    sig = sigma if sigma is not None else sigma_value
-    nxt = sigma_next if sigma_next is not None else sigma_next_value
-    loss, st = ref.policy_loss(v, x, prev_sample, sig, nxt, advantages, old_log_prob=old_log_prob,
-                               old_prev_sample_mean=old_prev_sample_mean, old_model_output=old_model_output,
-                               noise_level=noise_level, dynamics=dynamics, method=method, clip_range=clip_range,
-                               adv_clip_max=adv_clip_max, guard_weight=guard_weight)
-    req = requests.LossRequest(v, x, prev_sample, sig, nxt, advantages, old_log_prob, old_prev_sample_mean,
-                               old_model_output, noise_level, dynamics, method, clip_range, adv_clip_max,
-                               guard_weight, check)
-    bad, code = requests.device_check_bits(req)
+    req = requests.LossRequest(v, x, prev_sample, sigma if sigma is not None else sigma_value,
+                               sigma_next if sigma_next is not None else sigma_next_value, advantages, old_log_prob,
+                               old_prev_sample_mean, old_model_output, noise_level, dynamics, method, clip_range,
+                               adv_clip_max, guard_weight, check)
+    req, code = requests.checked(req)
+    loss, st = ref.policy_loss(v, x, prev_sample, req.sigma, req.sigma_next, req.advantages,
+                               **req.reference_kwargs())
     log_ratio = st["log_ratio"]
-    if bad is not None:
-        loss, log_ratio = errors.poison(loss, bad.any()), errors.poison(log_ratio, bad)
     bias = st.get("bias", torch.zeros_like(log_ratio))
     stats = torch.cat([torch.stack([st["ratio_mean"], st["ratio_std"], st["clipfrac"], st["approx_kl"]]),
                        log_ratio, bias]).detach()

@@ -10,6 +10,7 @@ backend does it, the Triton kernels inside the launch they make anyway), synchro
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -286,40 +287,43 @@ def loss_request(model_output, sample, prev_sample, sigma, sigma_next, advantage
                        check=mode == "device")
 
 
-def device_check_bits(req):
-    """The device-side checks of ``req`` (validate=True) with torch ops, for the backends whose kernels do not
-    make them (torch, cuda): (bad, code), ``bad`` a (B,) bool tensor, True for the samples whose outputs must be
-    NaN, and ``code`` the error-word bits (:mod:`.errors`, int32 (1,)); (None, None) when nothing is checked. No
-    host synchronization, nothing recorded (:func:`device_checks` records)."""
+def checked(req):
+    """The device-side checks of ``req`` (validate=True) with torch ops, for the backends whose kernels do not make
+    them (torch, cuda): -> (req', code). ``req'`` has NaN in place of every per-sample value that failed (sigmas,
+    advantages, old log-probs), so the computation itself makes that sample's outputs NaN; ``code`` is the
+    error-word bits (:mod:`.errors`, int32 (1,)) or None when nothing is checked. No host synchronization,
+    nothing recorded (:func:`record_checked` records)."""
     if not req.check:
-        return None, None
-    bad_sig = bad_nxt = bad_std = None
+        return req, None
+    changes, bads = {}, []
     if isinstance(req.sigma, torch.Tensor):
         sig, nxt = req.sigma, req.sigma_next
         bad_sig = ~((sig > 0) & (sig <= 1))
         bad_nxt = ~((nxt >= 0) & (nxt < sig))  # NaN and +inf fail
-    if isinstance(req, SDERequest):
-        bads, offset = [bad_sig, bad_nxt], errors.SDE_STEP
+        bad_std = None
+        if isinstance(req, LossRequest) and req.dynamics == "cps" and req.method in ("ratio_norm", "guard"):
+            bad_std = nxt == 0
+        bad = bad_sig | bad_nxt if bad_std is None else bad_sig | bad_nxt | bad_std
+        changes["sigma"] = torch.where(bad, float("nan"), sig)
+        bads += [bad_sig, bad_nxt, bad_std]
     else:
-        if isinstance(req.sigma_next, torch.Tensor) and req.dynamics == "cps" and \
-                req.method in ("ratio_norm", "guard"):
-            bad_std = req.sigma_next == 0
-        bad_adv = ~torch.isfinite(req.advantages)
-        bad_lp = ~torch.isfinite(req.old_log_prob) if req.old_log_prob is not None else None
-        bads, offset = [bad_sig, bad_nxt, bad_std, bad_adv, bad_lp], errors.POLICY_LOSS
-    given = [b for b in bads if b is not None]
-    if not given:
-        return None, None
-    bad = given[0]
-    for b in given[1:]:
-        bad = bad | b
-    return bad, errors.bits(offset, bads)
+        bads += [None, None, None]
+    if isinstance(req, SDERequest):
+        return dataclasses.replace(req, **changes), errors.bits(errors.SDE_STEP, bads[:2])
+    for name in ("advantages", "old_log_prob"):
+        t = getattr(req, name)
+        if t is None:
+            bads.append(None)
+            continue
+        ok = torch.isfinite(t)
+        changes[name] = torch.where(ok, t, float("nan"))  # inf -> NaN: the advantage clamp would keep inf finite
+        bads.append(~ok)
+    return dataclasses.replace(req, **changes), errors.bits(errors.POLICY_LOSS, bads)
 
 
-def device_checks(req) -> Optional[torch.Tensor]:
-    """:func:`device_check_bits`, recording the bits in the error word; returns the (B,) bool tensor of samples
-    whose outputs must be NaN, or None."""
-    bad, code = device_check_bits(req)
+def record_checked(req):
+    """:func:`checked`, recording the bits in the error word; returns ``req'``."""
+    req, code = checked(req)
     if code is not None:
         errors.record(code, req.model_output.device)
-    return bad
+    return req

@@ -17,8 +17,7 @@ from grpo_guard.kernels import policy_loss as K
 
 from . import errors
 from . import triton_launch as TL
-from .requests import LossRequest, device_checks
-from .torch_backend import poisoned_loss
+from .requests import LossRequest
 from .triton_launch import DYNAMICS_CODE, LAUNCH_OPTIONS, batch_strided, flat, geometry
 
 METHOD_CODE = {m: i for i, m in enumerate(ref.METHODS)}  # grpo, mean_revised, ratio_norm, guard
@@ -94,19 +93,18 @@ def forward(v, x, xp, old: Optional[torch.Tensor], adv, old_lp: Optional[torch.T
            DYNAMICS=dyn, PER_SAMPLE=per_sample, OLD=old_kind, BLOCK=g.block, LOG_BLOCK=g.log_block,
            num_warps=g.num_warps, **LAUNCH_OPTIONS)
     launch(K.policy_loss_finish_kernel, (1,),
-           part, adv, old_lp if old_lp is not None else work, coef, loss, stats,
+           part, adv, old_lp if old_lp is not None else work, coef, loss, stats, err,
            sig_t if per_sample else work, nxt_t if per_sample else work, sig_f, nxt_f, eta, lo, hi, adv_clip_max,
            B, g.chunks, D, n_part,
            DYNAMICS=dyn, PER_SAMPLE=per_sample, OLD=old_kind, METHOD=meth, BETA_DT=guard_weight == "beta_dt",
-           RB=g.rows, CP=g.cp, LOG_CP=g.log_cp, num_warps=g.num_warps, **LAUNCH_OPTIONS)
+           CHECK=check, ERR_BASE=errors.POLICY_LOSS, RB=g.rows, CP=g.cp, LOG_CP=g.log_cp, num_warps=g.num_warps, **LAUNCH_OPTIONS)
     return loss, stats, coef
 
 
-def saved_inputs(old_kind: int, method: str, fused: bool):
-    """Which of (v, x, x', old) the backward reads: (need_v, need_x, need_old); x' always."""
+def saved_inputs(old_kind: int, method: str):
+    """Which of (v, x, x', old) the backward reads (both kernel sets): (need_v, need_x, need_old); x' always. v only
+    for old_log_prob or when k_d != 0 (grpo with an old mean); x unless the old mean is given without k_d."""
     need_delta = old_kind != 0 and method == "grpo"  # k_d != 0
-    if not fused:
-        return True, True, old_kind != 0
     return old_kind == 0 or need_delta, old_kind != 1 or need_delta, old_kind != 0
 
 
@@ -152,7 +150,7 @@ class _PolicyLoss(torch.autograd.Function):
             v, x, xp, old, adv, old_lp, sig_t, nxt_t, sig_f, nxt_f, req.noise_level, req.dynamics, req.method,
             req.clip_range, req.adv_clip_max, req.guard_weight, old_kind, req.check, fused,
             TL.counters(x.device, x.shape[0] + 1) if fused else None, errors.word(x.device))
-        need_v, need_x, need_old = saved_inputs(old_kind, req.method, fused)
+        need_v, need_x, need_old = saved_inputs(old_kind, req.method)
         ctx.save_for_backward(v if need_v else None, x if need_x else None, xp, old if need_old else None, work,
                               sig_t, nxt_t)
         ctx.args = (sig_f, nxt_f, req.noise_level, req.dynamics, req.method, old_kind, fused, v.dtype)
@@ -199,7 +197,4 @@ def policy_loss(req: LossRequest):
     old, old_kind = old_input(req)
     loss, stats = _PolicyLoss.apply(req.model_output, req.sample, req.prev_sample, old, req.advantages,
                                     req.old_log_prob, req, old_kind)
-    out = stats_dict(stats, B, old_kind != 0)
-    if not TL.FUSED:  # the fused kernel checks inside; the split ones with torch ops
-        return poisoned_loss(loss, out, device_checks(req))
-    return loss, out
+    return loss, stats_dict(stats, B, old_kind != 0)

@@ -17,8 +17,7 @@ from grpo_guard.kernels import sde_step as K
 
 from . import errors
 from . import triton_launch as TL
-from .requests import SDERequest, device_checks
-from .torch_backend import poisoned_sde_step
+from .requests import SDERequest
 from .triton_launch import DYNAMICS_CODE, LAUNCH_OPTIONS, batch_strided, flat, geometry
 from .triton_policy_loss import eager_launch, no_launch, sizes
 
@@ -71,9 +70,9 @@ def forward(v, x, prev_sample: Optional[torch.Tensor], noise: Optional[torch.Ten
            DYNAMICS=dyn, PER_SAMPLE=per_sample, ROLLOUT=rollout, BLOCK=g.block, LOG_BLOCK=g.log_block,
            num_warps=g.num_warps, **LAUNCH_OPTIONS)
     launch(K.sde_step_finish_kernel, (1,),
-           part, log_prob, std_dev_t, sig_t if per_sample else part, nxt_t if per_sample else part,
+           part, log_prob, std_dev_t, err, sig_t if per_sample else part, nxt_t if per_sample else part,
            sig_f, nxt_f, eta, B, g.chunks, D,
-           DYNAMICS=dyn, PER_SAMPLE=per_sample, RB=g.rows, CP=g.cp, LOG_CP=g.log_cp,
+           DYNAMICS=dyn, PER_SAMPLE=per_sample, CHECK=check and per_sample, ERR_BASE=errors.SDE_STEP, RB=g.rows, CP=g.cp, LOG_CP=g.log_cp,
            num_warps=g.num_warps, **LAUNCH_OPTIONS)
     return xp_out, log_prob, mean, std_dev_t, part[:0]
 
@@ -162,7 +161,5 @@ class _SDEStep(torch.autograd.Function):
 def sde_step(req: SDERequest) -> ref.SDEStep:
     """Same contract as reference.sde_step (see torch_backend)."""
     xp_out, log_prob, mean, std_dev_t = _SDEStep.apply(req.model_output, req.sample, req.prev_sample, req.noise, req)
-    out = ref.SDEStep(xp_out if req.prev_sample is None else req.prev_sample, log_prob,
-                      mean if req.return_mean else None, std_dev_t)
-    # the fused kernel checks inside; the split ones with torch ops
-    return out if TL.FUSED else poisoned_sde_step(out, device_checks(req))
+    return ref.SDEStep(xp_out if req.prev_sample is None else req.prev_sample, log_prob,
+                       mean if req.return_mean else None, std_dev_t)

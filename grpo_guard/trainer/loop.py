@@ -206,7 +206,8 @@ class Trainer:
     def advantages(self, batches: List[RolloutBatch]) -> Dict[str, torch.Tensor]:
         """Group-relative advantages over the rewards gathered from every process (groups span processes)."""
         local_r = torch.cat([b.proxy_reward for b in batches]).float()
-        local_g = torch.cat([b.group_ids for b in batches]).to(local_r.device)
+        local_g = torch.cat([b.group_ids for b in batches])
+        local_g = local_g.pin_memory().to(local_r.device, non_blocking=True) if local_r.is_cuda else local_g
         all_r, all_g = self.acc.gather(local_r), self.acc.gather(local_g)
         adv = gg.group_advantages(all_r, all_g, global_std=self.cfg.sample.global_std)
         n = local_r.numel()

@@ -1,0 +1,111 @@
+"""Host time per call of the public ops with the default validation, at a tiny shape (the kernels' own time is
+negligible, so this is what a training loop's thread pays to issue them: Python, checks, dispatch, launches and any
+host synchronization). Sigmas as Python floats and as float64 device tensors; forward, and forward + backward.
+
+    python benchmarks/host_overhead.py [--device cuda] [--backends torch,triton,cuda] [--rep 100] [--csv out.csv]
+    python benchmarks/host_overhead.py --compare before.csv after.csv   # a Markdown table of two runs
+
+Uses only the API every version since 0.1 has (sde_step, policy_loss with old_model_output), so the same script
+measures an older checkout for comparison. The minimum over 7 repeats of the mean time of ``--rep`` back-to-back
+calls (the device is synchronized before each repeat, not between calls: at this size the device never holds the
+host back), after a warm-up; one torch thread on a CPU. The minimum, not the median: a shared machine's noise only
+ever adds time.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+
+import torch
+
+import grpo_guard as gg
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def per_call_us(fn, device, rep, repeats=7):
+    for _ in range(20):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(rep):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / rep * 1e6)
+    _sync(device)
+    return best
+
+
+def cases(device):
+    B = 2
+    v = torch.randn(B, 4, 8, 8, device=device)
+    x = torch.randn(B, 4, 8, 8, device=device)
+    noise = torch.randn(B, 4, 8, 8, device=device)
+    xp = x + 0.1 * noise
+    adv = torch.randn(B, device=device)
+    sig_t = torch.full((B,), 0.7, dtype=torch.float64, device=device)
+    nxt_t = torch.full((B,), 0.6, dtype=torch.float64, device=device)
+    vg = v.clone().requires_grad_(True)
+    for sigmas, (s, n) in (("float", (0.7, 0.6)), ("tensor", (sig_t, nxt_t))):
+        yield "sde_step rollout", sigmas, lambda s=s, n=n: gg.sde_step(v, x, s, n, noise=noise)
+        yield "sde_step score fwd+bwd", sigmas, lambda s=s, n=n: gg.sde_step(vg, x, s, n, prev_sample=xp).log_prob \
+            .sum().backward()
+        yield "policy_loss fwd", sigmas, lambda s=s, n=n: gg.policy_loss(v, x, xp, s, n, adv, old_model_output=v)
+        yield "policy_loss fwd+bwd", sigmas, lambda s=s, n=n: gg.policy_loss(vg, x, xp, s, n, adv,
+                                                                             old_model_output=v)[0].backward()
+
+
+def compare(before: str, after: str) -> str:
+    """Markdown table of two runs' CSVs (same backend, op, sigmas): host us before, after, and their ratio."""
+    def read(path):
+        with open(path, newline="") as fh:
+            return {(r["backend"], r["op"], r["sigmas"]): float(r["host_us"]) for r in csv.DictReader(fh)}
+    a, b = read(before), read(after)
+    lines = ["| backend | op | sigmas | before, host us | after, host us | after / before |", "|---" * 6 + "|"]
+    for key in [k for k in a if k in b]:
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {a[key]:.0f} | {b[key]:.0f} | {b[key] / a[key]:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backends", default=None, help="default: every backend available on the device")
+    p.add_argument("--rep", type=int, default=100)
+    p.add_argument("--csv", default=None)
+    p.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="print two CSVs side by side and exit")
+    args = p.parse_args(argv)
+    if args.compare:
+        print(compare(*args.compare))
+        return 0
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    backends = args.backends.split(",") if args.backends else gg.available_backends(device)
+    if device.type == "cpu":
+        backends = [b for b in backends if b != "triton"]  # the interpreter is not a timing target
+    rows = []
+    print(f"grpo_guard {gg.__version__}  torch {torch.__version__}  device {device}  rep {args.rep}")
+    print(f"{'backend':<8} {'op':<24} {'sigmas':<7} {'host us/call':>12}")
+    for name in backends:
+        with gg.backend(name):
+            for op, sigmas, fn in cases(device):
+                us = per_call_us(fn, device, args.rep)
+                rows.append({"backend": name, "op": op, "sigmas": sigmas, "host_us": f"{us:.1f}"})
+                print(f"{name:<8} {op:<24} {sigmas:<7} {us:>12.1f}", flush=True)
+    if args.csv:
+        with open(args.csv, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
