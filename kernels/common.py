@@ -142,6 +142,20 @@ def row_step_coefficients(sig_ptr, nxt_ptr, sigma, sigma_next, eta, row, DYNAMIC
 
 
 @triton.jit
+def load_tile(v_row, x_row, third_row, fourth_row, offs, m, CD: tl.constexpr, FOURTH: tl.constexpr):
+    """(x, v, third, fourth) of one tile of a sample, upcast to CD (pointers at the sample's start; masked lanes 0):
+    the latent streams a forward reads. ``fourth`` only when FOURTH (else x again, unused)."""
+    x = tl.load(x_row + offs, mask=m, other=0.0).to(CD)
+    v = tl.load(v_row + offs, mask=m, other=0.0).to(CD)
+    third = tl.load(third_row + offs, mask=m, other=0.0).to(CD)
+    if FOURTH:
+        fourth = tl.load(fourth_row + offs, mask=m, other=0.0).to(CD)
+    else:
+        fourth = x
+    return x, v, third, fourth
+
+
+@triton.jit
 def accumulate_sq_dev(acc, xp, mu, mask):
     """acc + (x' - mu)^2, elementwise (masked lanes add 0): the log-prob's running sum."""
     d = xp - mu

@@ -12,9 +12,29 @@ import triton
 import triton.language as tl
 
 from .common import (CPS, accumulate_sq_dev, chunk_of_program, clamp_nan, expm1_cd, expm1_f64, last_to_arrive,
-                     load_sigmas, log_prob_from_sum, log_prob_from_total, raise_errors, raise_row_errors, rounded_for,
+                     load_sigmas, load_tile, log_prob_from_sum, log_prob_from_total, raise_errors, raise_row_errors, rounded_for,
                      row_step_coefficients, row_total, row_totals, sigma_error_bits, sigma_errors, step_coefficients,
                      transition_mean, tree_sum)
+
+
+@triton.jit
+def accumulate_change(acc1, acc2, x, v, xp, o, a, b, m, OLD: tl.constexpr):
+    """One tile's terms of the per-sample sums (masked lanes add 0). OLD 1, 2: acc1 += u*Delta, acc2 += Delta^2
+    with u = x' - mu_old, Delta = mu_theta - mu_old (OLD 1, ``o`` = mu_old) or b (v - v_old) (OLD 2, ``o`` = v_old,
+    mu_old = a x + b v_old). OLD 0: acc1 += (x' - mu_theta)^2 exactly as sde_step sums it (acc2 unused)."""
+    if OLD == 0:
+        acc1 = accumulate_sq_dev(acc1, xp, transition_mean(x, v, a, b), m)
+    else:
+        if OLD == 1:
+            mu_old = o
+            delta = transition_mean(x, v, a, b) - mu_old
+        else:
+            mu_old = transition_mean(x, o, a, b)
+            delta = b * (v - o)
+        u = xp - mu_old
+        acc1 += tl.where(m, u * delta, 0.0)
+        acc2 += tl.where(m, delta * delta, 0.0)
+    return acc1, acc2
 
 
 @triton.jit
@@ -37,22 +57,8 @@ def policy_loss_reduce_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, part_ptr,
     for it in range(ITERS):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         m = offs < D
-        x = tl.load(x_ptr + bx + offs, mask=m, other=0.0).to(CD)
-        v = tl.load(v_ptr + bv + offs, mask=m, other=0.0).to(CD)
-        xp = tl.load(xp_ptr + bxp + offs, mask=m, other=0.0).to(CD)
-        if OLD == 0:
-            acc1 = accumulate_sq_dev(acc1, xp, transition_mean(x, v, a, b), m)
-        else:
-            if OLD == 1:
-                mu_old = tl.load(old_ptr + bo + offs, mask=m, other=0.0).to(CD)
-                delta = transition_mean(x, v, a, b) - mu_old
-            else:
-                v_old = tl.load(old_ptr + bo + offs, mask=m, other=0.0).to(CD)
-                mu_old = transition_mean(x, v_old, a, b)
-                delta = b * (v - v_old)
-            u = xp - mu_old
-            acc1 += tl.where(m, u * delta, 0.0)
-            acc2 += tl.where(m, delta * delta, 0.0)
+        x, v, xp, o = load_tile(v_ptr + bv, x_ptr + bx, xp_ptr + bxp, old_ptr + bo, offs, m, CD, OLD != 0)
+        acc1, acc2 = accumulate_change(acc1, acc2, x, v, xp, o, a, b, m, OLD)
     tl.store(part_ptr + pid, tree_sum(acc1, LOG_BLOCK))
     if OLD != 0:
         tl.store(part_ptr + NP + pid, tree_sum(acc2, LOG_BLOCK))
@@ -176,6 +182,36 @@ def policy_loss_finish_kernel(part_ptr, adv_ptr, old_lp_ptr, coef_ptr, loss_ptr,
 
 
 @triton.jit
+def velocity_grad(v_row, x_row, xp_row, old_row, offs, m, a, b, k_u, k_d, CD: tl.constexpr, OLD: tl.constexpr,
+                  NEED_DELTA: tl.constexpr):
+    """d loss / d v of one tile of a sample (pointers at the sample's start): k_u*u + k_d*Delta, u = x' - mu_old,
+    Delta = mu_theta - mu_old (OLD 1) or b (v - v_old) (OLD 2); OLD 0: u = x' - mu_theta. NEED_DELTA False when
+    k_d == 0 (v is then not read for OLD 1, 2)."""
+    xp = tl.load(xp_row + offs, mask=m, other=0.0).to(CD)
+    if OLD == 0:
+        x = tl.load(x_row + offs, mask=m, other=0.0).to(CD)
+        v = tl.load(v_row + offs, mask=m, other=0.0).to(CD)
+        grad = k_u * (xp - transition_mean(x, v, a, b))
+    else:
+        if OLD == 1:
+            mu_old = tl.load(old_row + offs, mask=m, other=0.0).to(CD)
+        else:
+            x = tl.load(x_row + offs, mask=m, other=0.0).to(CD)
+            v_old = tl.load(old_row + offs, mask=m, other=0.0).to(CD)
+            mu_old = transition_mean(x, v_old, a, b)
+        grad = k_u * (xp - mu_old)
+        if NEED_DELTA:
+            v = tl.load(v_row + offs, mask=m, other=0.0).to(CD)
+            if OLD == 1:
+                x = tl.load(x_row + offs, mask=m, other=0.0).to(CD)
+                delta = transition_mean(x, v, a, b) - mu_old
+            else:
+                delta = b * (v - v_old)
+            grad += k_d * delta
+    return grad
+
+
+@triton.jit
 def policy_loss_backward_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, coef_ptr, g_loss_ptr, g_v_ptr,
                                 sig_ptr, nxt_ptr, sigma: tl.float64, sigma_next: tl.float64, eta: tl.float64,
                                 B, D, C, ITERS, sv, sx, sxp, so,
@@ -197,27 +233,8 @@ def policy_loss_backward_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, coef_ptr, g_loss_
     for it in range(ITERS):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         m = offs < D
-        xp = tl.load(xp_ptr + bxp + offs, mask=m, other=0.0).to(CD)
-        if OLD == 0:
-            x = tl.load(x_ptr + bx + offs, mask=m, other=0.0).to(CD)
-            v = tl.load(v_ptr + bv + offs, mask=m, other=0.0).to(CD)
-            grad = k_u * (xp - transition_mean(x, v, a, b))
-        else:
-            if OLD == 1:
-                mu_old = tl.load(old_ptr + bo + offs, mask=m, other=0.0).to(CD)
-            else:
-                x = tl.load(x_ptr + bx + offs, mask=m, other=0.0).to(CD)
-                v_old = tl.load(old_ptr + bo + offs, mask=m, other=0.0).to(CD)
-                mu_old = transition_mean(x, v_old, a, b)
-            grad = k_u * (xp - mu_old)
-            if NEED_DELTA:
-                v = tl.load(v_ptr + bv + offs, mask=m, other=0.0).to(CD)
-                if OLD == 1:
-                    x = tl.load(x_ptr + bx + offs, mask=m, other=0.0).to(CD)
-                    delta = transition_mean(x, v, a, b) - mu_old
-                else:
-                    delta = b * (v - v_old)
-                grad += k_d * delta
+        grad = velocity_grad(v_ptr + bv, x_ptr + bx, xp_ptr + bxp, old_ptr + bo, offs, m, a, b, k_u, k_d, CD, OLD,
+                             NEED_DELTA)
         tl.store(g_v_ptr + base + offs, rounded_for(grad * g, g_v_ptr), mask=m)
 
 
@@ -251,11 +268,7 @@ def policy_loss_fwd_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, adv_ptr, old_lp_ptr, p
     # the first tile's loads go out before the float64 coefficient math, which then overlaps them
     offs = start + lanes
     m = offs < D
-    x = tl.load(x_ptr + bx + offs, mask=m, other=0.0).to(CD)
-    v = tl.load(v_ptr + bv + offs, mask=m, other=0.0).to(CD)
-    xp = tl.load(xp_ptr + bxp + offs, mask=m, other=0.0).to(CD)
-    if OLD != 0:
-        o = tl.load(old_ptr + bo + offs, mask=m, other=0.0).to(CD)
+    x, v, xp, o = load_tile(v_ptr + bv, x_ptr + bx, xp_ptr + bxp, old_ptr + bo, offs, m, CD, OLD != 0)
     std_dev_t, std, a64, b64, beta, dt = row_step_coefficients(sig_ptr, nxt_ptr, sigma, sigma_next, eta, row,
                                                                DYNAMICS, PER_SAMPLE)
     a = a64.to(CD)
@@ -266,23 +279,8 @@ def policy_loss_fwd_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, adv_ptr, old_lp_ptr, p
         if it > 0:
             offs = start + it * BLOCK + lanes
             m = offs < D
-            x = tl.load(x_ptr + bx + offs, mask=m, other=0.0).to(CD)
-            v = tl.load(v_ptr + bv + offs, mask=m, other=0.0).to(CD)
-            xp = tl.load(xp_ptr + bxp + offs, mask=m, other=0.0).to(CD)
-            if OLD != 0:
-                o = tl.load(old_ptr + bo + offs, mask=m, other=0.0).to(CD)
-        if OLD == 0:
-            acc1 = accumulate_sq_dev(acc1, xp, transition_mean(x, v, a, b), m)
-        else:
-            if OLD == 1:
-                mu_old = o
-                delta = transition_mean(x, v, a, b) - mu_old
-            else:
-                mu_old = transition_mean(x, o, a, b)
-                delta = b * (v - o)
-            u = xp - mu_old
-            acc1 += tl.where(m, u * delta, 0.0)
-            acc2 += tl.where(m, delta * delta, 0.0)
+            x, v, xp, o = load_tile(v_ptr + bv, x_ptr + bx, xp_ptr + bxp, old_ptr + bo, offs, m, CD, OLD != 0)
+        acc1, acc2 = accumulate_change(acc1, acc2, x, v, xp, o, a, b, m, OLD)
     tl.store(part_ptr + pid, tree_sum(acc1, LOG_BLOCK))
     if OLD != 0:
         tl.store(part_ptr + NP + pid, tree_sum(acc2, LOG_BLOCK))
@@ -447,25 +445,6 @@ def policy_loss_bwd_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, row_ptr, g_loss_ptr, g
     for it in tl.static_range(ITERS):
         offs = start + it * BLOCK + lanes
         m = offs < D
-        xp = tl.load(xp_ptr + bxp + offs, mask=m, other=0.0).to(CD)
-        if OLD == 0:
-            x = tl.load(x_ptr + bx + offs, mask=m, other=0.0).to(CD)
-            v = tl.load(v_ptr + bv + offs, mask=m, other=0.0).to(CD)
-            grad = k_u * (xp - transition_mean(x, v, a, b))
-        else:
-            if OLD == 1:
-                mu_old = tl.load(old_ptr + bo + offs, mask=m, other=0.0).to(CD)
-            else:
-                x = tl.load(x_ptr + bx + offs, mask=m, other=0.0).to(CD)
-                v_old = tl.load(old_ptr + bo + offs, mask=m, other=0.0).to(CD)
-                mu_old = transition_mean(x, v_old, a, b)
-            grad = k_u * (xp - mu_old)
-            if NEED_DELTA:
-                v = tl.load(v_ptr + bv + offs, mask=m, other=0.0).to(CD)
-                if OLD == 1:
-                    x = tl.load(x_ptr + bx + offs, mask=m, other=0.0).to(CD)
-                    delta = transition_mean(x, v, a, b) - mu_old
-                else:
-                    delta = b * (v - v_old)
-                grad += k_d * delta
+        grad = velocity_grad(v_ptr + bv, x_ptr + bx, xp_ptr + bxp, old_ptr + bo, offs, m, a, b, k_u, k_d, CD, OLD,
+                             NEED_DELTA)
         tl.store(g_v_ptr + base + offs, rounded_for(grad * g, g_v_ptr), mask=m)

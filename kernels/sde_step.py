@@ -8,7 +8,7 @@ the mean pointer (float32, or float64 for float64 inputs).
 import triton
 import triton.language as tl
 
-from .common import (CPS, accumulate_sq_dev, add_rn, chunk_of_program, last_to_arrive, load_sigmas,
+from .common import (CPS, accumulate_sq_dev, add_rn, chunk_of_program, last_to_arrive, load_sigmas, load_tile,
                      log_prob_from_sum, log_prob_from_total, mul_rn, raise_errors, raise_row_errors, rounded_for,
                      row_step_coefficients, row_total, row_totals, sigma_error_bits, sigma_errors, step_coefficients,
                      transition_mean, tree_sum)
@@ -76,6 +76,37 @@ def sde_step_finish_kernel(part_ptr, log_prob_ptr, std_dev_t_ptr, err_ptr,
 
 
 @triton.jit
+def mean_grad(g_prev_row, g_mean_row, xp_row, mean_row, x_row, v_row, offs, m, a, b, k, CD: tl.constexpr,
+              HAS_G_PREV: tl.constexpr, HAS_G_MEAN: tl.constexpr, HAS_G_LP: tl.constexpr, HAS_MEAN: tl.constexpr,
+              BLOCK: tl.constexpr):
+    """g_mu of one tile of a sample (pointers at the sample's start): g_prev + g_mean + k (x' - mu), mu read from
+    the saved mean (HAS_MEAN) or recomputed from x and v bit for bit; k = g_lp / (s^2 D) (cps: 2 g_lp / D)."""
+    g = tl.zeros([BLOCK], CD)
+    if HAS_G_PREV:
+        g += tl.load(g_prev_row + offs, mask=m, other=0.0).to(CD)
+    if HAS_G_MEAN:
+        g += tl.load(g_mean_row + offs, mask=m, other=0.0).to(CD)
+    if HAS_G_LP:
+        xp = tl.load(xp_row + offs, mask=m, other=0.0).to(CD)
+        if HAS_MEAN:
+            mu = tl.load(mean_row + offs, mask=m, other=0.0)
+        else:
+            mu = transition_mean(tl.load(x_row + offs, mask=m, other=0.0).to(CD),
+                                 tl.load(v_row + offs, mask=m, other=0.0).to(CD), a, b)
+        g += k * (xp - mu)
+    return g
+
+
+@triton.jit
+def store_input_grads(g_v_row, g_x_row, offs, m, a, b, g, NEED_G_V: tl.constexpr, NEED_G_X: tl.constexpr):
+    """grad v = b g_mu, grad x = a g_mu, rounded to their dtypes like torch."""
+    if NEED_G_V:
+        tl.store(g_v_row + offs, rounded_for(b * g, g_v_row), mask=m)
+    if NEED_G_X:
+        tl.store(g_x_row + offs, rounded_for(a * g, g_x_row), mask=m)
+
+
+@triton.jit
 def sde_step_backward_kernel(xp_ptr, mean_ptr, g_prev_ptr, g_mean_ptr, g_lp_ptr, g_v_ptr, g_x_ptr,
                              sig_ptr, nxt_ptr, sigma: tl.float64, sigma_next: tl.float64, eta: tl.float64,
                              D, C, ITERS, sxp, s_glp,
@@ -101,19 +132,9 @@ def sde_step_backward_kernel(xp_ptr, mean_ptr, g_prev_ptr, g_mean_ptr, g_lp_ptr,
     for it in range(ITERS):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         m = offs < D
-        g = tl.zeros([BLOCK], CD)
-        if HAS_G_PREV:
-            g += tl.load(g_prev_ptr + base + offs, mask=m, other=0.0).to(CD)
-        if HAS_G_MEAN:
-            g += tl.load(g_mean_ptr + base + offs, mask=m, other=0.0).to(CD)
-        if HAS_G_LP:
-            xp = tl.load(xp_ptr + bxp + offs, mask=m, other=0.0).to(CD)
-            mu = tl.load(mean_ptr + base + offs, mask=m, other=0.0)
-            g += k * (xp - mu)
-        if NEED_G_V:
-            tl.store(g_v_ptr + base + offs, rounded_for(b * g, g_v_ptr), mask=m)
-        if NEED_G_X:
-            tl.store(g_x_ptr + base + offs, rounded_for(a * g, g_x_ptr), mask=m)
+        g = mean_grad(g_prev_ptr + base, g_mean_ptr + base, xp_ptr + bxp, mean_ptr + base, mean_ptr, mean_ptr, offs,
+                      m, a, b, k, CD, HAS_G_PREV, HAS_G_MEAN, HAS_G_LP, True, BLOCK)
+        store_input_grads(g_v_ptr + base, g_x_ptr + base, offs, m, a, b, g, NEED_G_V, NEED_G_X)
 
 
 # ---- single launch forward (fused finish) ------------------------------------------------------------------
@@ -143,12 +164,8 @@ def sde_step_fwd_kernel(v_ptr, x_ptr, xp_ptr, z_ptr, xp_out_ptr, mean_ptr, part_
     lanes = tl.arange(0, BLOCK)
     offs = start + lanes
     m = offs < D
-    x = tl.load(x_ptr + bx + offs, mask=m, other=0.0).to(CD)
-    v = tl.load(v_ptr + bv + offs, mask=m, other=0.0).to(CD)
-    if ROLLOUT:
-        z = tl.load(z_ptr + bz + offs, mask=m, other=0.0).to(CD)
-    else:
-        xp = tl.load(xp_ptr + bxp + offs, mask=m, other=0.0).to(CD)
+    third_row = z_ptr + bz if ROLLOUT else xp_ptr + bxp  # the noise (rollout) or the scored x'
+    x, v, w, _ = load_tile(v_ptr + bv, x_ptr + bx, third_row, third_row, offs, m, CD, False)
     std_dev_t, std, a64, b64, _, _ = row_step_coefficients(sig_ptr, nxt_ptr, sigma, sigma_next, eta, row, DYNAMICS,
                                                            PER_SAMPLE)
     a = a64.to(CD)
@@ -159,19 +176,16 @@ def sde_step_fwd_kernel(v_ptr, x_ptr, xp_ptr, z_ptr, xp_out_ptr, mean_ptr, part_
         if it > 0:
             offs = start + it * BLOCK + lanes
             m = offs < D
-            x = tl.load(x_ptr + bx + offs, mask=m, other=0.0).to(CD)
-            v = tl.load(v_ptr + bv + offs, mask=m, other=0.0).to(CD)
-            if ROLLOUT:
-                z = tl.load(z_ptr + bz + offs, mask=m, other=0.0).to(CD)
-            else:
-                xp = tl.load(xp_ptr + bxp + offs, mask=m, other=0.0).to(CD)
+            x, v, w, _ = load_tile(v_ptr + bv, x_ptr + bx, third_row, third_row, offs, m, CD, False)
         mu = transition_mean(x, v, a, b)
         if WRITE_MEAN:
             tl.store(mean_ptr + base + offs, mu, mask=m)
         if ROLLOUT:
-            stored = rounded_for(add_rn(mu, mul_rn(s, z)), xp_out_ptr)
+            stored = rounded_for(add_rn(mu, mul_rn(s, w)), xp_out_ptr)
             tl.store(xp_out_ptr + base + offs, stored, mask=m)
             xp = stored.to(CD)
+        else:
+            xp = w
         acc = accumulate_sq_dev(acc, xp, mu, m)
     tl.store(part_ptr + pid, tree_sum(acc, LOG_BLOCK))
     if last_to_arrive(cnt_ptr + row, C):
@@ -212,21 +226,6 @@ def sde_step_bwd_kernel(v_ptr, x_ptr, xp_ptr, mean_ptr, row_ptr, g_prev_ptr, g_m
     for it in tl.static_range(ITERS):
         offs = start + it * BLOCK + lanes
         m = offs < D
-        g = tl.zeros([BLOCK], CD)
-        if HAS_G_PREV:
-            g += tl.load(g_prev_ptr + base + offs, mask=m, other=0.0).to(CD)
-        if HAS_G_MEAN:
-            g += tl.load(g_mean_ptr + base + offs, mask=m, other=0.0).to(CD)
-        if HAS_G_LP:
-            xp = tl.load(xp_ptr + bxp + offs, mask=m, other=0.0).to(CD)
-            if HAS_MEAN:
-                mu = tl.load(mean_ptr + base + offs, mask=m, other=0.0)
-            else:
-                x = tl.load(x_ptr + bx + offs, mask=m, other=0.0).to(CD)
-                v = tl.load(v_ptr + bv + offs, mask=m, other=0.0).to(CD)
-                mu = transition_mean(x, v, a, b)
-            g += k * (xp - mu)
-        if NEED_G_V:
-            tl.store(g_v_ptr + base + offs, rounded_for(b * g, g_v_ptr), mask=m)
-        if NEED_G_X:
-            tl.store(g_x_ptr + base + offs, rounded_for(a * g, g_x_ptr), mask=m)
+        g = mean_grad(g_prev_ptr + base, g_mean_ptr + base, xp_ptr + bxp, mean_ptr + base, x_ptr + bx, v_ptr + bv,
+                      offs, m, a, b, k, CD, HAS_G_PREV, HAS_G_MEAN, HAS_G_LP, HAS_MEAN, BLOCK)
+        store_input_grads(g_v_ptr + base, g_x_ptr + base, offs, m, a, b, g, NEED_G_V, NEED_G_X)
