@@ -15,12 +15,16 @@
 # 7. torch.compile of the published formulas at two shapes -> results_compile.csv
 # 8. (ab) the Triton kernel sets side by side: split forward vs single-launch forward, GPU time -> ab_*.csv
 # 9. (sweep_fused) the single-launch kernels' geometry sweep -> printed
+# 10. (host) host time per call of the default call, every backend, float and tensor sigmas -> host_overhead.csv
 #
 # STEPS (comma-separated) picks steps by name: tests, cuda, bench, trainer, deepspeed, sweep, compile, ab,
-# sweep_fused (default: all but ab and sweep_fused). GRPO_GUARD_TRITON_FUSED=1 runs everything on the
-# single-launch Triton kernels.
+# sweep_fused, host (default: all but ab and sweep_fused). GRPO_GUARD_TRITON_FUSED=1 runs everything on the
+# single-launch Triton kernels. The first session after 2026-11-30 should run, in about 8 minutes,
+#   STEPS=tests,cuda,ab,sweep_fused,host GRPO_GUARD_TRITON_FUSED=1 BUDGET=480 bash benchmarks/gpu_check.sh
+# (the op tests incl. no-sync, CUDA graphs, torch.compile and opcheck on all three backends, the split vs
+# single-launch comparison and the single-launch geometry sweep), then bench + compile with the chosen default.
 set -u
-STEPS=${STEPS:-tests,cuda,bench,trainer,deepspeed,sweep,compile}
+STEPS=${STEPS:-tests,cuda,bench,trainer,deepspeed,sweep,compile,host}
 want() { [[ ",$STEPS," == *",$1,"* ]]; }
 OUT=${OUT:-$PWD/gpu_out}
 BUDGET=${BUDGET:-540}
@@ -127,6 +131,11 @@ if want sweep; then
 step "Triton launch-geometry sweep"
 timeout "$(cap 100)" python3 benchmarks/tune_triton.py --budget "$(( $(cap 100) - 45 ))" > /tmp/tune.log 2>&1
 cat /tmp/tune.log
+fi
+
+if want host; then
+step "host time per call (default validation, tiny shape: what a loop's thread pays)"
+timeout "$(cap 90)" python3 benchmarks/host_overhead.py --device cuda --csv "$OUT/host_overhead.csv" 2>&1 | tail -30
 fi
 
 if want compile; then

@@ -123,6 +123,7 @@ def sde_step_backward_kernel(xp_ptr, mean_ptr, g_prev_ptr, g_mean_ptr, g_lp_ptr,
                                                   PER_SAMPLE)
     a = a64.to(CD)
     b = b64.to(CD)
+    k = a  # read by mean_grad only when HAS_G_LP
     if HAS_G_LP:
         g_lp = tl.load(g_lp_ptr + row * s_glp).to(tl.float64)
         if DYNAMICS == CPS:
@@ -221,6 +222,7 @@ def sde_step_bwd_kernel(v_ptr, x_ptr, xp_ptr, mean_ptr, row_ptr, g_prev_ptr, g_m
     lanes = tl.arange(0, BLOCK)
     a = tl.load(row_ptr + row)
     b = tl.load(row_ptr + B + row)
+    k = a  # read by mean_grad only when HAS_G_LP
     if HAS_G_LP:
         k = tl.load(g_lp_ptr + row * s_glp).to(CD) * tl.load(row_ptr + 2 * B + row)
     for it in tl.static_range(ITERS):

@@ -54,9 +54,10 @@ def fused_variants(T, full):
                 DYNAMICS=dyn, PER_SAMPLE=True, ROLLOUT=rollout, WRITE_MEAN=mean, CHECK=True, ERR_BASE=0, **FUSED,
                 **FUSED_FINISH), {}
     for has_mean in (True, False):
-        yield SDE.sde_step_bwd_kernel, f"mean{int(has_mean)}", dict(
-            HAS_MEAN=has_mean, HAS_G_PREV=True, HAS_G_MEAN=has_mean, HAS_G_LP=True, NEED_G_V=True, NEED_G_X=True,
-            BLOCK=FUSED["BLOCK"], ITERS=FUSED["ITERS"]), {}
+        for g_lp in (True, False):  # rollouts differentiate prev_sample alone: no log-prob gradient
+            yield SDE.sde_step_bwd_kernel, f"mean{int(has_mean)}-glp{int(g_lp)}", dict(
+                HAS_MEAN=has_mean, HAS_G_PREV=True, HAS_G_MEAN=has_mean, HAS_G_LP=g_lp, NEED_G_V=True,
+                NEED_G_X=True, BLOCK=FUSED["BLOCK"], ITERS=FUSED["ITERS"]), {}
     for old in (0, 1, 2) if full else (2,):
         old_ty = {"old_ptr": CD if old == 1 else T}
         methods = (0,) if old == 0 else ((0, 1, 2, 3) if full else (3,))
@@ -82,9 +83,10 @@ def split_variants(T, full):
                 DYNAMICS=dyn, PER_SAMPLE=True, ROLLOUT=rollout, **geo), {}
         yield SDE.sde_step_finish_kernel, f"dyn{dyn}", dict(DYNAMICS=dyn, PER_SAMPLE=True, CHECK=True, ERR_BASE=0,
                                                             **fin), {}
-        yield SDE.sde_step_backward_kernel, f"dyn{dyn}", dict(
-            DYNAMICS=dyn, PER_SAMPLE=True, HAS_G_PREV=True, HAS_G_MEAN=True, HAS_G_LP=True, NEED_G_V=True,
-            NEED_G_X=True, BLOCK=BLOCK), {}
+        for g_lp in (True, False):
+            yield SDE.sde_step_backward_kernel, f"dyn{dyn}-glp{int(g_lp)}", dict(
+                DYNAMICS=dyn, PER_SAMPLE=True, HAS_G_PREV=True, HAS_G_MEAN=True, HAS_G_LP=g_lp, NEED_G_V=True,
+                NEED_G_X=True, BLOCK=BLOCK), {}
     olds = (0, 1, 2) if full else (1,)
     for old in olds:
         old_ty = {"old_ptr": CD if old == 1 else T}
