@@ -18,11 +18,11 @@
 # 10. (host) host time per call of the default call, every backend, float and tensor sigmas -> host_overhead.csv
 #
 # STEPS (comma-separated) picks steps by name: tests, cuda, bench, trainer, deepspeed, sweep, compile, ab,
-# sweep_fused, host (default: all but ab and sweep_fused). GRPO_GUARD_TRITON_FUSED=1 runs everything on the
-# single-launch Triton kernels. The first session after 2026-11-30 should run, in about 8 minutes,
-#   STEPS=tests,cuda,ab,sweep_fused,host GRPO_GUARD_TRITON_FUSED=1 BUDGET=480 bash benchmarks/gpu_check.sh
-# (the op tests incl. no-sync, CUDA graphs, torch.compile and opcheck on all three backends, the split vs
-# single-launch comparison and the single-launch geometry sweep), then bench + compile with the chosen default.
+# sweep_fused, host (default: all but ab and sweep_fused). GRPO_GUARD_TRITON_FUSED=0 runs everything on the
+# split Triton kernels (the single-launch ones are the default since 2026-11-30). The next session should run
+#   STEPS=tests,cuda,bench,compile BUDGET=480 bash benchmarks/gpu_check.sh
+# (the op tests, the cuda backend's compile/opcheck tests that have not run on a GPU yet, the full benchmark table
+# with the single-launch default, the torch.compile baselines).
 set -u
 STEPS=${STEPS:-tests,cuda,bench,trainer,deepspeed,sweep,compile,host}
 want() { [[ ",$STEPS," == *",$1,"* ]]; }
@@ -63,10 +63,10 @@ OPS_TESTS="tests/test_sde_step.py tests/test_policy_loss.py tests/test_triton_ke
   tests/test_validation.py tests/test_kl_to_reference.py tests/test_group_advantages.py tests/test_compat_flow_grpo.py
   tests/test_oracle.py tests/test_no_sync.py tests/test_cuda_graphs.py tests/test_compile.py tests/test_precision_table.py"
 if want tests; then
-step "op tests on the GPU: triton and torch backends (GRPO_GUARD_TRITON_FUSED=${GRPO_GUARD_TRITON_FUSED:-0})"
+step "op tests on the GPU: triton and torch backends (GRPO_GUARD_TRITON_FUSED=${GRPO_GUARD_TRITON_FUSED:-1})"
 timeout "$(cap 240)" python3 -m pytest -q -n 8 -p no:cacheprovider --timeout 120 -rfEs $OPS_TESTS -k "not cuda-cuda" \
   > "$OUT/tests.log" 2>&1
-echo "pytest exit status $?"; tail -5 "$OUT/tests.log"
+echo "pytest exit status $?"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | cut -c1-200 | head -20; tail -3 "$OUT/tests.log"
 fi
 
 if want cuda; then
@@ -75,8 +75,8 @@ wait $BUILD
 tail -3 "$OUT/build_ext.log"
 step "op tests on the GPU: cuda backend"
 timeout "$(cap 150)" python3 -m pytest -q -n 8 -p no:cacheprovider --timeout 120 -rfEs tests/test_cuda_backend.py \
-  $OPS_TESTS -k "cuda-cuda or test_cuda_backend" >> "$OUT/tests.log" 2>&1
-echo "pytest exit status $?"; tail -5 "$OUT/tests.log"
+  $OPS_TESTS -k "cuda-cuda or test_cuda_backend or test_cuda_graphs or (test_compile and cuda)" >> "$OUT/tests.log" 2>&1
+echo "pytest exit status $?"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | cut -c1-200 | head -20; tail -3 "$OUT/tests.log"
 fi
 
 if want ab; then
@@ -92,7 +92,7 @@ fi
 if want sweep_fused; then
 step "single-launch kernels: launch-geometry sweep"
 timeout "$(cap 120)" python3 benchmarks/tune_triton.py --fused --budget "$(( $(cap 120) - 40 ))" > /tmp/tune_fused.log 2>&1
-cat /tmp/tune_fused.log
+cat /tmp/tune_fused.log; cp /tmp/tune_fused.log "$OUT/tune_fused.txt"
 fi
 
 if want bench; then

@@ -4,6 +4,8 @@ host synchronization). Sigmas as Python floats and as float64 device tensors; fo
 
     python benchmarks/host_overhead.py [--device cuda] [--backends torch,triton,cuda] [--rep 100] [--csv out.csv]
     python benchmarks/host_overhead.py --compare before.csv after.csv   # a Markdown table of two runs
+    python benchmarks/host_overhead.py --table run.csv                  # a Markdown table of one run
+    python benchmarks/host_overhead.py --profile "policy_loss fwd" --backends triton   # where the time goes
 
 Uses only the API every version since 0.1 has (sde_step, policy_loss with old_model_output), so the same script
 measures an older checkout for comparison. The minimum over 7 repeats of the mean time of ``--rep`` back-to-back
@@ -73,14 +75,54 @@ def compare(before: str, after: str) -> str:
     return "\n".join(lines)
 
 
+def table(path: str) -> str:
+    """Markdown table of one run's CSV: host us per call, float vs tensor sigmas side by side."""
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    us = {(r["backend"], r["op"], r["sigmas"]): float(r["host_us"]) for r in rows}
+    lines = ["| backend | op | float sigmas, host us | tensor sigmas, host us |", "|---" * 4 + "|"]
+    for backend, op in dict.fromkeys((r["backend"], r["op"]) for r in rows):
+        cells = [f"{us[(backend, op, s)]:.0f}" if (backend, op, s) in us else "" for s in ("float", "tensor")]
+        lines.append(f"| {backend} | {op} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
+def profile(fn, device, rep, top=18):
+    """Where one case's host time goes: cProfile's Python functions by own time, then the profiler's operators and
+    CUDA runtime/driver calls by own CPU time (launches, allocations, stream queries)."""
+    import cProfile
+    import pstats
+    per_call_us(fn, device, 10, repeats=1)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(rep):
+        fn()
+    prof.disable()
+    _sync(device)
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda"
+                                                     else [])
+    with torch.profiler.profile(activities=acts) as tp:
+        for _ in range(rep):
+            fn()
+        _sync(device)
+    print(tp.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backends", default=None, help="default: every backend available on the device")
     p.add_argument("--rep", type=int, default=100)
     p.add_argument("--csv", default=None)
+    p.add_argument("--profile", metavar="OP", default=None, help="profile one op (e.g. 'policy_loss fwd') instead")
+    p.add_argument("--sigmas", default="float", choices=("float", "tensor"), help="with --profile")
     p.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="print two CSVs side by side and exit")
+    p.add_argument("--table", metavar="CSV", default=None, help="print one CSV as a Markdown table and exit")
     args = p.parse_args(argv)
+    if args.table:
+        print(table(args.table))
+        return 0
     if args.compare:
         print(compare(*args.compare))
         return 0
@@ -96,10 +138,15 @@ def main(argv=None) -> int:
     for name in backends:
         with gg.backend(name):
             for op, sigmas, fn in cases(device):
+                if args.profile:
+                    if (op, sigmas) == (args.profile, args.sigmas):
+                        print(f"--- {name} {op} {sigmas}")
+                        profile(fn, device, args.rep)
+                    continue
                 us = per_call_us(fn, device, args.rep)
                 rows.append({"backend": name, "op": op, "sigmas": sigmas, "host_us": f"{us:.1f}"})
                 print(f"{name:<8} {op:<24} {sigmas:<7} {us:>12.1f}", flush=True)
-    if args.csv:
+    if args.csv and rows:
         with open(args.csv, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=list(rows[0]))
             w.writeheader()

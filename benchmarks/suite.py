@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from grpo_guard.bench import markdown_table, read_csv
+from grpo_guard.bench import compare_table, markdown_table, read_csv
 
 from .utils import (ALL_SHAPES, DTYPES, SHAPES, copy_bandwidth, environment, format_table, parse_list, run_op,
                     speedups, write_csv)
@@ -75,7 +75,14 @@ def cli(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
     parser.add_argument("--markdown-from", default=None, metavar="CSV",
                         help="print the rows of a CSV written by a previous run as a Markdown table, and exit")
+    parser.add_argument("--compare-from", nargs="+", default=None, metavar="LABEL=CSV",
+                        help="print one provider's GPU time across runs (e.g. split=a.csv fused=b.csv), and exit")
+    parser.add_argument("--provider", default="gg-triton", help="with --compare-from")
     args = parser.parse_args(argv)
+    if args.compare_from:
+        runs = [(item.split("=", 1)[0], read_csv(item.split("=", 1)[1])) for item in args.compare_from]
+        print(compare_table(runs, args.provider))
+        return 0
     if args.markdown_from:
         print(markdown_table(read_csv(args.markdown_from)))
         return 0

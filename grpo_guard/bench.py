@@ -399,6 +399,27 @@ def markdown_table(rows: Sequence[Row], baseline: str = "eager") -> str:
     return "\n".join(out)
 
 
+def compare_table(runs: Sequence[tuple], provider: str = "gg-triton") -> str:
+    """Markdown table of one provider's GPU time (CUDA-graph replay) across runs: ``runs`` is [(label, rows)];
+    per (op, mode, shape, dtype) each run's us and % of its own copy bandwidth, and last / first."""
+    def key(r):
+        return (r.op, r.mode, r.shape, r.dtype)
+    tables = [(label, {key(r): r for r in rows if r.provider == provider and r.graph_ms is not None})
+              for label, rows in runs]
+    head = "| op | mode | shape | dtype | " + " | ".join(f"{lb}: GPU us | {lb}: % of copy" for lb, _ in tables)
+    out = [head + f" | {tables[-1][0]} / {tables[0][0]} |", "|---" * (5 + 2 * len(tables)) + "|"]
+    for k in [k for k in tables[0][1] if all(k in t for _, t in tables)]:
+        cells = []
+        for _, t in tables:
+            r = t[k]
+            # the run's copy bandwidth is gbps / (pct_of_copy / 100): the graph time's share of it
+            pct = None if not (r.graph_gbps and r.gbps and r.pct_of_copy) else r.graph_gbps * r.pct_of_copy / r.gbps
+            cells += [f"{r.graph_ms * 1e3:.1f}", _fmt(pct, ".0f")]
+        ratio = tables[-1][1][k].graph_ms / tables[0][1][k].graph_ms
+        out.append(f"| {' | '.join(k)} | " + " | ".join(cells) + f" | {ratio:.2f} |")
+    return "\n".join(out)
+
+
 def read_csv(path) -> List[Row]:
     """Rows back from a CSV written by :func:`write_csv`."""
     names = {f.name: f for f in fields(Row)}

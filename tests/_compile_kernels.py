@@ -20,10 +20,10 @@ from grpo_guard.kernels import sde_step as SDE
 TARGET = GPUTarget("cuda", 90, 32)
 BLOCK, LOG_BLOCK, CP, LOG_CP, RB = 1024, 10, 64, 6, 8
 OPTIONS = {"num_warps": 4, "enable_fp_fusion": False}  # what the wrappers launch with
-# the single-launch kernels at their wan_480p geometry (triton_launch.fused_geometry: 4096 x 1, 512 chunks, 8 warps)
-FUSED = dict(BLOCK=4096, LOG_BLOCK=12, ITERS=1)
-FUSED_FINISH = dict(CP=512, LOG_CP=9)
-FUSED_OPTIONS = {"num_warps": 8, "enable_fp_fusion": False}
+# the single-launch kernels at their wan_480p geometry (triton_launch.fused_geometry: 2048 x 1, 1024 chunks, 4 warps)
+FUSED = dict(BLOCK=2048, LOG_BLOCK=11, ITERS=1)
+FUSED_FINISH = dict(CP=1024, LOG_CP=10)
+FUSED_OPTIONS = {"num_warps": 4, "enable_fp_fusion": False}
 
 
 def pointer_types(T, CD):

@@ -102,15 +102,16 @@ def test_bad_device_values_give_nan_and_a_named_error(bk, kernels, seed):
     roll = gg.sde_step(v, x, sig, nxt)
     adv = torch.tensor([1.0, float("inf"), -1.0], device=device)
     vg = v.clone().requires_grad_(True)
+    old_lp = roll.log_prob.clone()
+    old_lp[0] = float("nan")  # the test's own host-to-device writes stay outside the no-sync block
+    ones = torch.ones(B, device=device)
+    rewards, ids = (torch.tensor([1.0, float("nan"), 2.0, 3.0], device=device),
+                    torch.tensor([0, 0, 1, 1], device=device))
     with cuda_sync_errors(device):
         loss, stats = gg.policy_loss(vg, x, roll.prev_sample, sig, nxt, adv, old_model_output=v)
         loss.backward()
-        old_lp = roll.log_prob.clone()
-        old_lp[0] = float("nan")
-        loss2, _ = gg.policy_loss(v, x, roll.prev_sample, sig, nxt, torch.ones(B, device=device), method="grpo",
-                                  old_log_prob=old_lp)
-        adv_rewards = gg.group_advantages(torch.tensor([1.0, float("nan"), 2.0, 3.0], device=device),
-                                          torch.tensor([0, 0, 1, 1], device=device))
+        loss2, _ = gg.policy_loss(v, x, roll.prev_sample, sig, nxt, ones, method="grpo", old_log_prob=old_lp)
+        adv_rewards = gg.group_advantages(rewards, ids)
     assert torch.isnan(loss) and torch.isnan(vg.grad).any()
     assert torch.isnan(loss2)
     assert torch.isnan(adv_rewards[:2]).all() and torch.isfinite(adv_rewards[2:]).all()

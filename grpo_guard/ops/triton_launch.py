@@ -25,11 +25,12 @@ MAX_ITERS = 4              # ... each at most MAX_ITERS * COMPILED_BLOCK element
 INTERPRETED_BLOCK = 1 << 16  # the interpreter pays per program and iteration, not per element
 LAUNCH_OPTIONS = {"enable_fp_fusion": False}  # no FMA contraction: mu rounds identically in every kernel
 
-# The single-launch forward (fused finish, ``*_fwd_kernel`` / ``*_bwd_kernel``): opt-in until the GPU test suite
-# has passed with it (GRPO_GUARD_TRITON_FUSED=1, or set FUSED). Its geometry knobs (benchmarks/tune_triton.py):
-FUSED = os.environ.get("GRPO_GUARD_TRITON_FUSED", "0").strip() == "1"
+# The single-launch forward (fused finish, ``*_fwd_kernel`` / ``*_bwd_kernel``), the default since the GPU test
+# suite passed with it on an H200 (2026-11-30); GRPO_GUARD_TRITON_FUSED=0 (or FUSED = False) selects the split
+# reduce + finish kernels. Its geometry knobs (benchmarks/tune_triton.py --fused, H200 sweep in RESULTS.md):
+FUSED = os.environ.get("GRPO_GUARD_TRITON_FUSED", "1").strip() != "0"
 FUSED_BLOCK_MIN = 1024       # elements per program and iteration, at least ...
-FUSED_BLOCK_MAX = 4096       # ... and at most
+FUSED_BLOCK_MAX = 2048       # ... and at most
 FUSED_MIN_PROGRAMS = 64      # programs per sample to aim for, within those bounds
 FUSED_MAX_CHUNKS = 2048      # partials per sample: beyond, a program loops over ITERS (constexpr) blocks
 FUSED_ELEMS_PER_THREAD = 16  # num_warps = BLOCK / (32 * this), within [1, 16]
