@@ -65,7 +65,8 @@ def test_on_policy_ratio_is_exactly_one(family, method, dynamics, tmp_path):
 
 def test_sde_window_trains_only_the_window(tmp_path):
     """Flow-GRPO-Fast style: SDE on k consecutive steps (ODE elsewhere); only those are stored and trained."""
-    cfg = tiny("sd3", tmp_path, "sample.sde_window_size=2", "sample.sde_window_range=[0,2]", "run.save_every=0",
+    cfg = tiny("sd3", tmp_path, "sample.sde_window_size=2", "sample.sde_window_range=[0,3]", "run.save_every=0",
+               "sample.sde_window_per=step",
                steps=1)
     trainer = Trainer(cfg)
     rec = trainer.step()

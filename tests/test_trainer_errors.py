@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
     ("train.method=ppo", r"train\.method must be one of"),
     ("model.tiny=false", r"exactly one of model\.pretrained"),
     ("rewards.proxy=[]", r"rewards\.proxy is empty"),
-    ("sample.sde_window_size=3", r"sde_window_range"),
+    ("sample.sde_window_size=4", r"sde_window_range"),
     ("rewards.gold=[{name: brightness}]", r"rewards\.gold\[0\]\.name 'brightness' is already used by rewards\.proxy\[0\]"),
     ("train.cfg=false", r"train\.cfg=false but sample\.guidance_scale=4\.5"),
     ("run.seed=-1", r"run\.seed must be in \[0, 2\*\*32\)"),

@@ -25,6 +25,11 @@ class FlowAdapter:
     """
 
     family = ""
+    # dtype of the velocity (after CFG) that velocity() returns; None = the transformer output's. The trainer sets
+    # its compute dtype (bf16 under bf16 autocast or with bf16 weights): the model's output holds values of that
+    # dtype (accelerate upcasts them to float32 under autocast), so the cast is exact, the CFG combination is
+    # computed in it (as diffusers' pipelines do) and the rollout stores the velocity in its fewest bytes.
+    velocity_dtype: Optional[torch.dtype] = None
 
     def __init__(self, pipe, resolution: int, max_sequence_length: int = 256):
         self.pipe = pipe
@@ -105,5 +110,6 @@ def build_adapter(model_cfg, device: Optional[torch.device] = None, seed: int = 
         pipe = module.tiny_pipeline(seed=seed, dtype=dtype)
     else:
         pipe = module.PIPELINE.from_pretrained(model_cfg.pretrained, torch_dtype=dtype)
-    adapter = module.Adapter(pipe, resolution=model_cfg.resolution, max_sequence_length=model_cfg.max_sequence_length)
+    adapter = module.Adapter(pipe, resolution=model_cfg.resolution,
+                             max_sequence_length=model_cfg.max_sequence_length or module.MAX_SEQUENCE_LENGTH)
     return adapter.to(device) if device is not None else adapter

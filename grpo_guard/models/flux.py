@@ -15,6 +15,8 @@ try:
 except ImportError:  # pragma: no cover - the train extra is missing
     PIPELINE = None
 
+MAX_SEQUENCE_LENGTH = 512  # T5 tokens of a prompt (FluxPipeline's default)
+
 LORA_TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
                 "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out"]
 
@@ -63,9 +65,10 @@ class Adapter(FlowAdapter):
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((B,), float(guidance_scale), device=latents.device, dtype=torch.float32)
         t = torch.full((B,), sigma, device=latents.device, dtype=latents.dtype)
-        return model(hidden_states=latents, timestep=t, guidance=guidance, pooled_projections=cond["pooled"],
-                     encoder_hidden_states=cond["prompt_embeds"], txt_ids=cond["txt_ids"], img_ids=img_ids,
-                     return_dict=False)[0]
+        out = model(hidden_states=latents, timestep=t, guidance=guidance, pooled_projections=cond["pooled"],
+                    encoder_hidden_states=cond["prompt_embeds"], txt_ids=cond["txt_ids"], img_ids=img_ids,
+                    return_dict=False)[0]
+        return out if self.velocity_dtype is None else out.to(self.velocity_dtype)
 
     def unpack(self, latents):
         return self.pipe._unpack_latents(latents, self.resolution, self.resolution, self.latent_scale)

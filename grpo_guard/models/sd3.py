@@ -14,6 +14,10 @@ try:
 except ImportError:  # pragma: no cover - the train extra is missing
     PIPELINE = None
 
+# T5 tokens of a prompt: flow_grpo's SD3 scripts encode at 128 (the pipeline's default is 256); SD3 attends to the
+# padding, so the length changes the conditioning
+MAX_SEQUENCE_LENGTH = 128
+
 # flow_grpo's LoRA targets for SD3.5 (attention projections of both streams)
 LORA_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                 "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"]
@@ -67,6 +71,7 @@ class Adapter(FlowAdapter):
         t = torch.full((hidden.shape[0],), sigma * 1000.0, device=latents.device, dtype=torch.float32)
         out = model(hidden_states=hidden, timestep=t, encoder_hidden_states=enc, pooled_projections=pooled,
                     return_dict=False)[0]
+        out = out if self.velocity_dtype is None else out.to(self.velocity_dtype)
         if not guided:
             return out
         uncond, text = out[:B], out[B:]

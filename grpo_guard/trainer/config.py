@@ -39,7 +39,8 @@ class ModelConfig:
     resolution: int = 512               # image side in pixels
     use_lora: bool = True               # False = full fine-tuning of the transformer
     lora: LoraConfig = field(default_factory=LoraConfig)
-    max_sequence_length: int = 256      # T5 tokens (SD3 and Flux.1-dev pipelines' default is 256/512)
+    max_sequence_length: Optional[int] = None  # T5 tokens; None = the family's: SD3 128 (flow_grpo's SD3 scripts
+                                               # encode at 128; SD3 attends to the padding), Flux 512 (FluxPipeline)
 
 
 @dataclass
@@ -49,14 +50,19 @@ class SampleConfig:
     negative_prompt: str = ""           # SD3 CFG's unconditional prompt
     noise_level: float = 0.7            # eta
     dynamics: str = "flow"              # flow | dance | cps
-    group_size: int = 24                # images per prompt (a GRPO group); groups may span processes
+    group_size: int = 24                # images per prompt (a GRPO group); groups may span processes. 1: advantages
+                                        # normalized over the whole batch (flow_grpo's fallback), not per group
     batch_size: int = 9                 # images per rollout micro-batch, per process
     num_batches: int = 4                # rollout micro-batches per step, per process
     timestep_fraction: float = 0.99     # train the first int(N * fraction) steps (no SDE window)
     sde_window_size: int = 0            # > 0: SDE only on k consecutive steps (Flow-GRPO-Fast), ODE elsewhere
-    sde_window_range: List[int] = field(default_factory=lambda: [0, 5])  # window start drawn in [lo, hi)
+    sde_window_range: List[int] = field(default_factory=lambda: [0, 5])  # [lo, hi): every window lies inside it
+                                        # (start drawn uniformly in [lo, hi - k], both ends included, as flow_grpo)
+    sde_window_per: str = "micro_batch"  # micro_batch: a window per rollout micro-batch and process (flow_grpo);
+                                         # step: one window per step shared by every process and micro-batch
     same_noise_per_group: bool = False  # all images of a group start from the same initial noise
-    global_std: bool = True             # advantages: whole-batch std instead of the group's
+    global_std: bool = True             # advantages: whole-batch std instead of the group's (flow_grpo base: True;
+                                        # its GRPO-Guard recipes: False)
 
 
 @dataclass
@@ -67,6 +73,8 @@ class TrainConfig:
     guard_weight: str = "dt"            # dt | beta_dt (reweighting, SPEC §5)
     cfg: bool = True                    # recompute the velocity with CFG in the update (as in the rollout)
     updates_per_step: int = 2           # optimizer steps per rollout (flow_grpo: 2); only the first is on-policy
+    drop_zero_advantages: bool = True   # train only samples whose advantage is not 0 (flow_grpo); the loss is the
+                                        # mean over the kept samples of each optimizer step
     learning_rate: float = 3e-4
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -75,8 +83,10 @@ class TrainConfig:
     warmup_steps: int = 0               # linear LR warmup (optimizer steps), then constant
     max_grad_norm: float = 1.0
     beta_kl: float = 0.0                # KL to the reference (LoRA disabled / frozen copy); Guard: 0
-    ema: bool = False                   # keep an EMA of the trained weights (saved; used by evaluate())
-    ema_decay: float = 0.9
+    ema: bool = False                   # keep an EMA of the trained weights (saved; used by evaluate() and
+                                        # written by export_lora, as flow_grpo saves its EMA)
+    ema_decay: float = 0.9              # at optimizer step n the decay is min((1 + n) / (10 + n), ema_decay)
+    ema_update_interval: int = 8        # update the EMA after every k-th optimizer step (flow_grpo: 8)
     timestep_grad_norms: bool = True    # log each trained timestep's own gradient norm (keeps one float32
                                         # copy of the trained parameters' gradients)
     max_nonfinite_in_a_row: int = 3     # skipped (non-finite) updates in a row before the run stops
@@ -140,6 +150,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "sample.dynamics": ("flow", "dance", "cps"),
     "train.method": ("grpo", "mean_revised", "ratio_norm", "guard"),
+    "sample.sde_window_per": ("micro_batch", "step"),
     "train.guard_weight": ("dt", "beta_dt"),
     "run.mixed_precision": ("no", "bf16"),  # fp16's loss scaler would skip steps our non-finite guard counts
 }
@@ -272,7 +283,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                 "train.updates_per_step": t.updates_per_step, "train.clip_range": t.clip_range,
                 "train.adv_clip_max": t.adv_clip_max, "train.max_grad_norm": t.max_grad_norm,
                 "train.learning_rate": t.learning_rate, "model.lora.rank": m.lora.rank,
-                "train.max_nonfinite_in_a_row": t.max_nonfinite_in_a_row, "run.num_steps": cfg.run.num_steps}
+                "train.max_nonfinite_in_a_row": t.max_nonfinite_in_a_row, "run.num_steps": cfg.run.num_steps,
+                "train.ema_update_interval": t.ema_update_interval}
+    if m.max_sequence_length is not None:
+        positive["model.max_sequence_length"] = m.max_sequence_length
     for key, val in positive.items():
         if not val > 0:
             raise ConfigError(f"{key} must be > 0, got {val}")
@@ -288,10 +302,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         raise ConfigError(f"run.seed must be in [0, 2**32) (it seeds torch, python and numpy), got {cfg.run.seed}")
     if s.sde_window_size > 0:
         lo, hi = (s.sde_window_range + [None, None])[:2]
-        if len(s.sde_window_range) != 2 or not 0 <= lo < hi or hi + s.sde_window_size - 1 > s.num_steps - 1:
-            raise ConfigError(f"sample.sde_window_range {s.sde_window_range} with sde_window_size {s.sde_window_size} "
-                              f"must be [lo, hi) with 0 <= lo < hi and every window inside the first "
-                              f"{s.num_steps - 1} steps (the last step, sigma -> 0, is never trained)")
+        if len(s.sde_window_range) != 2 or not 0 <= lo or hi - lo < s.sde_window_size or hi > s.num_steps - 1:
+            raise ConfigError(f"sample.sde_window_range {s.sde_window_range} must be [lo, hi) with 0 <= lo, "
+                              f"hi - lo >= sample.sde_window_size ({s.sde_window_size}: the window lies inside the "
+                              f"range) and hi <= {s.num_steps - 1} (the last step, sigma -> 0, is never trained)")
     elif int(s.num_steps * s.timestep_fraction) < 1 or s.timestep_fraction > 1:
         raise ConfigError(f"sample.timestep_fraction={s.timestep_fraction} trains int({s.num_steps} * fraction) = "
                           f"{int(s.num_steps * s.timestep_fraction)} steps; it must be >= 1 and fraction <= 1")

@@ -22,6 +22,7 @@ import torch
 import grpo_guard as gg
 
 from ..models import FlowAdapter, build_adapter
+from ..models.base import DTYPES
 from . import checkpoint, rewards as rw, sharding, zero
 from .config import Config, ConfigError, validate
 from .metrics import MetricsLogger
@@ -151,6 +152,10 @@ class Trainer:
         if self.sharded:
             sharding.full_precision_gradient_reduction(self.acc)
         self.model, self.optimizer = self.acc.prepare(transformer, optimizer)
+        # the velocity in the forwards' compute dtype: its values are of that dtype, so the rollout stores it in
+        # the fewest bytes and the update recomputes it bit for bit (FlowAdapter.velocity_dtype)
+        self.adapter.velocity_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            self.acc.mixed_precision, DTYPES[cfg.model.dtype])
         self.lr_scheduler = lr_scheduler  # stepped once per optimizer step by the Updater (not prepared)
         if self.sharded:  # FSDP2 shards in place: the trained parameters are now DTensors, the names unchanged
             sharded = {n: p for n, p in self.acc.unwrap_model(self.model).named_parameters() if p.requires_grad}
@@ -162,7 +167,7 @@ class Trainer:
             trained = [q for q in self.model.module.parameters() if q.requires_grad]
             if len(trained) != len(self.params) or any(p is not q for p, q in zip(self.params, trained)):
                 raise RuntimeError("DeepSpeed replaced the trained parameters")
-        self.ema = EMA(self.params, t.ema_decay) if t.ema else None
+        self.ema = EMA(self.params, t.ema_decay, t.ema_update_interval) if t.ema else None
         if t.beta_kl > 0 and cfg.model.use_lora:
             reference, ref_model = self._lora_disabled, transformer
         elif t.beta_kl > 0:
@@ -209,6 +214,8 @@ class Trainer:
         local_g = torch.cat([b.group_ids for b in batches])
         local_g = local_g.pin_memory().to(local_r.device, non_blocking=True) if local_r.is_cuda else local_g
         all_r, all_g = self.acc.gather(local_r), self.acc.gather(local_g)
+        if self.cfg.sample.group_size == 1:  # flow_grpo's fallback: normalize over the whole batch, not per group
+            all_g = torch.zeros_like(all_g)
         adv = gg.group_advantages(all_r, all_g, global_std=self.cfg.sample.global_std)
         n = local_r.numel()
         mine = adv[self.acc.process_index * n:(self.acc.process_index + 1) * n]
@@ -218,8 +225,36 @@ class Trainer:
             offset += len(b.prompts)
         return {"rewards": all_r, "group_ids": all_g, "advantages": adv}
 
+    def select(self, batches: List[RolloutBatch]) -> List[RolloutBatch]:
+        """What each optimizer step trains, with each micro-batch's share of that step's loss (``loss_weight``).
+        ``train.updates_per_step`` steps, each over an equal share of the micro-batches. With
+        ``train.drop_zero_advantages`` (flow_grpo) only samples whose advantage is not 0 are trained (they carry
+        no gradient but would dilute the mean): a micro-batch keeps its non-zero samples and weighs by their
+        count, so each step's loss is the mean over its kept samples, as flow_grpo's equal-size re-batching
+        gives. A micro-batch left without any keeps one sample at weight 0 (every process runs the same number
+        of forwards, which FSDP2 and DeepSpeed need). One host read of the advantages."""
+        per = len(batches) // self.cfg.train.updates_per_step
+        if not self.cfg.train.drop_zero_advantages:
+            for b in batches:
+                b.loss_weight = 1.0 / per
+            return batches
+        nonzero = (torch.cat([b.advantages for b in batches]) != 0).cpu().tolist()
+        out, offset = [], 0
+        for u in range(0, len(batches), per):
+            kept = []
+            for b in batches[u:u + per]:
+                kept.append([i for i in range(len(b)) if nonzero[offset + i]])
+                offset += len(b)
+            total = sum(len(k) for k in kept)
+            for b, k in zip(batches[u:u + per], kept):
+                sub = b.select(k or [0]) if len(k) != len(b) else b
+                sub.loss_weight = len(k) / total if total else 0.0
+                out.append(sub)
+        return out
+
     def update(self, batches: List[RolloutBatch]) -> List[Dict]:
-        """``train.updates_per_step`` optimizer steps, each over an equal share of the micro-batches."""
+        """``train.updates_per_step`` optimizer steps, each over an equal share of the micro-batches (weighted by
+        their ``loss_weight``, :meth:`select`)."""
         self.adapter.transformer.eval()  # no dropout: the recomputed velocity must equal the rollout's
         n = len(batches) // self.cfg.train.updates_per_step
         out = []
@@ -240,9 +275,11 @@ class Trainer:
         batches = self.rollout()
         t1 = time.perf_counter()
         gathered = self.advantages(batches)
-        updates = self.update(batches)
+        trained = self.select(batches)
+        updates = self.update(trained)
         t2 = time.perf_counter()
         record = self._record(batches, gathered, updates, t1 - t0, t2 - t1)
+        record["trained_fraction"] = sum(len(b) for b in trained if b.loss_weight) / sum(len(b) for b in batches)
         self.global_step += 1
         if self.cfg.run.eval_every and self.global_step % self.cfg.run.eval_every == 0:
             record.update(self.evaluate())
@@ -314,14 +351,23 @@ class Trainer:
                                model=self.model if self.sharded else None,
                                engine=self.model if self.deepspeed else None)
 
-    def export_lora(self, directory: str) -> str:
+    def export_lora(self, directory: str, use_ema: Optional[bool] = None) -> str:
         """Write the trained LoRA in diffusers' format (``pipe.load_lora_weights(directory)`` loads it);
-        main process only. Returns the directory."""
+        main process only. ``use_ema`` (default: when ``train.ema``) writes the EMA weights, as flow_grpo saves
+        its LoRA. Returns the directory."""
         if not self.cfg.model.use_lora:
             raise ValueError("export_lora needs model.use_lora: true (full fine-tuning: save the transformer)")
+        if use_ema and self.ema is None:
+            raise ValueError("export_lora(use_ema=True) needs train.ema: true")
         from peft.utils import get_peft_model_state_dict
 
-        layers = {n: sharding.full(t) for n, t in get_peft_model_state_dict(self.adapter.transformer).items()}
+        use_ema = self.ema is not None if use_ema is None else use_ema
+        model = self.model if self.sharded else None
+        sharding.reshard(model)  # the EMA swap writes the sharded parameters
+        with self.ema.applied(self.params) if use_ema else contextlib.nullcontext():
+            layers = {n: sharding.full(t).clone() for n, t in
+                      get_peft_model_state_dict(self.adapter.transformer).items()}
+            sharding.reshard(model)  # drop gathered copies before the EMA context restores the weights
         if self.acc.is_main_process:  # (the gather above is collective under FSDP2)
             meta = self.adapter.transformer.peft_config["default"].to_dict()  # keeps alpha (scale = alpha / r)
             type(self.adapter.pipe).save_lora_weights(directory, transformer_lora_layers=layers,

@@ -6,7 +6,7 @@
 shows (proxy up, gold down). A reward that raises, or returns a wrong shape or a non-finite value, stops the
 run with :class:`RewardError` naming the reward and the prompt.
 
-Built-ins needing no download: ``jpeg_compressibility`` (minus the JPEG size in kB, flow_grpo's),
+Built-ins needing no download: ``jpeg_compressibility`` (minus the JPEG size in kB / 500, flow_grpo's),
 ``jpeg_incompressibility``, ``brightness`` and ``contrast`` (image statistics). ``clip_score`` and ``pickscore``
 load local weights through transformers (``model_path``; ``processor_path`` defaults to it). Anything else:
 ``name: "package.module:function"`` -- a reward callable, or a factory called with ``kwargs``.
@@ -45,7 +45,8 @@ def jpeg_size_kb(images, prompts, metadata, quality: int = 95) -> torch.Tensor:
 
 
 def jpeg_compressibility(images, prompts, metadata):
-    return -jpeg_size_kb(images, prompts, metadata)
+    """flow_grpo's: minus the JPEG size in kB, divided by 500."""
+    return -jpeg_size_kb(images, prompts, metadata) / 500.0
 
 
 def jpeg_incompressibility(images, prompts, metadata):

@@ -8,14 +8,15 @@ processes, and a single process with the same total batch sees the same micro-ba
 Noise is drawn per sample from a generator seeded by (seed, step, sample id) (the initial noise by group id
 with ``same_noise_per_group``), so a trajectory does not depend on how samples are split over processes.
 
-Stored per trained step j and sample (D = latent elements, model dtype = the transformer's, e.g. bf16):
+Stored per trained step j and sample (D = latent elements; compute dtype = the forwards' (bf16 under bf16
+autocast or with bf16 weights), FlowAdapter.velocity_dtype):
 
-- ``latents[:, k]``        x_j                          D x model dtype
-- ``old_velocity[:, k]``   v_old_j (after CFG)          D x model dtype   (``policy_loss(old_model_output=)``)
+- ``latents[:, k]``        x_j                          D x latent dtype (model.dtype)
+- ``old_velocity[:, k]``   v_old_j (after CFG)          D x compute dtype  (``policy_loss(old_model_output=)``)
 
 plus x_{last+1} once per trajectory and the prompt embeddings once per sample. For SD3.5-M at 512 px in bf16
-(D = 65,536) that is 256 KiB per trained step per sample; a float32 old mean instead of the velocity would add
-128 KiB more (384 KiB).
+(D = 65,536) that is 256 KiB per trained step per sample (a float32 velocity, as accelerate's upcast output would
+be, 384 KiB).
 """
 from __future__ import annotations
 
@@ -70,14 +71,19 @@ def plan_step(step: int, num_prompts: int, cfg: Config, world_size: int, rank: i
     return [mine[i:i + s.batch_size] for i in range(0, len(mine), s.batch_size)]
 
 
-def window_start(step: int, cfg: Config) -> Optional[int]:
-    """The SDE window's first step for training step ``step`` (same on every process), or None."""
+def window_start(step: int, cfg: Config, first_sample_id: int = 0) -> Optional[int]:
+    """The SDE window's first step, or None without a window. Drawn uniformly in [lo, hi - k] (both ends
+    included: the window [start, start + k) lies inside ``sample.sde_window_range`` [lo, hi), as flow_grpo draws
+    it). ``sde_window_per: micro_batch`` (flow_grpo): one window per rollout micro-batch, keyed by its first
+    sample id, so micro-batches and processes differ and a single process with the same micro-batches draws the
+    same windows; ``step``: one window per step, shared by every process and micro-batch."""
     s = cfg.sample
     if s.sde_window_size <= 0:
         return None
     lo, hi = s.sde_window_range
-    gen = torch.Generator().manual_seed(mix_seed(cfg.run.seed, step, 3))
-    return int(torch.randint(lo, hi, (1,), generator=gen))
+    key = (cfg.run.seed, step, 3) if s.sde_window_per == "step" else (cfg.run.seed, step, 7, first_sample_id)
+    gen = torch.Generator().manual_seed(mix_seed(*key))
+    return int(torch.randint(lo, hi - s.sde_window_size + 1, (1,), generator=gen))
 
 
 @dataclass
@@ -96,9 +102,32 @@ class RolloutBatch:
     rewards: Dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B,) float32
     proxy_reward: Optional[torch.Tensor] = None
     advantages: Optional[torch.Tensor] = None
+    loss_weight: Optional[float] = None  # this micro-batch's share of its optimizer step's loss (set by the loop)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
 
     def stored_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.latents, self.old_velocity))
+
+    def select(self, keep: Sequence[int]) -> "RolloutBatch":
+        """The samples at positions ``keep`` (a new batch; trajectories and embeddings indexed, not shared).
+        Expanded tensors (stride 0 over the batch, e.g. SD3's negative prompt) stay expanded views."""
+        idx = torch.tensor(list(keep), dtype=torch.long)
+
+        def take(t):
+            if not isinstance(t, torch.Tensor):
+                return t
+            if t.dim() and t.stride(0) == 0:
+                return t[:1].expand(len(idx), *t.shape[1:])
+            return t[idx.to(t.device)]
+        cond = type(self.cond)({k: (v if k in self.cond.shared else take(v)) for k, v in self.cond.items()})
+        return RolloutBatch(
+            prompts=[self.prompts[i] for i in keep], metadata=[self.metadata[i] for i in keep],
+            sample_ids=take(self.sample_ids), group_ids=take(self.group_ids), cond=cond, steps=list(self.steps),
+            sigmas=list(self.sigmas), latents=take(self.latents), old_velocity=take(self.old_velocity),
+            rewards={k: take(v) for k, v in self.rewards.items()}, proxy_reward=take(self.proxy_reward),
+            advantages=take(self.advantages), loss_weight=self.loss_weight)
 
 
 def _noise(gens: Sequence[torch.Generator], shape, device, dtype) -> torch.Tensor:
@@ -125,7 +154,7 @@ def sample_batch(adapter: FlowAdapter, model: torch.nn.Module, prompts: Sequence
     dtype = DTYPES[cfg.model.dtype]  # latents live in the model dtype, as in the diffusers pipelines
     shape = adapter.latent_shape()
     sigmas = adapter.sigmas(s.num_steps)
-    start = window_start(step, cfg)
+    start = window_start(step, cfg, int(sample_ids[0]))
     train_idx = trained_steps(s, start)
     sde_idx = set(train_idx) if s.sde_window_size > 0 else set(range(s.num_steps))
     cond = adapter.encode_prompts(prompts, s.negative_prompt)
@@ -141,7 +170,7 @@ def sample_batch(adapter: FlowAdapter, model: torch.nn.Module, prompts: Sequence
             v = adapter.velocity(model, x, sig, cond, s.guidance_scale, cfg=True)
         z = _noise(step_gens, shape, device, torch.float32)  # drawn at every step: one stream per sample
         if i in sde_idx:
-            out = gg.sde_step(v, x, sig, nxt, noise_level=s.noise_level, dynamics=s.dynamics, noise=z)
+            out = gg.sde_step(v.to(x.dtype), x, sig, nxt, noise_level=s.noise_level, dynamics=s.dynamics, noise=z)
             x_next = out.prev_sample
         else:
             x_next = euler_step(x, v, sig, nxt)

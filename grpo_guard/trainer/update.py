@@ -125,14 +125,14 @@ class Updater:
             with self.autocast():
                 v = self.adapter.velocity(self.model, x, sig, b.cond, cfg.sample.guidance_scale, cfg=t.cfg)
             loss, st = gg.policy_loss(
-                v, x, x_next, sig, nxt, b.advantages, old_model_output=b.old_velocity[:, k],
+                v.to(x.dtype), x, x_next, sig, nxt, b.advantages, old_model_output=b.old_velocity[:, k].to(x.dtype),
                 noise_level=cfg.sample.noise_level, dynamics=cfg.sample.dynamics, method=t.method,
                 clip_range=t.clip_range, adv_clip_max=t.adv_clip_max, guard_weight=t.guard_weight)
             kl = torch.zeros((), device=loss.device)
             if t.beta_kl > 0:
                 with torch.no_grad(), self.reference(), self.autocast():
                     v_ref = self.adapter.velocity(self.ref_model, x, sig, b.cond, cfg.sample.guidance_scale, cfg=t.cfg)
-                kl = kl_to_reference(v, v_ref, x, x_next, sig, nxt, cfg).mean()
+                kl = kl_to_reference(v.to(x.dtype), v_ref.to(x.dtype), x, x_next, sig, nxt, cfg).mean()
             total = loss + t.beta_kl * kl
             finite = torch.isfinite(total.detach())
             if self.ds:  # a non-finite loss backpropagates NaN into every gradient, so that the engine's check on the
@@ -156,9 +156,10 @@ class Updater:
         try:
             for k in range(K):
                 for i, b in enumerate(batches):
-                    row, finite = self._loss_and_backward(b, k, 1.0 / (K * n), last=(k == K - 1 and i == n - 1))
+                    w = 1.0 / n if b.loss_weight is None else b.loss_weight  # the batch's share of the mean loss
+                    row, finite = self._loss_and_backward(b, k, w / K, last=(k == K - 1 and i == n - 1))
                     nonfinite += (~finite).to(nonfinite.dtype)  # any: the step will be skipped
-                    stats[k, :6] += torch.where(finite, row / n, 0.0)
+                    stats[k, :6] += torch.where(finite, row * w, 0.0)
                 if norms is not None:  # this timestep's own gradient
                     stats[k, 6] = norms.pop()
         finally:
@@ -188,7 +189,7 @@ class Updater:
             self.optimizer.step()
             self.lr_scheduler.step()
             if self.ema is not None:
-                self.ema.update(self.params)
+                self.ema.update(self.params, self.lr_scheduler.last_epoch - 1)
         self.optimizer.zero_grad(set_to_none=True)
         return skipped, grad_norm, int(flags[0])
 
@@ -219,16 +220,22 @@ class Updater:
         if applied:
             self.lr_scheduler.step()
             if self.ema is not None:
-                self.ema.update(zero.full_params(self.params))
+                self.ema.update(zero.full_params(self.params), self.lr_scheduler.last_epoch - 1)
         return not applied, grad_norm, int(nonfinite)
 
     def _metrics(self, stats, batches, skipped: bool, grad_norm: float, nonfinite: int) -> Dict:
         t = self.cfg.train
         K = len(batches[0].steps)
         stats = self.acc.reduce(stats, reduction="mean") if self.multi else stats
-        sigmas = batches[0].sigmas
-        per_t = [dict(index=batches[0].steps[k], sigma=sigmas[k], dt=sigmas[k + 1] - sigmas[k],
-                      **{key: float(stats[k, i]) for i, key in enumerate(STAT_KEYS)}) for k in range(K)]
+        # per trained timestep; with SDE windows that differ between micro-batches, per window position ("w<k>",
+        # sigma and dt averaged over the micro-batches)
+        same = all(b.steps == batches[0].steps for b in batches)
+        per_t = []
+        for k in range(K):
+            sig = sum(b.sigmas[k] for b in batches) / len(batches)
+            dt = sum(b.sigmas[k + 1] - b.sigmas[k] for b in batches) / len(batches)
+            per_t.append(dict(index=batches[0].steps[k] if same else f"w{k}", sigma=sig, dt=dt,
+                              **{key: float(stats[k, i]) for i, key in enumerate(STAT_KEYS)}))
         if not t.timestep_grad_norms:
             for d in per_t:
                 d.pop("grad_norm")
@@ -261,16 +268,27 @@ class AddedGradientNorm:
 
 
 class EMA:
-    """Exponential moving average of the trained parameters (float32 copies), for evaluation."""
+    """Exponential moving average of the trained parameters (float32 copies), flow_grpo's schedule: after
+    optimizer step n (0-based) with (n + 1) % interval == 0, ema += (1 - d_n) (p - ema) with
+    d_n = min((1 + n) / (10 + n), decay) (a short memory early on). flow_grpo calls it once per micro-batch of
+    such a step (gradient-accumulation times in a row); here once per optimizer step."""
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], decay: float):
-        self.decay = decay
+    def __init__(self, params: Sequence[torch.nn.Parameter], decay: float, interval: int = 1):
+        self.decay, self.interval = decay, interval
         self.shadow = [p.detach().float().clone() for p in params]
 
+    def decay_at(self, n: int) -> float:
+        return min((1 + n) / (10 + n), self.decay)
+
     @torch.no_grad()
-    def update(self, params):
+    def update(self, params, n: int) -> bool:
+        """After optimizer step ``n``; True if the EMA moved."""
+        if (n + 1) % self.interval:
+            return False
+        d = self.decay_at(n)
         for s, p in zip(self.shadow, params):
-            s.lerp_(p.detach().float(), 1.0 - self.decay)
+            s.lerp_(p.detach().float(), 1.0 - d)
+        return True
 
     @contextlib.contextmanager
     def applied(self, params):
