@@ -16,15 +16,16 @@
 # 8. (ab) the Triton kernel sets side by side: split forward vs single-launch forward, GPU time -> ab_*.csv
 # 9. (sweep_fused) the single-launch kernels' geometry sweep -> printed
 # 10. (host) host time per call of the default call, every backend, float and tensor sigmas -> host_overhead.csv
+# 11. (fp16) the tiny trainer with flow_grpo's precision (fp16 autocast + loss scaler) -> fp16.log
 #
 # STEPS (comma-separated) picks steps by name: tests, cuda, bench, trainer, deepspeed, sweep, compile, ab,
-# sweep_fused, host (default: all but ab and sweep_fused). GRPO_GUARD_TRITON_FUSED=0 runs everything on the
+# sweep_fused, host, fp16 (default: all but ab and sweep_fused). GRPO_GUARD_TRITON_FUSED=0 runs everything on the
 # split Triton kernels (the single-launch ones are the default since 2026-11-30). The next session should run
 #   STEPS=tests,cuda,bench,compile BUDGET=480 bash benchmarks/gpu_check.sh
 # (the op tests, the cuda backend's compile/opcheck tests that have not run on a GPU yet, the full benchmark table
 # with the single-launch default, the torch.compile baselines).
 set -u
-STEPS=${STEPS:-tests,cuda,bench,trainer,deepspeed,sweep,compile,host}
+STEPS=${STEPS:-tests,cuda,bench,trainer,deepspeed,fp16,sweep,compile,host}
 want() { [[ ",$STEPS," == *",$1,"* ]]; }
 OUT=${OUT:-$PWD/gpu_out}
 BUDGET=${BUDGET:-540}
@@ -124,6 +125,21 @@ if python3 -c "import deepspeed" > /dev/null 2>&1; then
       for l in open('$OUT/deepspeed_metrics.jsonl')]"
 else
   echo "deepspeed not installed: skipped"
+fi
+fi
+
+if want fp16; then
+step "tiny trainer with flow_grpo's precision on the GPU: fp16 autocast + accelerate's loss scaler, float32 latents"
+if python3 -c "import diffusers, peft, accelerate" > /dev/null 2>&1; then
+  timeout "$(cap 90)" python3 -m grpo_guard.train configs/tiny_sd3.yaml --output-dir /tmp/fp16_gpu \
+    --set run.cpu=false --set run.mixed_precision=fp16 --set model.latent_dtype=float32 \
+    --set model.vae_dtype=float32 --set model.text_encoder_dtype=float16 --set train.updates_per_step=2 \
+    --set run.progress=false --set run.num_steps=3 > "$OUT/fp16.log" 2>&1
+  echo "fp16 trainer exit status $?"; tail -3 "$OUT/fp16.log"
+  python3 -c "import json; [print({k: v for k, v in u.items() if k != 'timesteps'}, [t['ratio_mean'] for t in u['timesteps']])
+    for l in open('/tmp/fp16_gpu/metrics.jsonl') for u in json.loads(l)['updates']]"
+else
+  echo "diffusers/peft/accelerate not installed (carry wheels in .whl): skipped"
 fi
 fi
 

@@ -47,7 +47,8 @@ def policy_loss(model_output: torch.Tensor, sample: torch.Tensor, prev_sample: t
                 old_prev_sample_mean: Optional[torch.Tensor] = None,
                 old_model_output: Optional[torch.Tensor] = None, noise_level: float = 0.7,
                 dynamics: str = "flow", method: str = "guard", clip_range: float = 2e-6,
-                adv_clip_max: float = 5.0, guard_weight: str = "dt", validate: Union[bool, str] = True):
+                adv_clip_max: float = 5.0, guard_weight: str = "dt", kl_threshold: float = 1e-5,
+                validate: Union[bool, str] = True):
     """The clipped policy loss of one trained timestep, fused from the velocity to the scalar (SPEC §4-6).
 
     ``loss = mean_i w_i * max(-A_i rho_i, -A_i clip(rho_i, 1-eps, 1+eps))``, A clamped to +-adv_clip_max,
@@ -57,6 +58,11 @@ def policy_loss(model_output: torch.Tensor, sample: torch.Tensor, prev_sample: t
     - "mean_revised": log r + bias, bias = mean_D (mu_theta - mu_old)^2 / (2 s^2)
     - "ratio_norm": RatioNorm, log r_hat = s (log r + bias) = mean_D[z (mu_theta - mu_old)], no reweight
     - "guard": RatioNorm + 1/|dt| reweighting (GRPO-Guard)
+    - "dppo": Flow-DPPO (SPEC §9): no clipping; ``loss = mean_i -A_i r_i (1 - drop_i)``, drop_i = (K_i >=
+      kl_threshold) and (A_i log r_i > 0), K_i = mean_D (mu_theta - mu_old)^2 / (2 s^2) the exact per-step KL;
+      ``adv_clip_max`` still clamps A (the official code does not: pass ``float("inf")``); stats add kl_mean,
+      kl_max, masked_fraction and masked_fraction_pos / _neg. Runs on the torch backend (the fused kernels do
+      not have it yet; ``auto`` picks torch for it).
 
     The last three need ``old_prev_sample_mean`` (as returned by :func:`sde_step` at rollout) or
     ``old_model_output`` (the rollout velocity: exact and, for bf16 models, half the storage).
@@ -74,7 +80,7 @@ def policy_loss(model_output: torch.Tensor, sample: torch.Tensor, prev_sample: t
                                 old_log_prob=old_log_prob, old_prev_sample_mean=old_prev_sample_mean,
                                 old_model_output=old_model_output, noise_level=noise_level, dynamics=dynamics,
                                 method=method, clip_range=clip_range, adv_clip_max=adv_clip_max,
-                                guard_weight=guard_weight, validate=validate)
+                                guard_weight=guard_weight, validate=validate, kl_threshold=kl_threshold)
     return dispatch.run("policy_loss", req, model_output.device)
 
 

@@ -75,17 +75,24 @@ def backend(name: str):
         _state.forced = previous
 
 
-def resolve(device: torch.device):
-    """-> (name, module) of the backend to run on ``device`` now."""
+def request_unsupported(name: str, op: str, request) -> Optional[str]:
+    """None if backend ``name`` implements this call of ``op`` (e.g. the method), else why not."""
+    check = getattr(_load(name), "unsupported_request", None)
+    return None if check is None or request is None else check(op, request)
+
+
+def resolve(device: torch.device, op: Optional[str] = None, request=None):
+    """-> (name, module) of the backend to run on ``device`` now (for ``op``'s ``request`` when given: auto skips
+    a backend that does not implement it, e.g. a method its kernels lack)."""
     name = requested()
     if name != "auto":
-        reason = unsupported_reason(name, device)
+        reason = unsupported_reason(name, device) or request_unsupported(name, op, request)
         if reason is not None:
             raise BackendUnavailable(f"backend {name!r} requested but unavailable on {device}: {reason}")
         return name, _load(name)
     order = BACKENDS if device.type == "cuda" else ("torch",)
     for candidate in order:
-        if unsupported_reason(candidate, device) is None:
+        if unsupported_reason(candidate, device) is None and request_unsupported(candidate, op, request) is None:
             return candidate, _load(candidate)
     raise BackendUnavailable(f"no backend supports device {device}")  # torch supports every device
 
@@ -97,12 +104,14 @@ def run(op: str, request, device: torch.device):
     if torch.compiler.is_compiling():
         from .ops import library
         name = compiled_backend(device.type)
+        if name != "torch" and request_unsupported(name, op, request) is not None:
+            name = "torch"  # e.g. a method the kernels lack: the reference operator
         compiled = library.COMPILED[op].get(name)
         if compiled is None:
             raise BackendUnavailable(f"backend {name!r} has no torch.compile path yet; use the triton or torch "
                                      "backend inside compiled code (grpo_guard.backend('triton'))")
         return compiled(request)
-    name, module = resolve(device)
+    name, module = resolve(device, op, request)
     _state.last = name
     return getattr(module, op)(request)
 

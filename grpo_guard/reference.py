@@ -19,7 +19,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 
 DYNAMICS = ("flow", "dance", "cps")
-METHODS = ("grpo", "mean_revised", "ratio_norm", "guard")
+METHODS = ("grpo", "mean_revised", "ratio_norm", "guard", "dppo")
 GUARD_WEIGHTS = ("dt", "beta_dt")
 LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -233,18 +233,41 @@ def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, weights
     return per_sample.mean(), per_sample, ratio, clipped
 
 
+def step_kl(s2: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Flow-DPPO's exact per-step KL (SPEC §9), per sample: K = mean_D[Delta^2] / (2 s^2) = S2 / (2 s^2), the KL
+    between the old and new Gaussian transitions (same std s) per latent element; every dynamics (for cps s =
+    sigma' sin(eta pi/2))."""
+    return s2 / (2.0 * std * std)
+
+
+def masked_surrogate(log_ratio: torch.Tensor, kl: torch.Tensor, advantages: torch.Tensor, kl_threshold: float,
+                     adv_clip_max: float):
+    """Flow-DPPO (SPEC §9): loss = mean_i -A_i r_i (1 - drop_i), drop_i = (K_i >= tau) and (A_i log r_i > 0):
+    no clipping, no reweighting; drop is a detached gate (no gradient through K), decided on the exact log r.
+    A clamped to +-adv_clip_max (the official code does not clamp: pass inf). Returns (loss, per-sample loss,
+    ratio, dropped mask)."""
+    adv = advantages.to(log_ratio.dtype).clamp(-adv_clip_max, adv_clip_max)
+    ratio = torch.exp(log_ratio)
+    drop = (kl.detach() >= kl_threshold) & (adv * log_ratio.detach() > 0)
+    per_sample = torch.where(drop, torch.zeros_like(ratio), -adv * ratio)
+    return per_sample.mean(), per_sample, ratio, drop
+
+
 def policy_loss(model_output: torch.Tensor, sample: torch.Tensor, prev_sample: torch.Tensor, sigma: Sigma,
                 sigma_next: Sigma, advantages: torch.Tensor, *, old_log_prob: Optional[torch.Tensor] = None,
                 old_prev_sample_mean: Optional[torch.Tensor] = None,
                 old_model_output: Optional[torch.Tensor] = None, noise_level: float = 0.7,
                 dynamics: str = "flow", method: str = "guard", clip_range: float = 2e-6,
-                adv_clip_max: float = 5.0, guard_weight: str = "dt"):
+                adv_clip_max: float = 5.0, guard_weight: str = "dt", kl_threshold: float = 1e-5):
     """The clipped policy loss of one trained timestep (SPEC §4-5). Returns (loss, stats).
 
     log-ratio by method ("grpo": log r; "mean_revised": log r + bias; "ratio_norm"/"guard": s*(log r + bias)
     = mean_D[z*(mu_theta - mu_old)]), from closed forms whenever an old mean or velocity is given. Plain
     "grpo" with only ``old_log_prob`` uses log p_theta - old_log_prob (the published formula; exact
     on-policy, but it loses ~1e-7 absolute to cancellation in float32).
+    "dppo" (Flow-DPPO, SPEC §9): the plain log r, masked by the exact per-step KL (:func:`masked_surrogate`);
+    ``clip_range`` and ``guard_weight`` are unused; stats add kl_mean, kl_max, masked_fraction (= clipfrac) and
+    masked_fraction_pos / _neg (among samples with A > 0 / A < 0).
     stats: detached ratio_mean, ratio_std, clipfrac, approx_kl (0-dim) and log_ratio, bias (B,).
     """
     B = sample.shape[0]
@@ -255,17 +278,33 @@ def policy_loss(model_output: torch.Tensor, sample: torch.Tensor, prev_sample: t
         s1, s2 = policy_change(model_output, sample, prev_sample, coef, cd,
                                old_prev_sample_mean=old_prev_sample_mean, old_model_output=old_model_output)
         ratios = log_ratios(s1, s2, std, dynamics)
-        log_ratio, bias = ratios[method], ratios["bias"]
+        log_ratio, bias = ratios["grpo" if method == "dppo" else method], ratios["bias"]
     else:
         mean = transition_mean(model_output, sample, coef, cd)
         log_p = log_prob_from_mean(prev_sample.reshape(B, -1).to(cd), mean, coef, dynamics)
         log_ratio = log_p - old_log_prob.to(cd)
         bias = None  # unknown without the old mean
     log_ratio = log_ratio.expand(B) if log_ratio.shape[0] != B else log_ratio
+    if method == "dppo":
+        kl = step_kl(s2, std).expand(B)
+        loss, _, _, dropped = masked_surrogate(log_ratio, kl, advantages, kl_threshold, adv_clip_max)
+        stats = summarize(log_ratio, dropped, bias)
+        stats.update(kl_stats(kl, dropped, advantages))
+        return loss, stats
     weights = sample_weights(coef, method, guard_weight).to(sample.device)
     loss, _, _, clipped = clipped_surrogate(log_ratio, advantages, weights, clip_range, adv_clip_max)
     stats = summarize(log_ratio, clipped, bias)
     return loss, stats
+
+
+def kl_stats(kl: torch.Tensor, dropped: torch.Tensor, advantages: torch.Tensor):
+    """Flow-DPPO's logged statistics, detached 0-dim: kl_mean, kl_max, masked_fraction, and the masked fraction
+    among samples with a positive / negative advantage (0 when there are none)."""
+    kl, d = kl.detach(), dropped.to(kl.dtype)
+    pos, neg = (advantages > 0).to(kl.dtype), (advantages < 0).to(kl.dtype)
+    return {"kl_mean": kl.mean(), "kl_max": kl.max(), "masked_fraction": d.mean(),
+            "masked_fraction_pos": (d * pos).sum() / pos.sum().clamp(min=1),
+            "masked_fraction_neg": (d * neg).sum() / neg.sum().clamp(min=1)}
 
 
 def kl_to_reference(mean: torch.Tensor, mean_ref: torch.Tensor, std_dev_t: torch.Tensor) -> torch.Tensor:

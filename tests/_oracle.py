@@ -99,3 +99,30 @@ def policy_loss(v, x, xp, sigma, sigma_next, advantages, *, v_old=None, mu_old=N
              "clipfrac": ((rd - 1).abs() > clip_range).double().mean(),
              "approx_kl": 0.5 * (lr.detach() ** 2).mean(), "log_ratio": lr.detach()}
     return per.mean(), stats
+
+
+def dppo_loss(v, x, xp, sigma, sigma_next, advantages, *, v_old=None, mu_old=None, noise_level=0.7,
+              dynamics="flow", kl_threshold=1e-5, adv_clip_max=5.0):
+    """Flow-DPPO (SPEC §9) in float64 on the CPU: log r as a difference of direct log-densities, K as
+    torch.distributions' KL between the old and new Normal transitions averaged over the latent dims, the mask
+    (K >= tau and A log r > 0) and mean_i -A_i r_i (1 - drop_i). Returns (loss, stats)."""
+    from torch.distributions import kl_divergence
+
+    B = x.shape[0]
+    v = v if (v.dtype == torch.float64 and v.device.type == "cpu") else v.detach().double().cpu()
+    v = v.reshape(B, -1)
+    x, xp = flat64(x), flat64(xp)
+    _, s, mean_fn = schedule_terms(sigma, sigma_next, noise_level, dynamics)
+    mu = mean_fn(x, v)
+    mu_o = mean_fn(x, flat64(v_old)) if v_old is not None else flat64(mu_old)
+    lr = log_prob(xp, mu, s, dynamics) - log_prob(xp, mu_o, s, dynamics)
+    K = kl_divergence(Normal(mu_o, s.expand_as(mu_o)), Normal(mu.detach(), s.expand_as(mu))).mean(dim=1)
+    A = torch.as_tensor(advantages, dtype=torch.float64).cpu().clamp(-adv_clip_max, adv_clip_max)
+    drop = (K >= kl_threshold) & (A * lr.detach() > 0)
+    loss = (-A * torch.exp(lr) * (~drop).double()).mean()
+    d = drop.double()
+    stats = {"kl_mean": K.mean(), "kl_max": K.max(), "masked_fraction": d.mean(),
+             "masked_fraction_pos": d[A > 0].mean() if (A > 0).any() else torch.zeros((), dtype=torch.float64),
+             "masked_fraction_neg": d[A < 0].mean() if (A < 0).any() else torch.zeros((), dtype=torch.float64),
+             "log_ratio": lr.detach(), "kl": K, "drop": drop}
+    return loss, stats

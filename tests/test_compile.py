@@ -79,7 +79,7 @@ def test_opcheck_policy_loss(backend, kernel_set, i, method_kind, dtype):
     else:
         olds = [old if kind == k else None for k in ("old_log_prob", "old_prev_sample_mean", "old_model_output")]
         op = torch.ops.grpo_guard.policy_loss_torch.default
-        args = (v, x, xp, *olds, adv, *sig_args, *common, True)
+        args = (v, x, xp, *olds, adv, *sig_args, *common, True, 1e-5)  # check, kl_threshold
     torch.library.opcheck(op, args)
 
 

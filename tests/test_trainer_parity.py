@@ -195,5 +195,54 @@ def test_shipped_recipes_are_the_published_ones():
         assert (cfg.model.resolution, cfg.model.max_sequence_length, cfg.model.lora.rank, cfg.model.lora.alpha) == \
             (512, 128, 32, 64)
         assert t.ema and t.ema_decay == 0.9 and t.ema_update_interval == 8 and t.drop_zero_advantages
+        m = cfg.model
+        assert (m.dtype, m.latent_dtype, m.vae_dtype, m.text_encoder_dtype, cfg.run.mixed_precision) == \
+            ("float32", "float32", "float32", "float16", "fp16")
         assert (t.adv_clip_max, t.max_grad_norm, t.weight_decay, t.adam_eps) == (5.0, 1.0, 1e-4, 1e-8)
         config.validate(cfg, world_size=gpus)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_flow_grpo_precision_mode(family, tmp_path):
+    """flow_grpo's precision: float32 weights under float16 autocast, float32 latents and VAE, float16 text
+    encoders (on a CPU the trainer autocasts itself; there is no loss scaler). The velocity is stored in float16,
+    the first update is exactly on-policy, the second is not."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    try:
+        t = Trainer(tiny(family, tmp_path, "run.mixed_precision=fp16", "model.latent_dtype=float32",
+                         "model.vae_dtype=float32", "model.text_encoder_dtype=float16", "train.updates_per_step=2",
+                         "train.learning_rate=0.05", "run.save_every=0", steps=1))
+        rec = t.step()
+    finally:
+        AcceleratorState._reset_state(True)
+    b = t.last_batches[0]
+    assert (b.old_velocity.dtype, b.latents.dtype, t.adapter.pipe.vae.dtype) == \
+        (torch.float16, torch.float32, torch.float32)
+    assert t.adapter.pipe.text_encoder.dtype == torch.float16
+    first, second = rec["updates"]
+    assert all(d["ratio_mean"] == 1.0 and d["ratio_std"] == 0.0 for d in first["timesteps"])
+    assert any(d["ratio_std"] != 0.0 for d in second["timesteps"])
+    assert first["skipped"] == 0 and first["overflow"] == 0
+
+
+def test_precision_keys_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.vae_dtype must be one of"):
+        tiny("sd3", tmp_path, "model.vae_dtype=fp32")
+    with pytest.raises(ConfigError, match=r"run\.mixed_precision must be one of"):
+        tiny("sd3", tmp_path, "run.mixed_precision=fp8")
+
+
+def test_trainer_runs_flow_dppo_and_logs_its_stats(tmp_path):
+    t = Trainer(tiny("sd3", tmp_path, "train.method=dppo", "train.updates_per_step=2", "train.learning_rate=0.05",
+                     "train.kl_threshold=1.0e-9", "run.save_every=0", steps=1))
+    rec = t.step()
+    first, second = rec["updates"]
+    for d in first["timesteps"]:  # on-policy: K = 0, nothing masked, ratio exactly 1
+        assert (d["ratio_mean"], d["ratio_std"], d["kl_max"], d["masked_fraction"]) == (1.0, 0.0, 0.0, 0.0)
+    assert all(d["kl_mean"] > 0 for d in second["timesteps"])
+    assert any(d["masked_fraction"] > 0 for d in second["timesteps"])  # tau tiny: every move away is masked
+    assert all(0 <= d["masked_fraction_pos"] <= 1 and 0 <= d["masked_fraction_neg"] <= 1 for d in second["timesteps"])
+    with pytest.raises(ConfigError, match=r"train\.kl_threshold must be"):
+        tiny("sd3", tmp_path, "train.method=dppo", "train.kl_threshold=0")

@@ -110,6 +110,13 @@ def build_adapter(model_cfg, device: Optional[torch.device] = None, seed: int = 
         pipe = module.tiny_pipeline(seed=seed, dtype=dtype)
     else:
         pipe = module.PIPELINE.from_pretrained(model_cfg.pretrained, torch_dtype=dtype)
+    # flow_grpo's precision: float16 text encoders, a float32 VAE (model_cfg.text_encoder_dtype / vae_dtype)
+    for names, key in ((("text_encoder", "text_encoder_2", "text_encoder_3"), "text_encoder_dtype"),
+                       (("vae",), "vae_dtype")):
+        want = getattr(model_cfg, key, None)
+        for module_ in (getattr(pipe, n, None) for n in names):
+            if want is not None and module_ is not None:
+                module_.to(dtype=DTYPES[want])
     adapter = module.Adapter(pipe, resolution=model_cfg.resolution,
                              max_sequence_length=model_cfg.max_sequence_length or module.MAX_SEQUENCE_LENGTH)
     return adapter.to(device) if device is not None else adapter

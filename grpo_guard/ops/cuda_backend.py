@@ -260,3 +260,10 @@ def policy_loss_compiled(req: LossRequest):
     loss, packed, log_ratio, bias, _ = torch.ops.grpo_guard.policy_loss_cuda(v, x, prev, mu_old, v_old, adv,
                                                                              old_logp, *sched, *cfg)
     return _stats(loss, packed, log_ratio, bias if bias.numel() else None)
+
+
+def unsupported_request(op, req):
+    """Why the CUDA extension cannot run this call (None if they can): Flow-DPPO is not fused yet (the torch backend runs it)."""
+    if op == "policy_loss" and req.method == "dppo":
+        return "method='dppo' is not in the CUDA extension yet (the torch backend has it)"
+    return None

@@ -214,8 +214,11 @@ TORCH_SCHEMAS = {
                          "Tensor? old_prev_sample_mean, Tensor? old_model_output, Tensor advantages, Tensor? sigma, "
                          "Tensor? sigma_next, float sigma_value, float sigma_next_value, float noise_level, "
                          "str dynamics, str method, float clip_range, float adv_clip_max, str guard_weight, "
-                         "bool check) -> (Tensor, Tensor, Tensor)",
+                         "bool check, float kl_threshold) -> (Tensor, Tensor, Tensor)",
 }
+
+
+DPPO_STATS = ("kl_mean", "kl_max", "masked_fraction", "masked_fraction_pos", "masked_fraction_neg")
 
 
 def _no_error_bits(like: Tensor) -> Tensor:
@@ -240,20 +243,21 @@ def _sde_step_torch(v, x, prev_sample, noise, sigma, sigma_next, sigma_value, si
 
 def _policy_loss_torch(v, x, prev_sample, old_log_prob, old_prev_sample_mean, old_model_output, advantages, sigma,
                        sigma_next, sigma_value, sigma_next_value, noise_level, dynamics, method, clip_range,
-                       adv_clip_max, guard_weight, check):
+                       adv_clip_max, guard_weight, check, kl_threshold):
     """(loss, stats packed as the Triton kernels pack them (4 + 2B: ratio_mean, ratio_std, clipfrac, approx_kl,
-    log_ratio, bias (zeros without an old mean)), error bits)."""
+    log_ratio, bias (zeros without an old mean); "dppo" appends DPPO_STATS), error bits)."""
     req = requests.LossRequest(v, x, prev_sample, sigma if sigma is not None else sigma_value,
                                sigma_next if sigma_next is not None else sigma_next_value, advantages, old_log_prob,
                                old_prev_sample_mean, old_model_output, noise_level, dynamics, method, clip_range,
-                               adv_clip_max, guard_weight, check)
+                               adv_clip_max, guard_weight, check, kl_threshold)
     req, code = requests.checked(req)
     loss, st = ref.policy_loss(v, x, prev_sample, req.sigma, req.sigma_next, req.advantages,
                                **req.reference_kwargs())
     log_ratio = st["log_ratio"]
     bias = st.get("bias", torch.zeros_like(log_ratio))
+    extra = [torch.stack([st[k] for k in DPPO_STATS])] if method == "dppo" else []
     stats = torch.cat([torch.stack([st["ratio_mean"], st["ratio_std"], st["clipfrac"], st["approx_kl"]]),
-                       log_ratio, bias]).detach()
+                       log_ratio, bias, *extra]).detach()
     return loss, stats, code if code is not None else _no_error_bits(x)
 
 
@@ -283,13 +287,15 @@ def policy_loss_torch(req: requests.LossRequest):
     loss, stats, err = torch.ops.grpo_guard.policy_loss_torch(
         req.model_output, req.sample, req.prev_sample, req.old_log_prob, req.old_prev_sample_mean,
         req.old_model_output, req.advantages, sig_t, nxt_t, sig_f, nxt_f, req.noise_level, req.dynamics,
-        req.method, req.clip_range, req.adv_clip_max, req.guard_weight, req.check)
+        req.method, req.clip_range, req.adv_clip_max, req.guard_weight, req.check, req.kl_threshold)
     errors.record(err, req.sample.device)
     B = req.sample.shape[0]
     out = {"ratio_mean": stats[0], "ratio_std": stats[1], "clipfrac": stats[2], "approx_kl": stats[3],
            "log_ratio": stats[4:4 + B]}
     if req.old_prev_sample_mean is not None or req.old_model_output is not None:
-        out["bias"] = stats[4 + B:]
+        out["bias"] = stats[4 + B:4 + 2 * B]
+    if req.method == "dppo":
+        out.update({k: stats[4 + 2 * B + i] for i, k in enumerate(DPPO_STATS)})
     return loss, out
 
 

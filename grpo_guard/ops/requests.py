@@ -60,12 +60,13 @@ class LossRequest:
     adv_clip_max: float
     guard_weight: str
     check: bool = False   # per-sample values in tensors still to be checked on the device (errors.py)
+    kl_threshold: float = 1e-5  # method "dppo"
 
     def reference_kwargs(self):
         return dict(old_log_prob=self.old_log_prob, old_prev_sample_mean=self.old_prev_sample_mean,
                     old_model_output=self.old_model_output, noise_level=self.noise_level,
                     dynamics=self.dynamics, method=self.method, clip_range=self.clip_range,
-                    adv_clip_max=self.adv_clip_max, guard_weight=self.guard_weight)
+                    adv_clip_max=self.adv_clip_max, guard_weight=self.guard_weight, kl_threshold=self.kl_threshold)
 
 
 def _choice(name, value, options):
@@ -239,7 +240,7 @@ def sde_request(model_output, sample, sigma, sigma_next, *, noise_level, dynamic
 
 def loss_request(model_output, sample, prev_sample, sigma, sigma_next, advantages, *, old_log_prob,
                  old_prev_sample_mean, old_model_output, noise_level, dynamics, method, clip_range,
-                 adv_clip_max, guard_weight, validate) -> LossRequest:
+                 adv_clip_max, guard_weight, validate, kl_threshold=1e-5) -> LossRequest:
     mode = validate_mode(validate)
     B, eta, sig, nxt = _common(model_output, sample, sigma, sigma_next, noise_level, dynamics, mode)
     _choice("method", method, ref.METHODS)
@@ -262,7 +263,8 @@ def loss_request(model_output, sample, prev_sample, sigma, sigma_next, advantage
                              "for the exact closed form)")
     elif not has_old_mean:
         raise ValueError(f"method={method!r} needs old_prev_sample_mean (what sde_step returned at rollout) "
-                         "or old_model_output (the rollout velocity)")
+                         "or old_model_output (the rollout velocity)"
+                         + ("; old_log_prob alone does not give the KL" if method == "dppo" else ""))
     _check_dtype_mix([("model_output", model_output), ("sample", sample), ("prev_sample", prev_sample),
                       ("old_prev_sample_mean", old_prev_sample_mean), ("old_model_output", old_model_output)])
     device = model_output.device
@@ -277,6 +279,7 @@ def loss_request(model_output, sample, prev_sample, sigma, sigma_next, advantage
     if eps >= 1:
         raise ValueError(f"clip_range must be < 1, got {eps}")
     adv_max = _positive_float("adv_clip_max", adv_clip_max, allow_inf=True)
+    tau = _positive_float("kl_threshold", kl_threshold)
     if dynamics == "cps" and method in ("ratio_norm", "guard"):
         nvals = [nxt] if not isinstance(nxt, torch.Tensor) else nxt.detach().cpu().tolist() if mode == "sync" else []
         if any(n == 0 for n in nvals):
@@ -284,7 +287,7 @@ def loss_request(model_output, sample, prev_sample, sigma, sigma_next, advantage
                              "do not train the last step" % method)
     return LossRequest(model_output, sample, prev_sample, sig, nxt, advantages, old_log_prob,
                        old_prev_sample_mean, old_model_output, eta, dynamics, method, eps, adv_max, guard_weight,
-                       check=mode == "device")
+                       check=mode == "device", kl_threshold=tau)
 
 
 def checked(req):

@@ -39,6 +39,9 @@ class ModelConfig:
     resolution: int = 512               # image side in pixels
     use_lora: bool = True               # False = full fine-tuning of the transformer
     lora: LoraConfig = field(default_factory=LoraConfig)
+    latent_dtype: Optional[str] = None  # dtype of the rollout's latents; None = dtype (flow_grpo: float32)
+    vae_dtype: Optional[str] = None     # dtype of the VAE (decode); None = dtype (flow_grpo: float32)
+    text_encoder_dtype: Optional[str] = None  # dtype of the text encoders; None = dtype (flow_grpo: float16)
     max_sequence_length: Optional[int] = None  # T5 tokens; None = the family's: SD3 128 (flow_grpo's SD3 scripts
                                                # encode at 128; SD3 attends to the padding), Flux 512 (FluxPipeline)
 
@@ -67,9 +70,10 @@ class SampleConfig:
 
 @dataclass
 class TrainConfig:
-    method: str = "guard"               # grpo | mean_revised | ratio_norm | guard
+    method: str = "guard"               # grpo | mean_revised | ratio_norm | guard | dppo (Flow-DPPO, SPEC §9)
     clip_range: float = 2e-6            # GRPO-Guard: 2e-6 (OCR/GenEval), 4e-6 (PickScore); Flow-GRPO: 1e-4
-    adv_clip_max: float = 5.0
+    adv_clip_max: float = 5.0           # advantages clamped to +-this (Flow-DPPO's official code does not clamp: .inf)
+    kl_threshold: float = 1e-5          # dppo: mask a sample whose exact per-step KL is >= this and that moves away
     guard_weight: str = "dt"            # dt | beta_dt (reweighting, SPEC §5)
     cfg: bool = True                    # recompute the velocity with CFG in the update (as in the rollout)
     updates_per_step: int = 2           # optimizer steps per rollout (flow_grpo: 2); only the first is on-policy
@@ -126,7 +130,8 @@ class RunConfig:
     eval_every: int = 0                 # every k steps: ODE samples of data.eval_prompts (EMA weights if
                                         # train.ema), all rewards logged as eval/...; 0 = never
     eval_num_steps: int = 0             # denoising steps for evaluation; 0 = sample.num_steps (flow_grpo: 40)
-    mixed_precision: str = "bf16"       # no | bf16 (accelerate autocast; fp16 is not supported)
+    mixed_precision: str = "bf16"       # no | bf16 | fp16 (accelerate's autocast; fp16 adds its loss scaler on a GPU
+                                        # and autocasts to float16 on a CPU; single process or DDP-style only)
     cpu: bool = False                   # force the CPU (accelerate's cpu=True; also for 2-process CPU tests)
     tensorboard: bool = True
     progress: bool = True               # tqdm progress bar
@@ -149,10 +154,10 @@ CHOICES = {
     "model.family": ("sd3", "flux"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "sample.dynamics": ("flow", "dance", "cps"),
-    "train.method": ("grpo", "mean_revised", "ratio_norm", "guard"),
+    "train.method": ("grpo", "mean_revised", "ratio_norm", "guard", "dppo"),
     "sample.sde_window_per": ("micro_batch", "step"),
     "train.guard_weight": ("dt", "beta_dt"),
-    "run.mixed_precision": ("no", "bf16"),  # fp16's loss scaler would skip steps our non-finite guard counts
+    "run.mixed_precision": ("no", "bf16", "fp16"),
 }
 
 
@@ -276,6 +281,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         if _get(cfg, key) not in options:
             raise ConfigError(f"{key} must be one of {options}, got {_get(cfg, key)!r}")
     m, s, t = cfg.model, cfg.sample, cfg.train
+    for key in ("latent_dtype", "vae_dtype", "text_encoder_dtype"):
+        val = getattr(m, key)
+        if val is not None and val not in CHOICES["model.dtype"]:
+            raise ConfigError(f"model.{key} must be one of {CHOICES['model.dtype']} or null (= model.dtype), "
+                              f"got {val!r}")
     if (m.pretrained is None) == (not m.tiny):
         raise ConfigError("set exactly one of model.pretrained (hub id / path) and model.tiny: true")
     positive = {"model.resolution": m.resolution, "sample.num_steps": s.num_steps, "sample.group_size": s.group_size,
@@ -284,12 +294,14 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                 "train.adv_clip_max": t.adv_clip_max, "train.max_grad_norm": t.max_grad_norm,
                 "train.learning_rate": t.learning_rate, "model.lora.rank": m.lora.rank,
                 "train.max_nonfinite_in_a_row": t.max_nonfinite_in_a_row, "run.num_steps": cfg.run.num_steps,
-                "train.ema_update_interval": t.ema_update_interval}
+                "train.ema_update_interval": t.ema_update_interval, "train.kl_threshold": t.kl_threshold}
     if m.max_sequence_length is not None:
         positive["model.max_sequence_length"] = m.max_sequence_length
     for key, val in positive.items():
         if not val > 0:
             raise ConfigError(f"{key} must be > 0, got {val}")
+    if t.kl_threshold == float("inf"):
+        raise ConfigError(f"train.kl_threshold must be finite, got {t.kl_threshold}")
     if not 0 < t.clip_range < 1:
         raise ConfigError(f"train.clip_range must be in (0, 1), got {t.clip_range}")
     if not 0 < s.noise_level <= (1 if s.dynamics == "cps" else 10):

@@ -261,7 +261,9 @@ class Trainer:
         for u in range(self.cfg.train.updates_per_step):
             res = self.updater.step(batches[u * n:(u + 1) * n])
             self.skipped_total += res["skipped"]
-            self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if res["skipped"] else 0
+            # a skip of fp16's loss scaler (overflow, it lowers its scale) is routine, not a failure
+            failed = res["skipped"] and not res["overflow"]
+            self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if failed else 0
             out.append(res)
             if self.nonfinite_in_a_row >= self.cfg.train.max_nonfinite_in_a_row:
                 raise NonFiniteLossError(

@@ -11,7 +11,7 @@ with ``same_noise_per_group``), so a trajectory does not depend on how samples a
 Stored per trained step j and sample (D = latent elements; compute dtype = the forwards' (bf16 under bf16
 autocast or with bf16 weights), FlowAdapter.velocity_dtype):
 
-- ``latents[:, k]``        x_j                          D x latent dtype (model.dtype)
+- ``latents[:, k]``        x_j                          D x latent dtype (model.latent_dtype or model.dtype)
 - ``old_velocity[:, k]``   v_old_j (after CFG)          D x compute dtype  (``policy_loss(old_model_output=)``)
 
 plus x_{last+1} once per trajectory and the prompt embeddings once per sample. For SD3.5-M at 512 px in bf16
@@ -151,7 +151,7 @@ def sample_batch(adapter: FlowAdapter, model: torch.nn.Module, prompts: Sequence
     """
     s = cfg.sample
     device = adapter.device
-    dtype = DTYPES[cfg.model.dtype]  # latents live in the model dtype, as in the diffusers pipelines
+    dtype = latent_dtype(cfg)
     shape = adapter.latent_shape()
     sigmas = adapter.sigmas(s.num_steps)
     start = window_start(step, cfg, int(sample_ids[0]))
@@ -198,13 +198,18 @@ def generate(adapter: FlowAdapter, model: torch.nn.Module, prompts: Sequence[str
     sigmas = adapter.sigmas(n)
     cond = adapter.encode_prompts(prompts, s.negative_prompt)
     gens = [torch.Generator().manual_seed(mix_seed(cfg.run.seed, k, 6)) for k in seeds]
-    x = _noise(gens, adapter.latent_shape(), adapter.device, DTYPES[cfg.model.dtype])
+    x = _noise(gens, adapter.latent_shape(), adapter.device, latent_dtype(cfg))
     ctx = autocast or _null
     for i in range(n):
         with ctx():
             v = adapter.velocity(model, x, sigmas[i], cond, s.guidance_scale, cfg=True)
         x = euler_step(x, v, sigmas[i], sigmas[i + 1])
     return x
+
+
+def latent_dtype(cfg: Config) -> torch.dtype:
+    """The rollout's latents: ``model.latent_dtype`` (flow_grpo: float32), else the model dtype (as diffusers)."""
+    return DTYPES[cfg.model.latent_dtype or cfg.model.dtype]
 
 
 def euler_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:

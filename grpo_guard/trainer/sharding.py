@@ -35,6 +35,9 @@ def check(accelerator, cfg) -> None:
     from .config import ConfigError
 
     plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
+    if cfg.run.mixed_precision == "fp16":
+        raise ConfigError("run.mixed_precision: fp16 under FSDP2 (its sharded loss scaler is not handled by the "
+                          "trainer); use bf16, or fp16 with one process or DDP-style processes")
     if cfg.train.gradient_checkpointing and getattr(plugin, "activation_checkpointing", False):
         raise ConfigError("train.gradient_checkpointing: true with fsdp_activation_checkpointing: true would "
                           "recompute every block twice in the backward; keep one of them")

@@ -31,6 +31,9 @@ from .config import Config, UnsupportedDistributedError  # noqa: F401 (re-export
 from .rollout import RolloutBatch
 
 STAT_KEYS = ("loss", "ratio_mean", "ratio_std", "clipfrac", "approx_kl", "kl", "grad_norm")
+# train.method dppo adds, per timestep (weighted means over micro-batches, then over processes; kl_max is each
+# micro-batch's largest per-sample K, averaged so)
+DPPO_KEYS = ("kl_mean", "kl_max", "masked_fraction", "masked_fraction_pos", "masked_fraction_neg")
 
 
 def kl_to_reference(v: torch.Tensor, v_ref: torch.Tensor, x: torch.Tensor, x_next: torch.Tensor, sigma: float,
@@ -81,6 +84,8 @@ class Updater:
         self.ds = zero.is_deepspeed(accelerator)  # the engine reduces, clips and steps
         self.manual_sync = self.multi and not self.fsdp and not self.ds
         self.autocast = zero.autocast(accelerator)
+        self.scaler = getattr(accelerator, "scaler", None)  # fp16 on a GPU: accelerate's loss scaler
+        self.extra_keys = DPPO_KEYS if cfg.train.method == "dppo" else ()
 
     BUCKET = 1 << 25  # elements per all-reduce (128 MiB of float32)
 
@@ -127,7 +132,8 @@ class Updater:
             loss, st = gg.policy_loss(
                 v.to(x.dtype), x, x_next, sig, nxt, b.advantages, old_model_output=b.old_velocity[:, k].to(x.dtype),
                 noise_level=cfg.sample.noise_level, dynamics=cfg.sample.dynamics, method=t.method,
-                clip_range=t.clip_range, adv_clip_max=t.adv_clip_max, guard_weight=t.guard_weight)
+                clip_range=t.clip_range, adv_clip_max=t.adv_clip_max, guard_weight=t.guard_weight,
+                kl_threshold=t.kl_threshold)
             kl = torch.zeros((), device=loss.device)
             if t.beta_kl > 0:
                 with torch.no_grad(), self.reference(), self.autocast():
@@ -142,6 +148,7 @@ class Updater:
             else:
                 self.acc.backward(total * scale)
         row = [loss, st["ratio_mean"], st["ratio_std"], st["clipfrac"], st["approx_kl"], kl]
+        row += [st[key] for key in self.extra_keys]
         return torch.stack([r.detach().double() for r in row]), finite
 
     def step(self, batches: Sequence[RolloutBatch]) -> Dict:
@@ -150,7 +157,9 @@ class Updater:
         kl, grad_norm), averaged over micro-batches and processes; ``grad_norm`` (before clipping),
         ``skipped`` (1 if the step was non-finite and not applied), ``lr``."""
         K, n = len(batches[0].steps), len(batches)
-        stats = torch.zeros(K, len(STAT_KEYS), dtype=torch.float64, device=self.adapter.device)
+        self.overflow = False
+        keys = STAT_KEYS + self.extra_keys
+        stats = torch.zeros(K, len(keys), dtype=torch.float64, device=self.adapter.device)
         nonfinite = torch.zeros((), device=self.adapter.device)
         norms = self._timestep_norms()
         try:
@@ -159,9 +168,10 @@ class Updater:
                     w = 1.0 / n if b.loss_weight is None else b.loss_weight  # the batch's share of the mean loss
                     row, finite = self._loss_and_backward(b, k, w / K, last=(k == K - 1 and i == n - 1))
                     nonfinite += (~finite).to(nonfinite.dtype)  # any: the step will be skipped
-                    stats[k, :6] += torch.where(finite, row * w, 0.0)
-                if norms is not None:  # this timestep's own gradient
-                    stats[k, 6] = norms.pop()
+                    stats[k, :6] += torch.where(finite, row[:6] * w, 0.0)
+                    stats[k, 7:] += torch.where(finite, row[6:] * w, 0.0)
+                if norms is not None:  # this timestep's own gradient (unscaled under fp16's loss scaler)
+                    stats[k, 6] = norms.pop() / (1.0 if self.scaler is None else self.scaler._get_scale_async())
         finally:
             if norms is not None:
                 norms.remove()
@@ -184,9 +194,15 @@ class Updater:
         flags = self.acc.reduce(flags, reduction="sum") if self.multi else flags
         flags, grad_norm = flags.tolist(), float(grad_norm)  # the step's one host synchronization
         self._raise_input_errors(flags[2])
-        skipped = flags[0] + flags[1] > 0
+        # fp16's loss scaler (accelerate, GPU) skips steps with non-finite gradients itself and lowers its scale:
+        # those are overflows, not failures; a non-finite loss is skipped here (the scaler still updates)
+        skipped = flags[0] > 0 or (flags[1] > 0 and self.scaler is None)
         if not skipped:
-            self.optimizer.step()
+            self.optimizer.step()  # under the scaler: scaler.step (skips on overflow) + scaler.update
+            skipped = self.overflow = bool(self.scaler is not None and self.optimizer.step_was_skipped)
+        elif self.scaler is not None:
+            self.scaler.update()  # clip_grad_norm_ unscaled the gradients: close the scaler's step
+        if not skipped:
             self.lr_scheduler.step()
             if self.ema is not None:
                 self.ema.update(self.params, self.lr_scheduler.last_epoch - 1)
@@ -235,11 +251,11 @@ class Updater:
             sig = sum(b.sigmas[k] for b in batches) / len(batches)
             dt = sum(b.sigmas[k + 1] - b.sigmas[k] for b in batches) / len(batches)
             per_t.append(dict(index=batches[0].steps[k] if same else f"w{k}", sigma=sig, dt=dt,
-                              **{key: float(stats[k, i]) for i, key in enumerate(STAT_KEYS)}))
+                              **{key: float(stats[k, i]) for i, key in enumerate(STAT_KEYS + self.extra_keys)}))
         if not t.timestep_grad_norms:
             for d in per_t:
                 d.pop("grad_norm")
-        return {"timesteps": per_t, "grad_norm": grad_norm, "skipped": int(skipped),
+        return {"timesteps": per_t, "grad_norm": grad_norm, "skipped": int(skipped), "overflow": int(self.overflow),
                 "nonfinite_losses": nonfinite, "lr": float(self.lr_scheduler.get_last_lr()[0])}
 
 

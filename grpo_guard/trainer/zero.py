@@ -67,6 +67,8 @@ def configure(accelerator, cfg: Config) -> None:
             "needs DeepSpeed's CPU Adam and the trainer builds torch AdamW; set it to none")
     bf16 = cfg.run.mixed_precision == "bf16"
     refused = [  # (refused?, key and why)
+        (cfg.run.mixed_precision == "fp16",
+         "run.mixed_precision: fp16 (DeepSpeed's fp16 loss scaler skips steps on its own); use bf16"),
         ((ds.get("fp16") or {}).get("enabled") is True,
          "fp16.enabled: true (its loss scaler skips steps on its own); use bf16 (run.mixed_precision: bf16)"),
         ((ds.get("bf16") or {}).get("enabled") in (True, False) and ds["bf16"]["enabled"] != bf16,
@@ -111,11 +113,14 @@ def configure(accelerator, cfg: Config) -> None:
 
 
 def autocast(accelerator):
-    """The autocast context factory of the trainer's forwards: accelerate's, except under DeepSpeed with bf16,
+    """The autocast context factory of the trainer's forwards: accelerate's, except fp16 on a CPU (accelerate's
+    is a no-op there: torch.autocast to float16, without a loss scaler) and under DeepSpeed with bf16,
     where accelerate turns autocast off (DeepSpeed casts the module to bf16) and the float32 latents and text
     embeddings would meet bf16 weights: ``torch.autocast`` to bf16 then, in the rollout and the update alike."""
     if is_deepspeed(accelerator) and accelerator.mixed_precision == "bf16":
         return functools.partial(torch.autocast, device_type=accelerator.device.type, dtype=torch.bfloat16)
+    if accelerator.mixed_precision == "fp16" and not accelerator.native_amp:  # accelerate does no fp16 on a CPU
+        return functools.partial(torch.autocast, device_type=accelerator.device.type, dtype=torch.float16)
     return accelerator.autocast
 
 

@@ -1,0 +1,148 @@
+"""Flow-DPPO (method="dppo", SPEC §9) against an oracle written independently of reference.py (tests/_oracle.py:
+direct log-densities and torch.distributions' KL), in a case whose samples straddle the KL threshold with both
+signs of A log r; on-policy it is plain Flow-GRPO with the ratio exactly 1; bad input is refused."""
+import pytest
+import torch
+
+import _oracle as O
+
+import grpo_guard as gg
+from grpo_guard import reference as ref
+
+DYNAMICS = ["flow", "dance", "cps"]
+B = 8
+
+
+def case(dynamics, seed, dtype=torch.float64):
+    """Latents with per-sample policy moves of sizes spread over two decades (K over four); tau between the middle
+    two K, so half the samples are above it; advantages of both signs."""
+    g = torch.Generator().manual_seed(seed)
+    sig = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.9, 0.8, 0.7, 0.6], dtype=torch.float64)
+    nxt = sig - 0.1
+    x = torch.randn(B, 4, 16, generator=g, dtype=torch.float64)
+    v_old = torch.randn(B, 4, 16, generator=g, dtype=torch.float64)
+    roll = ref.sde_step(v_old, x, sig, nxt, dynamics=dynamics, noise=torch.randn(B, 4, 16, generator=g,
+                                                                                  dtype=torch.float64))
+    scale = torch.logspace(-4, -2, B, dtype=torch.float64)[torch.randperm(B, generator=g)]
+    v = v_old + scale.reshape(-1, 1, 1) * torch.randn(B, 4, 16, generator=g, dtype=torch.float64)
+    adv = torch.tensor([1.5, -0.7, 2.0, -1.2, 0.4, -2.5, 0.9, -0.3], dtype=torch.float64)
+    st = O.dppo_loss(v, x, roll.prev_sample, sig, nxt, adv, v_old=v_old, dynamics=dynamics, kl_threshold=1.0)[1]
+    K, lr = st["kl"], st["log_ratio"]
+    order = K.argsort()
+    tau = float((K[order[B // 2 - 1]] * K[order[B // 2]]).sqrt())  # between two samples' K, not on one
+    # above tau: two samples move away from the old policy (A log r > 0: dropped), two back towards it (kept)
+    for j, i in enumerate(order[B // 2:].tolist()):
+        adv[i] = adv[i].abs() * (lr[i].sign() if j % 2 == 0 else -lr[i].sign())
+    c = dict(v=v.to(dtype), x=x.to(dtype), xp=roll.prev_sample.to(dtype), v_old=v_old.to(dtype),
+             mu_old=roll.prev_sample_mean.to(dtype), sig=sig, nxt=nxt, adv=adv.float())
+    return c, tau
+
+
+@pytest.mark.parametrize("dynamics", DYNAMICS)
+@pytest.mark.parametrize("kind", ["old_model_output", "old_prev_sample_mean"])
+def test_reference_matches_the_oracle(dynamics, kind, seed):
+    c, tau = case(dynamics, seed)
+    v = c["v"].clone().requires_grad_(True)
+    old = {"old_model_output": {"v_old": c["v_old"]}, "old_prev_sample_mean": {"mu_old": c["mu_old"]}}[kind]
+    want_loss, want = O.dppo_loss(v, c["x"], c["xp"], c["sig"], c["nxt"], c["adv"], dynamics=dynamics,
+                                  kl_threshold=tau, **old)
+    want_loss.backward()
+    want_grad = v.grad.clone()
+    # the case exposes both gates: some samples above tau kept (moving back to the old policy), some dropped
+    above = want["kl"] >= tau
+    assert want["drop"].any() and (above & ~want["drop"]).any() and not want["drop"][~above].any()
+    v.grad = None
+    gg_old = {"old_model_output": {"old_model_output": c["v_old"]},
+              "old_prev_sample_mean": {"old_prev_sample_mean": c["mu_old"]}}[kind]
+    loss, stats = gg.policy_loss(v, c["x"], c["xp"], c["sig"], c["nxt"], c["adv"], dynamics=dynamics,
+                                 method="dppo", kl_threshold=tau, **gg_old)
+    loss.backward()
+    torch.testing.assert_close(loss, want_loss.detach(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(v.grad, want_grad, rtol=1e-8, atol=1e-10 * want_grad.abs().max().item())
+    for k in ("kl_mean", "kl_max", "masked_fraction", "masked_fraction_pos", "masked_fraction_neg", "log_ratio"):
+        torch.testing.assert_close(stats[k], want[k], rtol=1e-9, atol=1e-14, msg=k)
+    assert stats["clipfrac"] == stats["masked_fraction"]
+
+
+@pytest.mark.parametrize("dynamics", DYNAMICS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_low_precision_inputs_match_the_oracle_on_the_same_inputs(dynamics, dtype, seed):
+    """float32 / bf16 latents: loss, mask and stats as the float64 oracle gives for the same (rounded) inputs; the
+    mask is decided on the log-ratio computed in float32 (bf16 inputs are upcast)."""
+    c, tau = case(dynamics, seed, dtype)
+    v = c["v"].clone().requires_grad_(True)
+    loss, stats = gg.policy_loss(v, c["x"], c["xp"], c["sig"], c["nxt"], c["adv"], dynamics=dynamics,
+                                 method="dppo", kl_threshold=tau, old_model_output=c["v_old"])
+    want_loss, want = O.dppo_loss(c["v"], c["x"], c["xp"], c["sig"], c["nxt"], c["adv"], v_old=c["v_old"],
+                                  dynamics=dynamics, kl_threshold=tau)
+    assert loss.dtype == torch.float32
+    near = ((want["kl"] - tau).abs() < 1e-4 * tau) | (want["log_ratio"].abs() < 1e-5)
+    assert ((stats["masked_fraction"] * B - want["masked_fraction"] * B).abs() <= near.sum())
+    torch.testing.assert_close(stats["kl_mean"].double(), want["kl_mean"], rtol=2e-4, atol=0)
+    if not near.any():
+        torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dynamics", DYNAMICS)
+def test_gradcheck_float64(dynamics, seed):
+    c, tau = case(dynamics, seed)
+
+    def f(v_):
+        return gg.policy_loss(v_, c["x"], c["xp"], c["sig"], c["nxt"], c["adv"].double(), dynamics=dynamics,
+                              method="dppo", kl_threshold=tau, old_model_output=c["v_old"])[0]
+    assert torch.autograd.gradcheck(f, (c["v"].clone().requires_grad_(True),), eps=1e-9, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dynamics", DYNAMICS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_on_policy_it_is_plain_flow_grpo_with_ratio_exactly_one(dynamics, dtype, seed):
+    c, _ = case(dynamics, seed, dtype)
+    out = {}
+    for method in ("dppo", "grpo"):
+        v = c["v_old"].clone().requires_grad_(True)
+        loss, stats = gg.policy_loss(v, c["x"], c["xp"], c["sig"], c["nxt"], c["adv"], dynamics=dynamics,
+                                     method=method, old_model_output=c["v_old"], kl_threshold=1e-12)
+        loss.backward()
+        out[method] = (loss, v.grad, stats)
+    loss, grad, stats = out["dppo"]
+    assert stats["ratio_mean"] == 1.0 and stats["ratio_std"] == 0.0 and stats["kl_max"] == 0.0
+    assert stats["masked_fraction"] == 0.0
+    assert torch.equal(loss, out["grpo"][0]) and loss == -c["adv"].mean()
+    torch.testing.assert_close(grad, out["grpo"][1], rtol=0, atol=0)
+
+
+def test_auto_runs_dppo_on_the_torch_backend_and_a_forced_kernel_backend_says_why():
+    c, tau = case("flow", 0, torch.float32)
+    gg.policy_loss(c["v"], c["x"], c["xp"], c["sig"], c["nxt"], c["adv"], method="dppo", old_model_output=c["v_old"])
+    assert gg.last_backend() == "torch"
+    from grpo_guard.dispatch import request_unsupported
+    from grpo_guard.ops import requests
+    req = requests.loss_request(c["v"], c["x"], c["xp"], c["sig"], c["nxt"], c["adv"], old_log_prob=None,
+                                old_prev_sample_mean=None, old_model_output=c["v_old"], noise_level=0.7,
+                                dynamics="flow", method="dppo", clip_range=1e-4, adv_clip_max=5.0,
+                                guard_weight="dt", validate=True)
+    try:
+        reason = request_unsupported("triton", "policy_loss", req)
+    except gg.BackendUnavailable:
+        pytest.skip("triton is not importable here")
+    assert "dppo" in reason
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(kl_threshold=0.0), r"kl_threshold must be a positive finite number"),
+    (dict(kl_threshold=float("inf")), r"kl_threshold must be a positive finite number"),
+    (dict(kl_threshold=float("nan")), r"kl_threshold must be a positive finite number"),
+    (dict(method="dpo"), r"method must be one of"),
+])
+def test_bad_arguments(kw, match):
+    c, _ = case("flow", 0, torch.float32)
+    with pytest.raises(ValueError, match=match):
+        gg.policy_loss(c["v"], c["x"], c["xp"], c["sig"], c["nxt"], c["adv"], old_model_output=c["v_old"],
+                       **{"method": "dppo", **kw})
+
+
+def test_dppo_needs_an_old_mean():
+    c, _ = case("flow", 0, torch.float32)
+    lp = ref.sde_step(c["v_old"], c["x"], c["sig"], c["nxt"], prev_sample=c["xp"]).log_prob
+    with pytest.raises(ValueError, match=r"old_log_prob alone does not give the KL"):
+        gg.policy_loss(c["v"], c["x"], c["xp"], c["sig"], c["nxt"], c["adv"], old_log_prob=lp, method="dppo")
