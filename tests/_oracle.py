@@ -53,25 +53,26 @@ def flat64(t):
     return t.detach().double().cpu().reshape(t.shape[0], -1) if t is not None else None
 
 
+def means(v, x, xp, sigma, sigma_next, noise_level, dynamics, v_old=None, mu_old=None):
+    """(xp, std_dev_t, s, mean_fn, mu, mu_old) in float64 (B, D): the new mean from ``v`` (a float64 CPU leaf keeps
+    its gradient) and the old one from ``v_old`` (recomputed) or ``mu_old`` (stored), None without either."""
+    B = x.shape[0]
+    v = v if (v.dtype == torch.float64 and v.device.type == "cpu") else v.detach().double().cpu()
+    v = v.reshape(B, -1)
+    x, xp = flat64(x), flat64(xp)
+    std_dev_t, s, mean_fn = schedule_terms(sigma, sigma_next, noise_level, dynamics)
+    mu_o = mean_fn(x, flat64(v_old)) if v_old is not None else flat64(mu_old)
+    return xp, std_dev_t, s, mean_fn, mean_fn(x, v), mu_o
+
+
 def policy_loss(v, x, xp, sigma, sigma_next, advantages, *, v_old=None, mu_old=None, old_log_prob=None,
                 noise_level=0.7, dynamics="flow", method="guard", clip_range=2e-6, adv_clip_max=5.0,
                 guard_weight="dt"):
     """(loss, stats, per-sample log-ratio) of SPEC §4-5 in float64 on the CPU. ``v`` may require grad (float64
     CPU leaf) for the gradient; the old policy is ``v_old`` (its mean recomputed) or ``mu_old`` (stored) or
     ``old_log_prob`` (grpo only)."""
-    B = x.shape[0]
-    v = v if (v.dtype == torch.float64 and v.device.type == "cpu") else v.detach().double().cpu()
-    v = v.reshape(B, -1)
-    x, xp = flat64(x), flat64(xp)
-    std_dev_t, s, mean_fn = schedule_terms(sigma, sigma_next, noise_level, dynamics)
-    mu = mean_fn(x, v)
+    xp, std_dev_t, s, mean_fn, mu, mu_o = means(v, x, xp, sigma, sigma_next, noise_level, dynamics, v_old, mu_old)
     lp = log_prob(xp, mu, s, dynamics)
-    if v_old is not None:
-        mu_o = mean_fn(x, flat64(v_old))
-    elif mu_old is not None:
-        mu_o = flat64(mu_old)
-    else:
-        mu_o = None
     if mu_o is not None:
         plain = lp - log_prob(xp, mu_o, s, dynamics)
         delta = mu - mu_o
@@ -108,13 +109,7 @@ def dppo_loss(v, x, xp, sigma, sigma_next, advantages, *, v_old=None, mu_old=Non
     (K >= tau and A log r > 0) and mean_i -A_i r_i (1 - drop_i). Returns (loss, stats)."""
     from torch.distributions import kl_divergence
 
-    B = x.shape[0]
-    v = v if (v.dtype == torch.float64 and v.device.type == "cpu") else v.detach().double().cpu()
-    v = v.reshape(B, -1)
-    x, xp = flat64(x), flat64(xp)
-    _, s, mean_fn = schedule_terms(sigma, sigma_next, noise_level, dynamics)
-    mu = mean_fn(x, v)
-    mu_o = mean_fn(x, flat64(v_old)) if v_old is not None else flat64(mu_old)
+    xp, _, s, _, mu, mu_o = means(v, x, xp, sigma, sigma_next, noise_level, dynamics, v_old, mu_old)
     lr = log_prob(xp, mu, s, dynamics) - log_prob(xp, mu_o, s, dynamics)
     K = kl_divergence(Normal(mu_o, s.expand_as(mu_o)), Normal(mu.detach(), s.expand_as(mu))).mean(dim=1)
     A = torch.as_tensor(advantages, dtype=torch.float64).cpu().clamp(-adv_clip_max, adv_clip_max)
