@@ -104,7 +104,7 @@ def run(op: str, request, device: torch.device):
     if torch.compiler.is_compiling():
         from .ops import library
         name = compiled_backend(device.type)
-        if name != "torch" and request_unsupported(name, op, request) is not None:
+        if name != "torch" and not compiled_supports(name, op, getattr(request, "method", None)):
             name = "torch"  # e.g. a method the kernels lack: the reference operator
         compiled = library.COMPILED[op].get(name)
         if compiled is None:
@@ -125,6 +125,22 @@ def compiled_backend(device_type: str) -> str:
     from .ops import errors
     errors.word(device_type)
     return resolve(torch.device(device_type))[0]
+
+
+@torch.compiler.assume_constant_result
+def compiled_supports(name: str, op: str, method: Optional[str]) -> bool:
+    """Whether backend ``name`` implements ``op`` with this ``method`` (a constant of the compiled graph, evaluated
+    outside the trace: the backend module's import is not traced)."""
+    check = getattr(_load(name), "unsupported_request", None)
+    if check is None or method is None:
+        return True
+    return check(op, _MethodOnly(method)) is None
+
+
+class _MethodOnly:
+    """The one request field a backend's ``unsupported_request`` reads under torch.compile."""
+    def __init__(self, method):
+        self.method = method
 
 
 def last_backend() -> Optional[str]:
