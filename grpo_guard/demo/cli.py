@@ -5,6 +5,8 @@
     grpo-guard demo --steps 120          # longer run;  --full: the longer, stronger preset
     grpo-guard demo pretrain             # re-create the shipped base weights (deterministic from --seed)
                                          # into runs/demo-pretrain/; use them with --weights PATH
+    grpo-guard demo study --out DIR      # the paired multi-seed study of grpo / guard / dppo (STUDY.md, CSV,
+                                         # figures; resumable); grpo-guard demo study --help
 """
 from __future__ import annotations
 
@@ -21,10 +23,13 @@ FULL_STEPS = 150
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="grpo-guard demo", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
-    p.add_argument("action", nargs="?", choices=["run", "pretrain"], default="run",
-                   help="run (default): train and compare the methods; pretrain: re-create the base weights")
+    p.add_argument("action", nargs="?", choices=["run", "pretrain", "study"], default="run",
+                   help="run (default): train and compare the methods; pretrain: re-create the base weights; "
+                        "study: the multi-seed study (its own options: grpo-guard demo study --help)")
     p.add_argument("--out", help="output folder (default runs/demo-<date>/; pretrain: runs/demo-pretrain/)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the RL seed (LoRA init, prompts, rollout noise)")
+    p.add_argument("--reward-seed", type=int, default=0,
+                   help="fits the proxy/gold reward models and draws the evaluation set (default 0)")
     p.add_argument("--steps", type=int, help="training steps per method")
     p.add_argument("--full", action="store_true", help=f"a longer, stronger run ({FULL_STEPS} steps)")
     p.add_argument("--ablations", action="store_true", help="also run mean_revised and ratio_norm")
@@ -61,7 +66,7 @@ def run(args, argv) -> str:
     if os.path.isdir(out) and os.listdir(out):
         raise SystemExit(f"grpo-guard demo: {out} is not empty; choose another --out")
     os.makedirs(out, exist_ok=True)
-    s = ex.Settings(seed=args.seed)
+    s = ex.Settings(seed=args.seed, reward_seed=args.reward_seed)
     if args.full:
         s.steps = FULL_STEPS
     if args.steps:
@@ -98,6 +103,9 @@ def run(args, argv) -> str:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["study"]:
+        from . import study
+        return study.main(argv[1:])
     args = _parser().parse_args(argv)
     if args.action == "pretrain":
         return _pretrain(args)

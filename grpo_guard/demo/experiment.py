@@ -9,6 +9,8 @@ TensorBoard.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 import time
@@ -30,7 +32,9 @@ class Settings:
     """The miniature's setting. Shared by every method; only ``method`` differs between runs."""
 
     steps: int = 60
-    seed: int = 0
+    seed: int = 0                 # the RL seed: LoRA initialisation, prompts, rollout noise
+    reward_seed: int = 0          # fits the proxy and gold models and draws the evaluation set's noise: fixed
+                                  # across RL seeds, so that seeds vary only the RL noise
     methods: List[str] = field(default_factory=lambda: ["grpo", "guard"])
     eval_every: int = 10
     eval_per_digit: int = 8
@@ -47,6 +51,7 @@ class Settings:
     clip_range: float = 1e-4
     learning_rate: float = 2e-3
     lora_rank: int = 8
+    kl_threshold: float = 1e-5    # method dppo only (Flow-DPPO's published default)
     weights: str = dm.ASSET
 
 
@@ -57,11 +62,11 @@ def trainer_config(s: Settings, method: str, out_dir: str, progress: bool = True
         "sample": {"num_steps": s.num_denoise, "guidance_scale": s.guidance_scale, "noise_level": s.noise_level,
                    "group_size": s.group_size, "batch_size": s.batch_size, "num_batches": s.num_batches},
         "train": {"method": method, "clip_range": s.clip_range, "updates_per_step": s.updates_per_step,
-                  "learning_rate": s.learning_rate},
+                  "learning_rate": s.learning_rate, "kl_threshold": s.kl_threshold},
         # recorded for the checkpoint's config; the demo injects the same callables with short names
-        "rewards": {"proxy": [{"name": "grpo_guard.demo.rewards:ProxyLogit", "kwargs": {"seed": s.seed}}],
-                    "gold": [{"name": "grpo_guard.demo.rewards:DigitProb", "kwargs": {"seed": s.seed}},
-                             {"name": "grpo_guard.demo.rewards:Realism", "kwargs": {"seed": s.seed}}]},
+        "rewards": {"proxy": [{"name": "grpo_guard.demo.rewards:ProxyLogit", "kwargs": {"seed": s.reward_seed}}],
+                    "gold": [{"name": "grpo_guard.demo.rewards:DigitProb", "kwargs": {"seed": s.reward_seed}},
+                             {"name": "grpo_guard.demo.rewards:Realism", "kwargs": {"seed": s.reward_seed}}]},
         "data": {"prompts": [data.prompt_for(d) for d in range(10)]},
         "run": {"output_dir": out_dir, "num_steps": s.steps, "seed": s.seed, "save_every": 0,
                 "mixed_precision": "no", "cpu": True, "tensorboard": True, "progress": progress},
@@ -71,13 +76,16 @@ def trainer_config(s: Settings, method: str, out_dir: str, progress: bool = True
 @torch.no_grad()
 def evaluate(adapter, model, cfg: tconfig.Config, s: Settings, gold_scales=None) -> Dict:
     """Sample the fixed evaluation set and score it. Returns means (gold normalized by ``gold_scales``
-    when given) and the images (B, 1, 8, 8) in [0, 1], ordered digit-major."""
+    when given) and the images (B, 1, 8, 8) in [0, 1], ordered digit-major. The evaluation noise comes from
+    ``s.reward_seed``, not the RL seed: every method and every RL seed is evaluated on the same set."""
     prompts = [data.prompt_for(d) for d in range(10) for _ in range(s.eval_per_digit)]
     ids = list(range(len(prompts)))
     model.eval()
+    cfg = copy.copy(cfg)
+    cfg.run = dataclasses.replace(cfg.run, seed=s.reward_seed)
     _, final = sample_batch(adapter, model, prompts, cfg, EVAL_STEP, ids, ids)
     images = adapter.decode(final).cpu()
-    raw = drw.score_all(images, prompts, s.seed)
+    raw = drw.score_all(images, prompts, s.reward_seed)
     out = {k: float(v.mean()) for k, v in raw.items()}
     if gold_scales:
         for k, scale in gold_scales.items():
@@ -92,7 +100,7 @@ def run_method(s: Settings, method: str, out: str, gold_scales: Dict[str, float]
     if os.path.exists(os.path.join(mdir, "metrics.jsonl")):
         raise FileExistsError(f"{mdir} already holds a run; choose another --out")
     cfg = trainer_config(s, method, mdir, progress=False)  # the demo draws its own bar
-    proxy, gold = drw.make(s.seed, gold_scales["digit_prob"], gold_scales["realism"])
+    proxy, gold = drw.make(s.reward_seed, gold_scales["digit_prob"], gold_scales["realism"])
     adapter = dm.load_adapter(s.weights)
     t0 = time.perf_counter()
     trainer = Trainer(cfg, adapter=adapter, proxy_rewards=proxy, gold_rewards=gold)
@@ -118,8 +126,10 @@ def run_method(s: Settings, method: str, out: str, gold_scales: Dict[str, float]
     trainer.save()
     trainer.logger.close()
     wall = time.perf_counter() - t0
-    with open(os.path.join(mdir, "eval.json"), "w") as f:
+    tmp = os.path.join(mdir, "eval.json.tmp")
+    with open(tmp, "w") as f:  # written last and renamed: its presence marks a finished run (the study resumes on it)
         json.dump({"method": method, "evals": evals, "wall_s": wall}, f, indent=1)
+    os.replace(tmp, os.path.join(mdir, "eval.json"))
     return {"evals": evals, "images": images, "wall_s": wall}
 
 

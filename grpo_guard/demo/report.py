@@ -80,7 +80,8 @@ def write(out: str, command: str, settings: Dict, base: Dict, runs: Dict[str, Di
         "# grpo-guard demo: implicit over-optimization in miniature",
         "",
         f"- command: `{command}`",
-        f"- date: {date}; seed: {settings['seed']}; total wall time: **{wall_s:.0f} s** "
+        f"- date: {date}; RL seed: {settings['seed']}; reward seed: {settings.get('reward_seed', settings['seed'])}; "
+        f"total wall time: **{wall_s:.0f} s** "
         f"({walls})",
         "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
         "",
