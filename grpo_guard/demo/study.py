@@ -114,7 +114,7 @@ def _start(out: str, study: Dict) -> None:
         with open(path) as f:
             old = json.load(f)
         if old != json.loads(json.dumps(study)):
-            diff = sorted(k for k in set(old) | set(study) if old.get(k) != study.get(k))
+            diff = sorted(k for k in set(old) | set(study) if k != "run" and old.get(k) != study.get(k))
             diff += sorted(f"run.{k}" for k in set(old.get("run", {})) | set(study["run"])
                            if old.get("run", {}).get(k) != study["run"].get(k))
             raise SystemExit(f"grpo-guard demo study: {out} holds a study with other settings ({', '.join(diff)}); "
