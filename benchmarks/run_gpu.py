@@ -2,6 +2,9 @@
 shapes, bf16 and fp32, forward / backward / full (+ rollout for sde_step). Prints a table and writes CSV.
 
     python benchmarks/run_gpu.py [--out benchmarks/results.csv] [--shapes sd35_512,wan_480p] [--rep 100]
+
+The suite is ``grpo_guard.bench.suite`` (installed: ``grpo-guard bench``, which picks the same defaults on a GPU);
+this script adds only the default ``--out`` (benchmarks/results.csv) and refuses to run without a GPU.
 """
 import sys
 from pathlib import Path
@@ -10,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.suite import cli  # noqa: E402
+from grpo_guard.bench.suite import cli  # noqa: E402
 
 if __name__ == "__main__":
     argv = sys.argv[1:]

@@ -12,9 +12,10 @@ import torch
 
 import grpo_guard as gg
 
-from . import bench_policy_loss, bench_sde_step
-from grpo_guard.bench import mode_callables
-from .precision import format_precision, precision_table
+from grpo_guard.bench import policy_loss as bench_policy_loss
+from grpo_guard.bench import sde_step as bench_sde_step
+from grpo_guard.bench.precision import format_precision, precision_table
+from grpo_guard.bench.timing import mode_callables
 
 SHAPE = "cpu_small"
 PROVIDERS = ("eager", "gg-torch")

@@ -11,7 +11,7 @@ SUBCOMMANDS = {
     "info": ("grpo_guard.info", "versions, devices, which backends can run, and a self-check"),
     "train": ("grpo_guard.trainer.cli", "train a diffusers SD3/Flux model with Flow-GRPO / GRPO-Guard"),
     "demo": ("grpo_guard.demo.cli", "reproduce over-optimization and its cure on a CPU"),
-    "bench": ("grpo_guard.bench", "time the ops on this machine"),
+    "bench": ("grpo_guard.bench.cli", "time the ops on this machine (the benchmark suite)"),
 }
 
 

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.precision import precision_table  # noqa: E402
+from grpo_guard.bench.precision import precision_table  # noqa: E402
 
 
 def test_closed_form_meets_the_float32_bound_where_the_published_formula_does_not():

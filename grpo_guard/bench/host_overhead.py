@@ -2,16 +2,19 @@
 negligible, so this is what a training loop's thread pays to issue them: Python, checks, dispatch, launches and any
 host synchronization). Sigmas as Python floats and as float64 device tensors; forward, and forward + backward.
 
-    python benchmarks/host_overhead.py [--device cuda] [--backends torch,triton,cuda] [--rep 100] [--csv out.csv]
-    python benchmarks/host_overhead.py --compare before.csv after.csv   # a Markdown table of two runs
-    python benchmarks/host_overhead.py --table run.csv                  # a Markdown table of one run
-    python benchmarks/host_overhead.py --profile "policy_loss fwd" --backends triton   # where the time goes
+    python -m grpo_guard.bench.host_overhead [--device cuda] [--backends torch,triton,cuda] [--rep 100] \
+        [--csv out.csv]
+    python -m grpo_guard.bench.host_overhead --compare before.csv after.csv   # a Markdown table of two runs
+    python -m grpo_guard.bench.host_overhead --table run.csv                  # a Markdown table of one run
+    python -m grpo_guard.bench.host_overhead --profile "policy_loss fwd" --backends triton   # where the time goes
 
-Uses only the API every version since 0.1 has (sde_step, policy_loss with old_model_output), so the same script
-measures an older checkout for comparison. The minimum over 7 repeats of the mean time of ``--rep`` back-to-back
-calls (the device is synchronized before each repeat, not between calls: at this size the device never holds the
-host back), after a warm-up; one torch thread on a CPU. The minimum, not the median: a shared machine's noise only
-ever adds time.
+(``grpo-guard bench host_overhead ...``, and from a checkout ``python benchmarks/host_overhead.py ...``, the same.)
+
+Uses only the API every version since 0.1 has (sde_step, policy_loss with old_model_output), so the same code
+measures an older checkout for comparison (copy this file there: it needs only ``grpo_guard``). The minimum over
+7 repeats of the mean time of ``--rep`` back-to-back calls (the device is synchronized before each repeat, not
+between calls: at this size the device never holds the host back), after a warm-up; one torch thread on a CPU. The
+minimum, not the median: a shared machine's noise only ever adds time.
 """
 from __future__ import annotations
 

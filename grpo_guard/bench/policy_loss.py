@@ -9,24 +9,21 @@ published training script does with its "old" adapter.
 Minimal bytes (N = B*D, E = input element size): forward reads v, v_old, x, x': 4NE; backward reads v_old, x, x'
 (the gradient is proportional to z = (x' - mu_old)/s) and writes dL/dv: 4NE; full = 8NE.
 
-    python benchmarks/bench_policy_loss.py [--device cuda] [--shapes sd35_512,wan_480p] [--out loss.csv]
+    python -m grpo_guard.bench.policy_loss [--device cuda] [--shapes sd35_512,wan_480p] [--out loss.csv]
+    python benchmarks/bench_policy_loss.py ...     # the same, from a checkout
 """
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    __package__ = "benchmarks"  # noqa: A001
+import torch
 
-import torch  # noqa: E402
+import grpo_guard as gg
 
-import grpo_guard as gg  # noqa: E402
-
-from . import baselines  # noqa: E402
-from .utils import (ALL_SHAPES, Provider, backend_unavailable, compile_unavailable, element_size,  # noqa: E402
-                    perturb_for_log_ratio, rollout_case, sd35_sigmas)
+from . import baselines
+from .timing import Provider
+from .utils import (ALL_SHAPES, backend_unavailable, compile_unavailable, element_size, perturb_for_log_ratio,
+                    rollout_case, sd35_sigmas)
 
 OP = "policy_loss"
 MODES = ("forward", "backward", "full")
@@ -85,6 +82,11 @@ def providers():
     return out
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
+    """The suite's command line (:func:`grpo_guard.bench.suite.cli`) for this op only."""
     from .suite import cli
-    sys.exit(cli(["--ops", OP] + sys.argv[1:]))
+    return cli(["--ops", OP] + list(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

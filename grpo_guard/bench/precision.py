@@ -3,29 +3,25 @@
 against a float64 evaluation of the same float32 inputs, at every sigma of the SD3.5 10-step schedule.
 
 Inputs per step: a real rollout in float64 rounded to float32 (x' = mu_old + s*z), and a policy change v - v_old in
-a random direction scaled so that log r_hat is ``target`` per sample (tests/_cases.perturb_for_log_ratio). The
+a random direction scaled so that log r_hat is ``target`` per sample (:func:`.utils.perturb_for_log_ratio`). The
 published formula is evaluated with the per-sample bias (the intended form; as published the bias is a batch mean,
 which is a different quantity, not a rounding error). grpo_guard is evaluated from the rollout velocity
 (``old_model_output``) and from the stored float32 old mean (``old_prev_sample_mean``, what sde_step returns).
 
-    python benchmarks/precision.py [--shape sd35_512] [--targets 4e-7,2e-6,7e-6]
+    python -m grpo_guard.bench.precision [--shape sd35_512] [--targets 4e-7,2e-6,7e-6] [--wide]
+    python benchmarks/precision.py ...     # the same, from a checkout
 """
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    __package__ = "benchmarks"  # noqa: A001
+import torch
 
-import torch  # noqa: E402
+import grpo_guard as gg
+from grpo_guard import reference as ref
 
-import grpo_guard as gg  # noqa: E402
-from grpo_guard import reference as ref  # noqa: E402
-
-from .baselines import published_guard_log_ratio  # noqa: E402
-from .utils import ALL_SHAPES, perturb_for_log_ratio, rollout_case, sd35_sigmas  # noqa: E402
+from .baselines import published_guard_log_ratio
+from .utils import ALL_SHAPES, perturb_for_log_ratio, rollout_case, sd35_sigmas
 
 NOISE_LEVEL = 0.7
 

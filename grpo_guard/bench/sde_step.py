@@ -12,24 +12,21 @@ full = forward + backward; rollout reads v, x and the float32 noise and writes x
 rollout is the step of a sampling loop, which keeps x' and log p: grpo_guard runs it with ``return_mean=False``
 and the baselines return (x' in the latents' dtype, log p) only, so torch.compile drops the mean too.
 
-    python benchmarks/bench_sde_step.py [--device cuda] [--shapes sd35_512,wan_480p] [--out sde.csv]
+    python -m grpo_guard.bench.sde_step [--device cuda] [--shapes sd35_512,wan_480p] [--out sde.csv]
+    python benchmarks/bench_sde_step.py ...     # the same, from a checkout
 """
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    __package__ = "benchmarks"  # noqa: A001
+import torch
 
-import torch  # noqa: E402
+import grpo_guard as gg
 
-import grpo_guard as gg  # noqa: E402
-
-from . import baselines  # noqa: E402
-from .utils import (ALL_SHAPES, Provider, backend_unavailable, compile_unavailable, compute_size,  # noqa: E402
-                    element_size, rollout_case, sd35_sigmas)
+from . import baselines
+from .timing import Provider
+from .utils import (ALL_SHAPES, backend_unavailable, compile_unavailable, compute_size, element_size, rollout_case,
+                    sd35_sigmas)
 
 OP = "sde_step"
 MODES = ("forward", "backward", "full", "rollout")
@@ -99,6 +96,11 @@ def providers():
     return out
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
+    """The suite's command line (:func:`grpo_guard.bench.suite.cli`) for this op only."""
     from .suite import cli
-    sys.exit(cli(["--ops", OP] + sys.argv[1:]))
+    return cli(["--ops", OP] + list(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,6 +1,11 @@
-"""Runs the op benchmarks (bench_sde_step, bench_policy_loss): copy bandwidth, every provider x shape x dtype x
-mode, a table on stdout and optionally a CSV. Shared by ``python benchmarks/run_gpu.py``, the per-op scripts and
-``grpo-guard bench``."""
+"""Runs the op benchmarks (:mod:`.sde_step`, :mod:`.policy_loss`): copy bandwidth, every provider x shape x dtype x
+mode, a table on stdout and optionally a CSV. Shared by ``grpo-guard bench``, the per-op modules and a checkout's
+``python benchmarks/run_gpu.py`` / ``python -m benchmarks.suite``.
+
+    python -m grpo_guard.bench.suite [--device cuda] [--ops sde_step] [--shapes sd35_512] [--out results.csv]
+    python -m grpo_guard.bench.suite --markdown-from results.csv          # a previous run as a Markdown table
+    python -m grpo_guard.bench.suite --compare-from split=a.csv fused=b.csv [--provider gg-triton]
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,12 +14,12 @@ import sys
 
 import torch
 
-from grpo_guard.bench import compare_table, markdown_table, read_csv
+from .timing import (compare_table, copy_bandwidth, environment, format_table, markdown_table, read_csv, run_op,
+                     speedups, write_csv)
+from .utils import ALL_SHAPES, DTYPES, SHAPES, parse_list
 
-from .utils import (ALL_SHAPES, DTYPES, SHAPES, copy_bandwidth, environment, format_table, parse_list, run_op,
-                    speedups, write_csv)
-
-OPS = {"sde_step": "benchmarks.bench_sde_step", "policy_loss": "benchmarks.bench_policy_loss"}
+#: op name -> the module defining it (MODES, make_case, bytes_moved, providers)
+OPS = {"sde_step": "grpo_guard.bench.sde_step", "policy_loss": "grpo_guard.bench.policy_loss"}
 
 
 def main_run(*, device, shapes=None, dtypes="bf16,fp32", modes="forward,backward,full", providers=None,
@@ -91,5 +96,11 @@ def cli(argv=None) -> int:
                     threads=args.threads)
 
 
+def main(argv=None) -> int:
+    """``python -m grpo_guard.bench.suite``: :func:`cli` (every shape of SPEC §7 by default, on any device; the
+    machine-aware defaults are ``grpo-guard bench``'s, :mod:`grpo_guard.bench.cli`)."""
+    return cli(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(main())

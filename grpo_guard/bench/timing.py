@@ -1,8 +1,5 @@
-"""``grpo-guard bench``: time the ops on this machine; and the timing utilities the benchmarks/ scripts share.
-
-The benchmark definitions (providers, shapes, byte counts, the published baselines) live in the repository's
-``benchmarks/`` folder; this module holds what they share (timing, copy bandwidth, peak memory, table, CSV) so
-that ``grpo-guard bench`` and ``python benchmarks/run_gpu.py`` run the same code.
+"""Timing utilities of the benchmark suite (:mod:`grpo_guard.bench`): measurement, copy bandwidth, peak memory,
+one op x several providers (:func:`run_op`), the table, the Markdown tables and the CSV.
 
 Conventions (Liger-Kernel habits): each measurement reports the median and the 20th/80th percentiles of the
 per-call times; on CUDA each call is timed with CUDA events after flushing the L2 cache, on CPU with
@@ -16,15 +13,12 @@ the transformer's kernels.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import datetime
-import importlib
 import math
 import os
 import platform
-import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -465,58 +459,3 @@ def write_csv(rows: Sequence[Row], path, env: Optional[dict] = None, copy_gbps: 
         writer.writeheader()
         for r in rows:
             writer.writerow({**asdict(r), **extra})
-
-
-# ----------------------------------------------------------------------------------------------------------
-# grpo-guard bench
-# ----------------------------------------------------------------------------------------------------------
-
-def _benchmarks_dir() -> Optional[Path]:
-    """The repository's benchmarks/ folder (next to the package in a checkout or editable install, or in the
-    current directory), or None for an installed wheel without the repository."""
-    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
-        if (root / "benchmarks" / "run_gpu.py").is_file():
-            return root
-    return None
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="grpo-guard bench",
-        description="Time grpo_guard's ops against the published eager formulas on this machine "
-                    "(CPU: small shapes, eager vs the torch backend; GPU: every provider at the SPEC §7 shapes).")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=None, help="also write the rows to this CSV file")
-    parser.add_argument("--shapes", default=None,
-                        help="comma-separated shape names (default: 'cpu_small' on CPU, all SPEC §7 shapes on GPU)")
-    parser.add_argument("--dtypes", default="bf16,fp32")
-    parser.add_argument("--modes", default="forward,backward,full,rollout")
-    parser.add_argument("--providers", default=None,
-                        help="comma-separated providers (default: eager,gg-torch on CPU; all on GPU)")
-    parser.add_argument("--compile", action="store_true", help="on CPU, also time torch.compile of the baselines")
-    parser.add_argument("--rep", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
-    args = parser.parse_args(argv)
-
-    root = _benchmarks_dir()
-    if root is None:
-        print("grpo-guard bench: the benchmark suite lives in the repository's benchmarks/ folder, which this "
-              "installation does not include; run it from a checkout: python benchmarks/run_gpu.py",
-              file=sys.stderr)
-        return 2
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    suite = importlib.import_module("benchmarks.suite")
-    device = torch.device(args.device)
-    on_cpu = device.type == "cpu"
-    providers = args.providers
-    if providers is None and on_cpu:
-        providers = "eager,compile,gg-torch" if args.compile else "eager,gg-torch"
-    return suite.main_run(device=device,
-                          shapes=args.shapes or ("cpu_small" if on_cpu else None),
-                          dtypes=args.dtypes, modes=args.modes, providers=providers, out=args.out,
-                          rep=args.rep or (20 if on_cpu else 100), threads=args.threads)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

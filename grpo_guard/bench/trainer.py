@@ -1,8 +1,11 @@
 """Time trainer steps (rollout + update) of an SD3.5-M-sized transformer, random init from its config (no
 download), with the fused ops (backend "auto") vs the reference ops (backend "torch").
 
-    python benchmarks/bench_trainer.py                    # NVIDIA GPU: SD3.5-M transformer, bf16, 512 px latents
-    python benchmarks/bench_trainer.py --tiny --steps 1   # CPU smoke run of this script (tiny transformer)
+    python -m grpo_guard.bench.trainer                    # NVIDIA GPU: SD3.5-M transformer, bf16, 512 px latents
+    python -m grpo_guard.bench.trainer --tiny --steps 1   # CPU smoke run (tiny transformer)
+
+(``grpo-guard bench trainer ...``, and from a checkout ``python benchmarks/bench_trainer.py ...``, the same; needs
+the ``train`` extra: diffusers.)
 
 Text encoders and VAE are left out (random prompt embeddings of SD3's shapes, reward on the latents' first
 channels): what is timed is the transformer, our ops and the trainer around them. Reports images/s and the
@@ -18,13 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-import grpo_guard as gg  # noqa: E402
-from grpo_guard.models import sd3  # noqa: E402
-from grpo_guard.trainer import Reward, Trainer, from_dict  # noqa: E402
+import grpo_guard as gg
+from grpo_guard.models import sd3
+from grpo_guard.trainer import Reward, Trainer, from_dict
 
 SD35M = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
              num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
@@ -136,7 +137,8 @@ def main(argv=None):
                 torch.cuda.empty_cache()
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

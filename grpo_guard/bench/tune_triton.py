@@ -1,12 +1,16 @@
 """Sweep the Triton launch geometry (grpo_guard/ops/triton_launch.py) on an NVIDIA GPU and print, per
 configuration, the GPU time per call (CUDA-graph replay after an L2 flush, host overhead removed:
-``grpo_guard.bench.graph_time``) of the ops that a training step runs: policy_loss forward+backward, sde_step
+``grpo_guard.bench.timing.graph_time``) of the ops that a training step runs: policy_loss forward+backward, sde_step
 forward (scoring a stored x'), forward+backward and rollout. ``--fused`` sweeps the single-launch kernels'
 knobs (FUSED_BLOCK_MIN, FUSED_BLOCK_MAX, FUSED_MIN_PROGRAMS, FUSED_ELEMS_PER_THREAD), else the split
 kernels' (COMPILED_BLOCK, COMPILED_WARPS, MIN_PROGRAMS, MAX_ITERS).
 
-    python benchmarks/tune_triton.py [--fused] [--shapes sd35_512,flux_1024,wan_480p] [--dtype bf16] [--budget 120]
-    TRITON_INTERPRET=1 python benchmarks/tune_triton.py --device cpu --shapes cpu_small --rep 2 --budget 0  # smoke
+    python -m grpo_guard.bench.tune_triton [--fused] [--shapes sd35_512,flux_1024,wan_480p] [--dtype bf16] \
+        [--budget 120]
+    TRITON_INTERPRET=1 python -m grpo_guard.bench.tune_triton --device cpu --shapes cpu_small --rep 2 \
+        --budget 0   # smoke
+
+(``grpo-guard bench tune_triton ...``, and from a checkout ``python benchmarks/tune_triton.py ...``, the same.)
 
 Changing the geometry changes the order of the float sums (never the math): every configuration is checked
 to keep the on-policy log-ratio exactly 0 before it is timed. Stops starting new configurations after
@@ -18,18 +22,16 @@ import argparse
 import itertools
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
+import grpo_guard as gg
+from grpo_guard.ops import triton_launch
 
-import grpo_guard as gg  # noqa: E402
-from grpo_guard.ops import triton_launch  # noqa: E402
-
-from benchmarks import bench_policy_loss, bench_sde_step  # noqa: E402
-from benchmarks.utils import ALL_SHAPES, DTYPES, measure, parse_list, quantiles  # noqa: E402
-from grpo_guard.bench import graph_time, mode_callables  # noqa: E402
+from . import policy_loss as bench_policy_loss
+from . import sde_step as bench_sde_step
+from .timing import graph_time, measure, mode_callables, quantiles
+from .utils import ALL_SHAPES, DTYPES, parse_list
 
 SPLIT_KNOBS = ("COMPILED_BLOCK", "COMPILED_WARPS", "MIN_PROGRAMS", "MAX_ITERS")
 FUSED_KNOBS = ("FUSED_BLOCK_MIN", "FUSED_BLOCK_MAX", "FUSED_MIN_PROGRAMS", "FUSED_ELEMS_PER_THREAD")
@@ -79,7 +81,7 @@ def main(argv=None) -> int:
     knobs, configs = configurations(args.fused)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("tune_triton.py needs an NVIDIA GPU", file=sys.stderr)
+        print("tune_triton needs an NVIDIA GPU", file=sys.stderr)
         return 2
     shapes = parse_list(args.shapes, ALL_SHAPES, "shape")
     dtype = DTYPES[args.dtype]

@@ -1,25 +1,73 @@
-"""What the benchmarks share: the timing/CSV/table utilities (from grpo_guard.bench, so ``grpo-guard bench`` runs
-the same code), the SPEC §7 shapes and input builders (from tests/_cases.py), and dtype names."""
-from __future__ import annotations
+"""What the benchmarks share: the SPEC §7 shapes and the input builders (a real rollout, a policy change of a given
+log-ratio), the provider-availability checks, torch.compile with room for a whole run, and dtype names.
 
-import sys
-from pathlib import Path
+The shapes and builders are the ones the tests use (tests/_cases.py; tests/test_bench.py checks that the two agree),
+kept here so that the installed package runs the suite without the repository.
+Schedules follow SPEC §1: SD3.5-M as trained by Flow-GRPO = FlowMatchEulerDiscreteScheduler(shift=3), 10 steps.
+"""
+from __future__ import annotations
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "tests") not in sys.path:
-    sys.path.insert(0, str(ROOT / "tests"))
+from grpo_guard import reference as ref
 
-from _cases import SHAPES, latents, perturb_for_log_ratio, rollout_case, sd35_sigmas  # noqa: E402
-from grpo_guard.bench import (MODES, QUANTILES, Provider, Row, Skip, copy_bandwidth, environment,  # noqa: E402,F401
-                              format_table, measure, peak_extra_memory, quantiles, run_op, speedups,
-                              synchronize, write_csv)
+# SPEC §7 reference shapes: name -> (latent shape per sample, typical micro-batch)
+SHAPES = {
+    "sd35_512": ((16, 64, 64), 9),
+    "sd35_1024": ((16, 128, 128), 4),
+    "flux_1024": ((4096, 64), 4),
+    "wan_480p": ((16, 21, 60, 104), 2),
+}
 
-#: small shapes for CPU runs (name -> (latent shape per sample, batch)); SPEC §7's come from tests/_cases.SHAPES
+#: small shapes for CPU runs (name -> (latent shape per sample, batch))
 CPU_SHAPES = {"cpu_small": ((16, 32, 32), 2)}
 ALL_SHAPES = {**CPU_SHAPES, **SHAPES}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+
+
+def sd35_sigmas(steps: int = 10, shift: float = 3.0, train_timesteps: int = 1000):
+    """The sigma schedule diffusers' FlowMatchEulerDiscreteScheduler(shift) gives for ``steps`` steps,
+    ending with 0 (the shift is applied to the training grid, then again to the inference linspace)."""
+    def shifted(s):
+        return shift * s / (1 + (shift - 1) * s)
+
+    sigma_min = shifted(1.0 / train_timesteps)
+    lin = torch.linspace(1.0, sigma_min, steps, dtype=torch.float64)
+    return [shifted(float(s)) for s in lin] + [0.0]
+
+
+def latents(B, latent_shape, dtype=torch.float32, device="cpu", generator=None):
+    """(v, x) like a denoising step: x ~ N(0, 1) latents, v ~ N(0, 1) velocities."""
+    shape = (B, *latent_shape)
+    v = torch.randn(shape, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+    x = torch.randn(shape, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+    return v, x
+
+
+def rollout_case(B, latent_shape, sigma, sigma_next, *, dtype=torch.float32, dynamics="flow", noise_level=0.7,
+                 device="cpu", generator=None):
+    """A rollout in float64 (the oracle), rounded to ``dtype``: returns dict(v_old, x, x_next)."""
+    v, x = latents(B, latent_shape, dtype, device, generator)
+    coef = ref.step_coefficients(sigma, sigma_next, noise_level, dynamics)
+    mu = ref.transition_mean(v, x, coef, torch.float64)
+    z = torch.randn(mu.shape, generator=generator, dtype=torch.float64).to(device)
+    x_next = (mu + coef.std.to(device).reshape(-1, 1) * z).reshape(x.shape).to(dtype)
+    return {"v_old": v, "x": x, "x_next": x_next}
+
+
+def perturb_for_log_ratio(v_old, x, x_next, sigma, sigma_next, target, *, dynamics="flow", noise_level=0.7,
+                          generator=None):
+    """A new velocity v = v_old + dv whose RatioNorm log-ratio mean_D[z*b*dv] is about ``target`` per sample,
+    with dv a random direction (not aligned with z) scaled to hit the target. Returns v in v_old's dtype."""
+    B = x.shape[0]
+    coef = ref.step_coefficients(sigma, sigma_next, noise_level, dynamics)
+    mu_old = ref.transition_mean(v_old, x, coef, torch.float64)
+    z = (x_next.reshape(B, -1).double() - mu_old) / coef.std.reshape(-1, 1).to(mu_old.device)
+    direction = torch.randn(z.shape, generator=generator, dtype=torch.float64).to(z.device)
+    direction = direction + 0.05 * z  # a realistic change correlates a little with the sampled noise
+    per = (z * direction).mean(dim=1) * coef.b.reshape(-1).to(z.device)
+    dv = direction * (torch.as_tensor(target, dtype=torch.float64) / per).reshape(-1, 1)
+    return (v_old.double() + dv.reshape(v_old.shape)).to(v_old.dtype)
 
 
 def parse_list(value, choices, what):

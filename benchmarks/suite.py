@@ -1,0 +1,16 @@
+"""Runs ``grpo_guard.bench.suite``: the op benchmark suite (``--markdown-from``, ``--compare-from LABEL=CSV``;
+``grpo-guard bench`` runs it with the machine's defaults).
+
+The code ships with the package (``python -m grpo_guard.bench.suite``); this file keeps the checkout's commands
+``python benchmarks/suite.py ...`` and ``python -m benchmarks.suite ...`` working."""
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: the checkout's grpo_guard, installed or not
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from grpo_guard.bench.suite import *  # noqa: E402,F401,F403  (the names this module had)
+from grpo_guard.bench.suite import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

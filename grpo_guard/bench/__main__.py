@@ -1,0 +1,6 @@
+"""``python -m grpo_guard.bench ...`` = ``grpo-guard bench ...``."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
