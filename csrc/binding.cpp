@@ -184,13 +184,13 @@ int old_mode(const OptTensor& mu_old, const OptTensor& v_old) {
   return GG_OLD_LOGP;
 }
 
-// -> [loss (), stats (4,), log_ratio (B,), bias (B,) or None, coefs (B, 2)]
+// -> [loss (), stats (4,; dppo 9,), log_ratio (B,), bias (B,) or None, coefs (B, 2)]
 std::vector<Tensor> loss_forward(const Tensor& v, const Tensor& x, const Tensor& prev, const OptTensor& mu_old,
                                  const OptTensor& v_old, const Tensor& adv, const OptTensor& old_logp,
                                  const OptTensor& sigma, const OptTensor& sigma_next, double sigma_value,
                                  double sigma_next_value, double eta, double sin_half_pi_eta, int64_t dynamics,
                                  int64_t method, double clip_lo, double clip_hi, double adv_clip_max,
-                                 int64_t guard_weight) {
+                                 int64_t guard_weight, double kl_threshold) {
   const at::ScalarType T = v.scalar_type(), TC = compute_type(T);
   const int64_t B = v.size(0), D = v.numel() / B;
   check_grid(B, D);
@@ -202,7 +202,7 @@ std::vector<Tensor> loss_forward(const Tensor& v, const Tensor& x, const Tensor&
   check_vector("advantages", adv, v, B, TC);
   check_vector("old_log_prob", old_logp, v, B, TC);
   TORCH_CHECK(adv.defined(), "grpo_guard._C: advantages are required");
-  TORCH_CHECK(method >= GG_GRPO && method <= GG_GUARD, "grpo_guard._C: bad method code ", method);
+  TORCH_CHECK(method >= GG_GRPO && method <= GG_DPPO, "grpo_guard._C: bad method code ", method);
   gg_loss_config cfg;
   cfg.method = static_cast<int>(method);
   cfg.old_mode = old_mode(mu_old, v_old);
@@ -210,15 +210,17 @@ std::vector<Tensor> loss_forward(const Tensor& v, const Tensor& x, const Tensor&
   cfg.clip_lo = clip_lo;
   cfg.clip_hi = clip_hi;
   cfg.adv_clip_max = adv_clip_max;
+  cfg.kl_threshold = kl_threshold;
   TORCH_CHECK(cfg.old_mode != GG_OLD_LOGP || (method == GG_GRPO && old_logp.has_value() && old_logp->defined()),
               "grpo_guard._C: without an old mean or velocity only method grpo with old_log_prob is defined");
   const c10::cuda::CUDAGuard guard(v.device());
   const gg_schedule sched = make_schedule(v, B, sigma, sigma_next, sigma_value, sigma_next_value, eta,
                                           sin_half_pi_eta, dynamics);
   const auto opts = v.options().dtype(TC);
-  Tensor loss = at::empty({}, opts), stats = at::empty({4}, opts), log_ratio = at::empty({B}, opts);
+  Tensor loss = at::empty({}, opts), stats = at::empty({method == GG_DPPO ? 9 : 4}, opts);
+  Tensor log_ratio = at::empty({B}, opts);
   Tensor bias = cfg.old_mode == GG_OLD_LOGP ? Tensor() : at::empty({B}, opts);
-  Tensor coefs = at::empty({B, 2}, opts), work = at::empty({3 * B}, opts);
+  Tensor coefs = at::empty({B, 2}, opts), work = at::empty({4 * B}, opts);
   Tensor partial = at::empty({B * 2 * gg_num_chunks(D)}, opts);
   gg_loss_fwd_args a;
   a.dtype = dtype_code(T);
@@ -311,10 +313,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> policy_loss_cuda(
     const Tensor& v, const Tensor& x, const Tensor& prev, const OptTensor& mu_old, const OptTensor& v_old,
     const Tensor& adv, const OptTensor& old_logp, const OptTensor& sigma, const OptTensor& sigma_next,
     double sigma_value, double sigma_next_value, double eta, double sin_half_pi_eta, int64_t dynamics,
-    int64_t method, double clip_lo, double clip_hi, double adv_clip_max, int64_t guard_weight) {
+    int64_t method, double clip_lo, double clip_hi, double adv_clip_max, int64_t guard_weight,
+    double kl_threshold) {
   auto out = loss_forward(v, x, prev, mu_old, v_old, adv, old_logp, sigma, sigma_next, sigma_value,
                           sigma_next_value, eta, sin_half_pi_eta, dynamics, method, clip_lo, clip_hi, adv_clip_max,
-                          guard_weight);
+                          guard_weight, kl_threshold);
   return {out[0], out[1], out[2], or_empty(out[3], out[2]), out[4]};
 }
 
@@ -332,7 +335,7 @@ TORCH_LIBRARY_FRAGMENT(grpo_guard, m) {
   m.def("policy_loss_cuda(Tensor v, Tensor x, Tensor prev_sample, Tensor? mu_old, Tensor? v_old, Tensor advantages, "
         "Tensor? old_log_prob, Tensor? sigma, Tensor? sigma_next, float sigma_value, float sigma_next_value, "
         "float eta, float sin_half_pi_eta, int dynamics, int method, float clip_lo, float clip_hi, "
-        "float adv_clip_max, int guard_weight) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "float adv_clip_max, int guard_weight, float kl_threshold) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("policy_loss_cuda_backward(Tensor v, Tensor x, Tensor prev_sample, Tensor? mu_old, Tensor? v_old, "
         "Tensor coefs, Tensor grad_loss, Tensor? sigma, Tensor? sigma_next, float sigma_value, "
         "float sigma_next_value, float eta, float sin_half_pi_eta, int dynamics) -> Tensor");

@@ -27,7 +27,7 @@ extern "C" {
 
 enum { GG_F32 = 0, GG_F64 = 1, GG_F16 = 2, GG_BF16 = 3 };                 /* storage dtypes */
 enum { GG_FLOW = 0, GG_DANCE = 1, GG_CPS = 2 };                           /* reference.DYNAMICS */
-enum { GG_GRPO = 0, GG_MEAN_REVISED = 1, GG_RATIO_NORM = 2, GG_GUARD = 3 }; /* reference.METHODS */
+enum { GG_GRPO = 0, GG_MEAN_REVISED = 1, GG_RATIO_NORM = 2, GG_GUARD = 3, GG_DPPO = 4 }; /* reference.METHODS */
 enum { GG_WEIGHT_DT = 0, GG_WEIGHT_BETA_DT = 1 };                         /* reference.GUARD_WEIGHTS */
 /* policy_loss: where the old policy comes from */
 enum { GG_OLD_MEAN = 0,  /* old_prev_sample_mean mu_old (TC): Delta = mu_theta - mu_old          */
@@ -74,12 +74,14 @@ typedef struct {
   int method; int old_mode; int guard_weight;
   double clip_lo, clip_hi;   /* log1p(-eps), log1p(eps) */
   double adv_clip_max;
+  double kl_threshold;       /* GG_DPPO: a sample is dropped when K >= kl_threshold and A log r > 0 */
 } gg_loss_config;
 
 /* policy_loss forward. Inputs v, x, prev (T), mu_old (TC, GG_OLD_MEAN) or v_old (T, GG_OLD_V); adv and
- * old_logp (TC, (B,)). Outputs (TC): loss (1), stats (4: ratio_mean, ratio_std, clipfrac, approx_kl),
- * log_ratio (B), bias (B, NULL for GG_OLD_LOGP), coefs (B, 2: per-sample backward coefficients).
- * Scratch (TC): partial (B * 2 * gg_num_chunks(D)), work (3B). */
+ * old_logp (TC, (B,)). Outputs (TC): loss (1), stats (4: ratio_mean, ratio_std, clipfrac, approx_kl; GG_DPPO 9:
+ * + kl_mean, kl_max, masked_fraction, masked fraction among A > 0, among A < 0), log_ratio (B), bias (B, NULL
+ * for GG_OLD_LOGP), coefs (B, 2: per-sample backward coefficients).
+ * Scratch (TC): partial (B * 2 * gg_num_chunks(D)), work (4B). */
 typedef struct {
   int dtype; int64_t B, D;
   const void* v; const void* x; const void* prev; const void* mu_old; const void* v_old;

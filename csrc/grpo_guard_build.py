@@ -3,29 +3,77 @@
 ``cuda_extension() -> (ext, cmdclass, reason)``: a ``CUDAExtension`` + ninja ``BuildExtension`` where a CUDA
 build of torch and nvcc exist, else ``(None, None, reason)``. It never raises for a missing toolchain.
 
-Architectures: sm_80 and sm_90 cubins plus compute_90 PTX (JIT for newer GPUs). Override with
-``GRPO_GUARD_CUDA_ARCHS`` (e.g. "80;90;100") or torch's own ``TORCH_CUDA_ARCH_LIST``.
+Architectures: sm_80, sm_90 and sm_100 cubins plus compute_100 PTX (JIT for newer GPUs), as the wheels ship
+them. Override with ``GRPO_GUARD_CUDA_ARCHS`` (e.g. "90" for a quick local build; the last one also gets PTX) or
+torch's own ``TORCH_CUDA_ARCH_LIST``.
+
+The build writes ``grpo_guard/_C_build.json`` next to the extension (torch and CUDA versions, architectures),
+which grpo_guard.ops.cuda_build reads to explain a mismatched install; :func:`local_version` gives the wheel's
+local version label (``+cu130torch2.14``).
 """
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = ("binding.cpp", "sde_step.cu", "policy_loss.cu")
 HEADERS = ("gg_kernels.h", "gg_common.cuh")
-DEFAULT_ARCHS = "80;90"
+DEFAULT_ARCHS = "80;90;100"
+
+
+def archs():
+    """(cubin architectures, PTX architecture) of this build, e.g. (["80", "90", "100"], "100"); ([], None) when
+    torch's TORCH_CUDA_ARCH_LIST decides (then it is recorded as given)."""
+    given = os.environ.get("GRPO_GUARD_CUDA_ARCHS")
+    if not given and os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return [], None
+    out = [a.strip().replace(".", "") for a in (given or DEFAULT_ARCHS).replace(",", ";").split(";") if a.strip()]
+    return out, out[-1]
 
 
 def _arch_flags():
     """nvcc -gencode flags, or [] to let torch read TORCH_CUDA_ARCH_LIST."""
-    archs = os.environ.get("GRPO_GUARD_CUDA_ARCHS")
-    if not archs and os.environ.get("TORCH_CUDA_ARCH_LIST"):
+    cubins, ptx = archs()
+    if not cubins:
         return []
-    archs = [a.strip().replace(".", "") for a in (archs or DEFAULT_ARCHS).replace(",", ";").split(";") if a.strip()]
-    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-    return flags + [f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in cubins]
+    return flags + [f"-gencode=arch=compute_{ptx},code=compute_{ptx}"]
+
+
+def build_record():
+    """What grpo_guard/_C_build.json records (torch imported: call at build time only)."""
+    import torch
+
+    cubins, ptx = archs()
+    record = {"torch": torch.__version__, "cuda": torch.version.cuda, "archs": cubins, "ptx": ptx}
+    if not cubins:
+        record["torch_cuda_arch_list"] = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    return record
+
+
+def local_version():
+    """The wheel's local version label for this torch / CUDA: 'cu130torch2.14' (PEP 440: +cu130torch2.14)."""
+    import torch
+
+    return f"cu{torch.version.cuda.replace('.', '')}torch{'.'.join(torch.__version__.split('+')[0].split('.')[:2])}"
+
+
+def _with_build_record(base):
+    """``base`` build_ext that also writes _C_build.json next to the built extension (wheel or in place)."""
+
+    class BuildExtWithRecord(base):
+        def run(self):
+            super().run()
+            for ext in self.extensions:
+                if ext.name == "grpo_guard._C":
+                    path = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), "_C_build.json")
+                    with open(path, "w") as f:
+                        json.dump(build_record(), f, indent=1)
+
+    return BuildExtWithRecord
 
 
 def _extra_include_dirs(site_dirs):
@@ -88,5 +136,5 @@ def cuda_extension():
         include_dirs=include_dirs,
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"] + _arch_flags()},
     )
-    cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    cmdclass = {"build_ext": _with_build_record(cpp_extension.BuildExtension.with_options(use_ninja=True))}
     return ext, cmdclass, None

@@ -90,7 +90,7 @@ loss_chunks(const T* __restrict__ v, const T* __restrict__ x, const T* __restric
 }
 
 // One sample of kernel 2 (run by one thread): log-ratio, bias, surrogate, and the backward coefficients
-// dloss/dv_k = c1 u_k + c2 Delta_k. work: r (B), clipped (B), per-sample loss (B).
+// dloss/dv_k = c1 u_k + c2 Delta_k. work: r - 1 (B), clipped / dppo's masked (B), per-sample loss (B), dppo's K (B).
 template <typename TC>
 __device__ void finalize_sample(int64_t i, TC s1, TC s2, int64_t D, int64_t B, const gg_schedule& sched,
                                 const gg_loss_config& cfg, const TC* adv, const TC* old_logp, TC* log_ratio,
@@ -109,7 +109,7 @@ __device__ void finalize_sample(int64_t i, TC s1, TC s2, int64_t D, int64_t B, c
     const TC plain = cps ? TC(2) * m1 - m2 : (m1 - TC(0.5) * m2) / var;
     const TC bi = cps ? m2 : m2 / (TC(2) * var);
     bias[i] = bi;
-    if (cfg.method == GG_GRPO) {
+    if (cfg.method == GG_GRPO || cfg.method == GG_DPPO) {
       lr = plain;
       k1 = k_plain;
       k2 = -k_plain;
@@ -131,6 +131,20 @@ __device__ void finalize_sample(int64_t i, TC s1, TC s2, int64_t D, int64_t B, c
   const TC A = isnan(adv[i]) ? adv[i] : fmin(fmax(adv[i], -m), m);
   const TC r = exp_(lr), rc = exp_(fmin(fmax(lr, lo), hi));
   const TC cand = -A * r, cand_c = -A * rc;
+  work[i] = expm1_(lr);  // r - 1 without float32's 6e-8 resolution near 1 (reference.summarize)
+  if (cfg.method == GG_DPPO) {
+    // reference.masked_surrogate: no clipping, no weight; a detached gate on the exact per-step KL
+    // K = mean_D[Delta^2] / (2 s^2) (reference.step_kl, every dynamics) and the direction of the move
+    const TC kl = (cfg.old_mode == GG_OLD_LOGP ? TC(0) : s2 / Dt) / (TC(2) * var);
+    const bool drop = kl >= static_cast<TC>(cfg.kl_threshold) && A * lr > TC(0);
+    const TC dlr = drop ? TC(0) : TC(1) / static_cast<TC>(B) * -A * r;
+    coefs[2 * i] = dlr * k1;
+    coefs[2 * i + 1] = dlr * k2;
+    work[B + i] = drop ? TC(1) : TC(0);
+    work[2 * B + i] = drop ? TC(0) : cand;
+    work[3 * B + i] = kl;
+    return;
+  }
   double w = 1.0;  // reference.sample_weights, float64 then cast
   if (cfg.method == GG_GUARD) {
     w = 1.0 / fabs(c.dt);
@@ -143,7 +157,6 @@ __device__ void finalize_sample(int64_t i, TC s1, TC s2, int64_t D, int64_t B, c
   const TC dlr = wt / static_cast<TC>(B) * -A * (take_r * r + take_c * inside * rc);
   coefs[2 * i] = dlr * k1;
   coefs[2 * i + 1] = dlr * k2;
-  work[i] = expm1_(lr);  // r - 1 without float32's 6e-8 resolution near 1 (reference.summarize)
   work[B + i] = (lr > hi || lr < lo) ? TC(1) : TC(0);
   work[2 * B + i] = (isnan(cand) || isnan(cand_c) ? cand + cand_c : fmax(cand, cand_c)) * wt;
 }
@@ -181,6 +194,23 @@ loss_finalize(const TC* __restrict__ partial, int nchunks, int64_t B, int64_t D,
   stats[1] = sqrt(sum_dev / Bt);
   stats[2] = sum_clip / Bt;
   stats[3] = TC(0.5) * (sum_kl / Bt);
+  if (cfg.method == GG_DPPO) {  // reference.kl_stats
+    TC k_sum = 0, k_max = -INFINITY, n_pos = 0, n_neg = 0, d_pos = 0, d_neg = 0;
+    for (int64_t i = 0; i < B; ++i) {
+      const TC k = work[3 * B + i];
+      k_sum += k;
+      k_max = (isnan(k) || k > k_max) ? k : k_max;
+      n_pos += adv[i] > TC(0) ? TC(1) : TC(0);
+      n_neg += adv[i] < TC(0) ? TC(1) : TC(0);
+      d_pos += adv[i] > TC(0) ? work[B + i] : TC(0);
+      d_neg += adv[i] < TC(0) ? work[B + i] : TC(0);
+    }
+    stats[4] = k_sum / Bt;
+    stats[5] = k_max;
+    stats[6] = sum_clip / Bt;
+    stats[7] = d_pos / fmax(n_pos, TC(1));
+    stats[8] = d_neg / fmax(n_neg, TC(1));
+  }
 }
 
 template <typename T>

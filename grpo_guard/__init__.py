@@ -11,6 +11,6 @@ from .api import SDEStep, group_advantages, kl_to_reference, policy_loss, sde_st
 from .dispatch import BackendUnavailable, available_backends, backend, last_backend
 from .ops.errors import InvalidInputError, check_errors
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["sde_step", "policy_loss", "group_advantages", "kl_to_reference", "SDEStep", "backend", "last_backend",
            "available_backends", "BackendUnavailable", "check_errors", "InvalidInputError", "__version__"]

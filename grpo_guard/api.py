@@ -61,10 +61,10 @@ def policy_loss(model_output: torch.Tensor, sample: torch.Tensor, prev_sample: t
     - "dppo": Flow-DPPO (SPEC §9): no clipping; ``loss = mean_i -A_i r_i (1 - drop_i)``, drop_i = (K_i >=
       kl_threshold) and (A_i log r_i > 0), K_i = mean_D (mu_theta - mu_old)^2 / (2 s^2) the exact per-step KL;
       ``adv_clip_max`` still clamps A (the official code does not: pass ``float("inf")``); stats add kl_mean,
-      kl_max, masked_fraction and masked_fraction_pos / _neg. Runs on the torch backend (the fused kernels do
-      not have it yet; ``auto`` picks torch for it).
+      kl_max, masked_fraction and masked_fraction_pos / _neg. Same kernels and launch count as "guard" on the
+      Triton and CUDA backends (K and log r come from the same two per-sample sums).
 
-    The last three need ``old_prev_sample_mean`` (as returned by :func:`sde_step` at rollout) or
+    The last four need ``old_prev_sample_mean`` (as returned by :func:`sde_step` at rollout) or
     ``old_model_output`` (the rollout velocity: exact and, for bf16 models, half the storage).
     Clip decisions compare log-ratios with log(1 +- eps). Gradients flow to ``model_output`` only.
 

@@ -61,6 +61,8 @@ def main(argv=None) -> int:
         print(f"cuda: {torch.cuda.get_device_name(0)} (torch CUDA {torch.version.cuda})")
     else:
         print("cuda: no GPU visible")
+    from .ops import cuda_backend
+    print(f"cuda extension: {cuda_backend.status()}")
     print(f"requested backend: {dispatch.requested()} (GRPO_GUARD_BACKEND or grpo_guard.backend())")
     failed = False
     for device in devices:

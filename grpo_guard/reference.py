@@ -297,6 +297,9 @@ def policy_loss(model_output: torch.Tensor, sample: torch.Tensor, prev_sample: t
     return loss, stats
 
 
+DPPO_STATS = ("kl_mean", "kl_max", "masked_fraction", "masked_fraction_pos", "masked_fraction_neg")
+
+
 def kl_stats(kl: torch.Tensor, dropped: torch.Tensor, advantages: torch.Tensor):
     """Flow-DPPO's logged statistics, detached 0-dim: kl_mean, kl_max, masked_fraction, and the masked fraction
     among samples with a positive / negative advantage (0 when there are none)."""

@@ -6,7 +6,9 @@ b*(v - v_old) (OLD 2), the reduce kernel writes chunk partials of sum u*Delta an
 or of sum (x' - mu_theta)^2 with exactly sde_step's chunking and helpers (OLD 0). The finish kernel turns
 them into log-ratios (closed forms, reference.log_ratios), the clipped surrogate, the stats and, per
 sample, the backward coefficients k_u, k_d of  grad_v = (k_u*u + k_d*Delta) * grad_loss  (OLD 0:
-u = x' - mu_theta, k_d = 0). METHOD: 0 grpo, 1 mean_revised, 2 ratio_norm, 3 guard.
+u = x' - mu_theta, k_d = 0). METHOD: 0 grpo, 1 mean_revised, 2 ratio_norm, 3 guard, 4 dppo (Flow-DPPO, SPEC §9:
+the plain log-ratio, no clipping, a sample dropped when its exact per-step KL K = S2/(2 s^2) >= tau and
+A log r > 0; its stats append kl_mean, kl_max, masked_fraction and the masked fractions among A > 0 and A < 0).
 """
 import triton
 import triton.language as tl
@@ -67,7 +69,7 @@ def policy_loss_reduce_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, part_ptr,
 @triton.jit
 def policy_loss_finish_kernel(part_ptr, adv_ptr, old_lp_ptr, coef_ptr, loss_ptr, stats_ptr, err_ptr,
                               sig_ptr, nxt_ptr, sigma: tl.float64, sigma_next: tl.float64, eta: tl.float64,
-                              lo: tl.float64, hi: tl.float64, adv_max: tl.float64,
+                              lo: tl.float64, hi: tl.float64, adv_max: tl.float64, tau: tl.float64,
                               B, C, D, NP,
                               DYNAMICS: tl.constexpr, PER_SAMPLE: tl.constexpr, OLD: tl.constexpr,
                               METHOD: tl.constexpr, BETA_DT: tl.constexpr, CHECK: tl.constexpr,
@@ -78,11 +80,20 @@ def policy_loss_finish_kernel(part_ptr, adv_ptr, old_lp_ptr, coef_ptr, loss_ptr,
     log-ratio, ratio = exp, clip on the log-ratio against [lo, hi], per-sample loss w*max(-A r, -A r_clip),
     dL/dlog_ratio mirroring autograd's max/clamp rule (ties split 1/2), and k_u, k_d -> coef[0:B], coef[B:2B].
     stats = [ratio_mean, ratio_std, clipfrac, approx_kl, log_ratio (B), bias (B)], ratio stats from
-    expm1(log_ratio) (reference.summarize); loss = mean_i per-sample loss."""
+    expm1(log_ratio) (reference.summarize); loss = mean_i per-sample loss. METHOD 4 (dppo): the masked surrogate
+    (reference.masked_surrogate) and stats[4 + 2B:] = kl_mean, kl_max, masked_fraction, masked fraction among
+    A > 0, among A < 0 (reference.kl_stats)."""
     CD: tl.constexpr = loss_ptr.dtype.element_ty
     lo = lo + tl.zeros([], tl.float64)  # exact float64 in both modes (see common.load_sigmas)
     hi = hi + tl.zeros([], tl.float64)
     adv_max = adv_max + tl.zeros([], tl.float64)
+    tau = tau + tl.zeros([], tl.float64)
+    s_kl = tl.zeros([RB], tl.float64)
+    m_kl = tl.full([RB], float("-inf"), tl.float64)
+    s_pos = tl.zeros([RB], tl.float64)
+    s_neg = tl.zeros([RB], tl.float64)
+    s_dpos = tl.zeros([RB], tl.float64)
+    s_dneg = tl.zeros([RB], tl.float64)
     s_loss = tl.zeros([RB], tl.float64)
     s_exc = tl.zeros([RB], tl.float64)
     s_exc2 = tl.zeros([RB], tl.float64)
@@ -104,6 +115,7 @@ def policy_loss_finish_kernel(part_ptr, adv_ptr, old_lp_ptr, coef_ptr, loss_ptr,
             else:
                 c1 = 1.0 / var
             c2 = var * 0.0
+            kl = (var * 0.0).to(CD)  # (dppo needs an old mean: not reached)
         else:
             s1 = row_totals(part_ptr, rows, rm, C, CP, LOG_CP).to(tl.float64) / D
             s2 = row_totals(part_ptr + NP, rows, rm, C, CP, LOG_CP).to(tl.float64) / D
@@ -115,7 +127,8 @@ def policy_loss_finish_kernel(part_ptr, adv_ptr, old_lp_ptr, coef_ptr, loss_ptr,
                 plain = (s1 - 0.5 * s2) / var
                 bias = s2 / (2.0 * var)
                 c_s1 = 1.0 / var
-            if METHOD == 0:
+            kl = (s2 / (2.0 * var)).to(CD)  # dppo's exact per-step KL (reference.step_kl)
+            if METHOD == 0 or METHOD == 4:
                 lr = plain.to(CD)
                 c1 = c_s1
                 if DYNAMICS == CPS:
@@ -157,12 +170,28 @@ def policy_loss_finish_kernel(part_ptr, adv_ptr, old_lp_ptr, coef_ptr, loss_ptr,
             w = var * 0.0 + 1.0
         w_cd = w.to(CD)
         pa = -adv * ratio
-        pc = -adv * ratio_c
-        per = tl.maximum(pa, pc, propagate_nan=tl.PropagateNan.ALL) * w_cd
-        in_range = (lr64 >= lo) & (lr64 <= hi)
-        ga = tl.where(pa > pc, 1.0, tl.where(pa == pc, 0.5, 0.0))
-        gb = tl.where(pa < pc, 1.0, tl.where(pa == pc, 0.5, 0.0))
-        d_lr = (w_cd.to(tl.float64) / B) * (ga * pa.to(tl.float64) + tl.where(in_range, gb * pc.to(tl.float64), 0.0))
+        if METHOD == 4:  # masked surrogate: a detached gate on the exact KL and the direction of the move
+            drop = (kl >= tau.to(CD)) & (adv * lr > 0)
+            per = tl.where(drop, 0.0, pa).to(CD)
+            d_lr = tl.where(drop, 0.0, pa.to(tl.float64)) / B
+            out = drop
+            pos = tl.load(adv_ptr + rows, mask=rm, other=0.0) > 0
+            neg = tl.load(adv_ptr + rows, mask=rm, other=0.0) < 0
+            s_kl += tl.where(rm, kl.to(tl.float64), 0.0)
+            m_kl = tl.maximum(m_kl, tl.where(rm, kl.to(tl.float64), float("-inf")))
+            s_pos += tl.where(rm & pos, 1.0, 0.0)
+            s_neg += tl.where(rm & neg, 1.0, 0.0)
+            s_dpos += tl.where(rm & pos & drop, 1.0, 0.0)
+            s_dneg += tl.where(rm & neg & drop, 1.0, 0.0)
+        else:
+            pc = -adv * ratio_c
+            per = tl.maximum(pa, pc, propagate_nan=tl.PropagateNan.ALL) * w_cd
+            in_range = (lr64 >= lo) & (lr64 <= hi)
+            ga = tl.where(pa > pc, 1.0, tl.where(pa == pc, 0.5, 0.0))
+            gb = tl.where(pa < pc, 1.0, tl.where(pa == pc, 0.5, 0.0))
+            d_lr = (w_cd.to(tl.float64) / B) * (ga * pa.to(tl.float64)
+                                                + tl.where(in_range, gb * pc.to(tl.float64), 0.0))
+            out = (lr64 > hi) | (lr64 < lo)
         # grad_v_j = d_lr * (c1 * dS1/dv_j + c2 * dS2/dv_j),  dS1/dv = b u / D,  dS2/dv = 2 b Delta / D
         tl.store(coef_ptr + rows, (d_lr * c1 * b / D).to(CD), mask=rm)
         tl.store(coef_ptr + B + rows, (d_lr * c2 * 2.0 * b / D).to(CD), mask=rm)
@@ -170,7 +199,7 @@ def policy_loss_finish_kernel(part_ptr, adv_ptr, old_lp_ptr, coef_ptr, loss_ptr,
         s_loss += tl.where(rm, per.to(tl.float64), 0.0)
         s_exc += tl.where(rm, exc, 0.0)
         s_exc2 += tl.where(rm, exc * exc, 0.0)
-        s_clip += tl.where(rm & ((lr64 > hi) | (lr64 < lo)), 1.0, 0.0)
+        s_clip += tl.where(rm & out, 1.0, 0.0)
         s_lr2 += tl.where(rm, lr64 * lr64, 0.0)
     mean_exc = tl.sum(s_exc, axis=0) / B
     var_exc = tl.maximum(tl.sum(s_exc2, axis=0) / B - mean_exc * mean_exc, 0.0)
@@ -179,6 +208,12 @@ def policy_loss_finish_kernel(part_ptr, adv_ptr, old_lp_ptr, coef_ptr, loss_ptr,
     tl.store(stats_ptr + 1, tl.sqrt(var_exc).to(CD))
     tl.store(stats_ptr + 2, (tl.sum(s_clip, axis=0) / B).to(CD))
     tl.store(stats_ptr + 3, (0.5 * tl.sum(s_lr2, axis=0) / B).to(CD))
+    if METHOD == 4:
+        tl.store(stats_ptr + 4 + 2 * B, (tl.sum(s_kl, axis=0) / B).to(CD))
+        tl.store(stats_ptr + 5 + 2 * B, tl.max(m_kl, axis=0).to(CD))
+        tl.store(stats_ptr + 6 + 2 * B, (tl.sum(s_clip, axis=0) / B).to(CD))
+        tl.store(stats_ptr + 7 + 2 * B, (tl.sum(s_dpos, axis=0) / tl.maximum(tl.sum(s_pos, axis=0), 1.0)).to(CD))
+        tl.store(stats_ptr + 8 + 2 * B, (tl.sum(s_dneg, axis=0) / tl.maximum(tl.sum(s_neg, axis=0), 1.0)).to(CD))
 
 
 @triton.jit
@@ -239,14 +274,15 @@ def policy_loss_backward_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, coef_ptr, g_loss_
 
 
 # ---- single launch forward (fused finish) ------------------------------------------------------------------
-# Row buffer ``row`` (compute dtype, 7B): [0:B] k_u, [B:2B] k_d, [2B:3B] a, [3B:4B] b (the backward's per-row
-# constants), [4B:5B] per-sample loss, [5B:6B] r - 1, [6B:7B] clipped (the batch finish's inputs).
+# Row buffer ``row`` (compute dtype, 8B): [0:B] k_u, [B:2B] k_d, [2B:3B] a, [3B:4B] b (the backward's per-row
+# constants), [4B:5B] per-sample loss, [5B:6B] r - 1, [6B:7B] clipped (dppo: masked), [7B:8B] dppo's KL (the batch
+# finish's inputs).
 
 @triton.jit
 def policy_loss_fwd_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, adv_ptr, old_lp_ptr, part_ptr, row_ptr, cnt_ptr, err_ptr,
                            loss_ptr, stats_ptr,
                            sig_ptr, nxt_ptr, sigma: tl.float64, sigma_next: tl.float64, eta: tl.float64,
-                           lo: tl.float64, hi: tl.float64, adv_max: tl.float64,
+                           lo: tl.float64, hi: tl.float64, adv_max: tl.float64, tau: tl.float64,
                            B, D, C, NP, sv, sx, sxp, so,
                            DYNAMICS: tl.constexpr, PER_SAMPLE: tl.constexpr, OLD: tl.constexpr,
                            METHOD: tl.constexpr, BETA_DT: tl.constexpr, CHECK: tl.constexpr, ERR_BASE: tl.constexpr,
@@ -287,29 +323,31 @@ def policy_loss_fwd_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, adv_ptr, old_lp_ptr, p
     if last_to_arrive(cnt_ptr + row, C):
         tl.store(cnt_ptr + row, 0)
         _finish_row(part_ptr, adv_ptr, old_lp_ptr, row_ptr, stats_ptr, err_ptr, sig_ptr, nxt_ptr, row, std, b64, beta,
-                    dt, a, b, lo, hi, adv_max, B, D, C, NP, DYNAMICS, PER_SAMPLE, OLD, METHOD, BETA_DT, CHECK,
+                    dt, a, b, lo, hi, adv_max, tau, B, D, C, NP, DYNAMICS, PER_SAMPLE, OLD, METHOD, BETA_DT, CHECK,
                     ERR_BASE, CP, LOG_CP)
         if last_to_arrive(cnt_ptr + B, B):
             tl.store(cnt_ptr + B, 0)
-            _finish_batch(row_ptr, stats_ptr, loss_ptr, B, RB, LOG_RB)
+            _finish_batch(row_ptr, stats_ptr, loss_ptr, adv_ptr, B, METHOD, RB, LOG_RB)
 
 
 @triton.jit
 def _finish_row(part_ptr, adv_ptr, old_lp_ptr, row_ptr, stats_ptr, err_ptr, sig_ptr, nxt_ptr, row, std64, b64,
-                beta64, dt64, a, b, lo, hi, adv_max, B, D, C, NP,
+                beta64, dt64, a, b, lo, hi, adv_max, tau, B, D, C, NP,
                 DYNAMICS: tl.constexpr, PER_SAMPLE: tl.constexpr, OLD: tl.constexpr, METHOD: tl.constexpr,
                 BETA_DT: tl.constexpr, CHECK: tl.constexpr, ERR_BASE: tl.constexpr,
                 CP: tl.constexpr, LOG_CP: tl.constexpr):
     """One row, in the compute dtype CD as reference.log_ratios / clipped_surrogate compute it; float64 only
     for the clip decision (the log-ratio against log(1 +- eps)) and the weight (reference.sample_weights).
     Writes log_ratio (stats[4 + row]), bias (stats[4 + B + row]) and the row buffer (k_u, k_d, a, b, loss, r - 1,
-    clipped). grad_v = (k_u*u + k_d*Delta) * grad_loss; k_u, k_d follow autograd's max/clamp rule (ties 1/2)."""
+    clipped, KL). grad_v = (k_u*u + k_d*Delta) * grad_loss; k_u, k_d follow autograd's max/clamp rule (ties 1/2).
+    METHOD 4 (dppo): K = S2/(2 s^2) and the mask (K >= tau and A log r > 0) in CD, as reference.masked_surrogate."""
     CD: tl.constexpr = a.dtype
     s = std64.to(CD)
     var = s * s
     lo = lo + tl.zeros([], tl.float64)  # exact float64 in both modes (see common.load_sigmas)
     hi = hi + tl.zeros([], tl.float64)
     adv_max = adv_max + tl.zeros([], tl.float64)
+    tau = tau + tl.zeros([], tl.float64)
     if OLD == 0:
         lp = log_prob_from_sum(row_total(part_ptr, row, C, CP, LOG_CP), D, s, DYNAMICS)
         old_lp = tl.load(old_lp_ptr + row).to(CD)
@@ -321,6 +359,7 @@ def _finish_row(part_ptr, adv_ptr, old_lp_ptr, row_ptr, stats_ptr, err_ptr, sig_
         else:
             c1 = 1.0 / var
         c2 = var * 0.0
+        kl = var * 0.0  # no old mean: dppo is refused; the row buffer still gets defined bits
     else:
         s1 = row_total(part_ptr, row, C, CP, LOG_CP) / D
         s2 = row_total(part_ptr + NP, row, C, CP, LOG_CP) / D
@@ -334,7 +373,8 @@ def _finish_row(part_ptr, adv_ptr, old_lp_ptr, row_ptr, stats_ptr, err_ptr, sig_
             bias = s2 / (2.0 * var)
             c_s1 = 1.0 / var
             c_s2 = -0.5 / var
-        if METHOD == 0:
+        kl = s2 / (2.0 * var)  # dppo's exact per-step KL (reference.step_kl)
+        if METHOD == 0 or METHOD == 4:
             lr = plain
             c1 = c_s1
             c2 = c_s2
@@ -372,12 +412,19 @@ def _finish_row(part_ptr, adv_ptr, old_lp_ptr, row_ptr, stats_ptr, err_ptr, sig_
     else:
         w = var * 0.0 + 1.0
     pa = -adv * ratio
-    pc = -adv * ratio_c
-    per = tl.maximum(pa, pc, propagate_nan=tl.PropagateNan.ALL) * w
-    in_range = (lr64 >= lo) & (lr64 <= hi)
-    ga = tl.where(pa > pc, 1.0, tl.where(pa == pc, 0.5, 0.0))
-    gb = tl.where(pa < pc, 1.0, tl.where(pa == pc, 0.5, 0.0))
-    d_lr = (w / B) * (ga * pa + tl.where(in_range, gb * pc, 0.0))
+    if METHOD == 4:  # masked surrogate: a detached gate on the exact KL and the direction of the move
+        drop = (kl >= tau.to(CD)) & (adv * lr > 0)
+        per = tl.where(drop, 0.0, pa).to(CD)
+        d_lr = (tl.where(drop, 0.0, pa) / B).to(CD)
+        out = drop
+    else:
+        pc = -adv * ratio_c
+        per = tl.maximum(pa, pc, propagate_nan=tl.PropagateNan.ALL) * w
+        in_range = (lr64 >= lo) & (lr64 <= hi)
+        ga = tl.where(pa > pc, 1.0, tl.where(pa == pc, 0.5, 0.0))
+        gb = tl.where(pa < pc, 1.0, tl.where(pa == pc, 0.5, 0.0))
+        d_lr = (w / B) * (ga * pa + tl.where(in_range, gb * pc, 0.0))
+        out = (lr64 > hi) | (lr64 < lo)
     # grad_v_j = d_lr * (c1 * dS1/dv_j + c2 * dS2/dv_j),  dS1/dv = b u / D,  dS2/dv = 2 b Delta / D
     tl.store(row_ptr + row, d_lr * c1 * b / D)
     tl.store(row_ptr + B + row, d_lr * c2 * 2.0 * b / D)
@@ -385,26 +432,48 @@ def _finish_row(part_ptr, adv_ptr, old_lp_ptr, row_ptr, stats_ptr, err_ptr, sig_
     tl.store(row_ptr + 3 * B + row, b)
     tl.store(row_ptr + 4 * B + row, per)
     tl.store(row_ptr + 5 * B + row, expm1_cd(lr))
-    tl.store(row_ptr + 6 * B + row, tl.where((lr64 > hi) | (lr64 < lo), 1.0, 0.0).to(CD))
+    tl.store(row_ptr + 6 * B + row, tl.where(out, 1.0, 0.0).to(CD))
+    tl.store(row_ptr + 7 * B + row, kl)  # every method: the whole row buffer has defined bits (opcheck, graphs)
 
 
 @triton.jit
-def _finish_batch(row_ptr, stats_ptr, loss_ptr, B, RB: tl.constexpr, LOG_RB: tl.constexpr):
+def _finish_batch(row_ptr, stats_ptr, loss_ptr, adv_ptr, B, METHOD: tl.constexpr, RB: tl.constexpr,
+                  LOG_RB: tl.constexpr):
     """loss = mean_i per-sample loss; stats[0:4] = ratio mean, population std (two passes over r - 1, as
-    reference.summarize), clip fraction, approx KL = mean(lr^2)/2. Rows RB at a time, fixed-order sums."""
+    reference.summarize), clip fraction, approx KL = mean(lr^2)/2; METHOD 4 (dppo): stats[4 + 2B:] = kl_mean,
+    kl_max, masked_fraction, masked fraction among A > 0, among A < 0 (reference.kl_stats). Rows RB at a time,
+    fixed-order sums."""
     CD: tl.constexpr = loss_ptr.dtype.element_ty
     s_loss = tl.zeros([RB], CD)
     s_exc = tl.zeros([RB], CD)
     s_clip = tl.zeros([RB], CD)
     s_lr2 = tl.zeros([RB], CD)
+    s_kl = tl.zeros([RB], CD)
+    m_kl = tl.full([RB], float("-inf"), CD)
+    s_pos = tl.zeros([RB], CD)
+    s_neg = tl.zeros([RB], CD)
+    s_dpos = tl.zeros([RB], CD)
+    s_dneg = tl.zeros([RB], CD)
     for r0 in range(0, B, RB):
         rows = r0 + tl.arange(0, RB)
         rm = rows < B
         s_loss += tl.load(row_ptr + 4 * B + rows, mask=rm, other=0.0, cache_modifier=".cg")
         s_exc += tl.load(row_ptr + 5 * B + rows, mask=rm, other=0.0, cache_modifier=".cg")
-        s_clip += tl.load(row_ptr + 6 * B + rows, mask=rm, other=0.0, cache_modifier=".cg")
+        clipped = tl.load(row_ptr + 6 * B + rows, mask=rm, other=0.0, cache_modifier=".cg")
+        s_clip += clipped
         lr = tl.load(stats_ptr + 4 + rows, mask=rm, other=0.0, cache_modifier=".cg")
         s_lr2 += lr * lr
+        if METHOD == 4:
+            kl = tl.load(row_ptr + 7 * B + rows, mask=rm, other=0.0, cache_modifier=".cg")
+            s_kl += kl
+            m_kl = tl.maximum(m_kl, tl.where(rm, kl, float("-inf")))
+            adv = tl.load(adv_ptr + rows, mask=rm, other=0.0)
+            pos = tl.where(adv > 0, 1.0, 0.0).to(CD)
+            neg = tl.where(adv < 0, 1.0, 0.0).to(CD)
+            s_pos += pos
+            s_neg += neg
+            s_dpos += clipped * pos
+            s_dneg += clipped * neg
     mean_exc = tree_sum(s_exc, LOG_RB) / B
     s_dev = tl.zeros([RB], CD)
     for r0 in range(0, B, RB):
@@ -422,6 +491,12 @@ def _finish_batch(row_ptr, stats_ptr, loss_ptr, B, RB: tl.constexpr, LOG_RB: tl.
     tl.store(stats_ptr + 1, std_exc)
     tl.store(stats_ptr + 2, tree_sum(s_clip, LOG_RB) / B)
     tl.store(stats_ptr + 3, 0.5 * (tree_sum(s_lr2, LOG_RB) / B))
+    if METHOD == 4:
+        tl.store(stats_ptr + 4 + 2 * B, tree_sum(s_kl, LOG_RB) / B)
+        tl.store(stats_ptr + 5 + 2 * B, tl.max(m_kl, axis=0))
+        tl.store(stats_ptr + 6 + 2 * B, tree_sum(s_clip, LOG_RB) / B)
+        tl.store(stats_ptr + 7 + 2 * B, tree_sum(s_dpos, LOG_RB) / tl.maximum(tree_sum(s_pos, LOG_RB), 1.0))
+        tl.store(stats_ptr + 8 + 2 * B, tree_sum(s_dneg, LOG_RB) / tl.maximum(tree_sum(s_neg, LOG_RB), 1.0))
 
 
 @triton.jit

@@ -60,9 +60,9 @@ def fused_variants(T, full):
                 NEED_G_X=True, BLOCK=FUSED["BLOCK"], ITERS=FUSED["ITERS"]), {}
     for old in (0, 1, 2) if full else (2,):
         old_ty = {"old_ptr": CD if old == 1 else T}
-        methods = (0,) if old == 0 else ((0, 1, 2, 3) if full else (3,))
+        methods = (0,) if old == 0 else ((0, 1, 2, 3, 4) if full else (3, 4))
         for method in methods:
-            for dyn in (dyns if method in (0, 3) else (0,)):
+            for dyn in (dyns if method in (0, 3, 4) else (0,)):
                 yield PL.policy_loss_fwd_kernel, f"old{old}-method{method}-dyn{dyn}", dict(
                     DYNAMICS=dyn, PER_SAMPLE=not full or dyn != 2, OLD=old, METHOD=method, BETA_DT=method == 3,
                     CHECK=True, ERR_BASE=2, RB=16, LOG_RB=4, **FUSED, **FUSED_FINISH), old_ty
@@ -90,11 +90,11 @@ def split_variants(T, full):
     olds = (0, 1, 2) if full else (1,)
     for old in olds:
         old_ty = {"old_ptr": CD if old == 1 else T}
-        methods = (0,) if old == 0 else ((0, 1, 2, 3) if full else (0,))
+        methods = (0,) if old == 0 else ((0, 1, 2, 3, 4) if full else (0, 4))
         yield PL.policy_loss_reduce_kernel, f"old{old}", dict(
             DYNAMICS=0, PER_SAMPLE=True, OLD=old, **geo), old_ty
         for method in methods:
-            for dyn in (dyns if method == 0 else (0,)):
+            for dyn in (dyns if method in (0, 4) else (0,)):
                 yield PL.policy_loss_finish_kernel, f"old{old}-method{method}-dyn{dyn}", dict(
                     DYNAMICS=dyn, PER_SAMPLE=not full or dyn != 2, OLD=old, METHOD=method,
                     BETA_DT=method == 3, CHECK=True, ERR_BASE=2, **fin), old_ty

@@ -22,7 +22,8 @@ BACKENDS = [b for b in ("torch", "triton", "cuda") if dispatch.unsupported_reaso
 METHOD_KINDS = [("grpo", "old_log_prob"), ("grpo", "old_prev_sample_mean"), ("grpo", "old_model_output"),
                 ("mean_revised", "old_prev_sample_mean"), ("mean_revised", "old_model_output"),
                 ("ratio_norm", "old_model_output"), ("ratio_norm", "old_prev_sample_mean"),
-                ("guard", "old_model_output"), ("guard", "old_prev_sample_mean")]
+                ("guard", "old_model_output"), ("guard", "old_prev_sample_mean"),
+                ("dppo", "old_model_output"), ("dppo", "old_prev_sample_mean")]
 OLD_KIND = {"old_log_prob": 0, "old_prev_sample_mean": 1, "old_model_output": 2}
 
 
@@ -66,7 +67,7 @@ def test_opcheck_policy_loss(backend, kernel_set, i, method_kind, dtype):
     if backend == "triton":
         op = torch.ops.grpo_guard.policy_loss_triton.default
         args = (v, x, xp, old if kind != "old_log_prob" else None, adv, old if kind == "old_log_prob" else None,
-                *sig_args, *common, OLD_KIND[kind], True, kernel_set)
+                *sig_args, *common, OLD_KIND[kind], True, kernel_set, 1e-5)  # check, fused, kl_threshold
     elif backend == "cuda":
         from grpo_guard.ops import cuda_backend, requests
         req = requests.loss_request(v, x, xp, sig if tensor_sigmas else 0.9, nxt if tensor_sigmas else 0.8, adv,

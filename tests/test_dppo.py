@@ -1,6 +1,7 @@
-"""Flow-DPPO (method="dppo", SPEC §9) against an oracle written independently of reference.py (tests/_oracle.py:
-direct log-densities and torch.distributions' KL), in a case whose samples straddle the KL threshold with both
-signs of A log r; on-policy it is plain Flow-GRPO with the ratio exactly 1; bad input is refused."""
+"""Flow-DPPO (method="dppo", SPEC §9) on every backend (Triton: both kernel sets) against an oracle written
+independently of reference.py (tests/_oracle.py: direct log-densities and torch.distributions' KL), in a case whose
+samples straddle the KL threshold with both signs of A log r; on-policy it is plain Flow-GRPO with the ratio
+exactly 1; bad input is refused."""
 import pytest
 import torch
 
@@ -11,6 +12,22 @@ from grpo_guard import reference as ref
 
 DYNAMICS = ["flow", "dance", "cps"]
 B = 8
+
+
+@pytest.fixture(params=["fused", "split"])
+def kb(request, bk, monkeypatch):
+    """(backend, device) as ``bk``; the Triton backend once per kernel set (single-launch and split forward)."""
+    name, device = bk
+    if name != "triton" and request.param == "split":
+        pytest.skip("the split kernel set is the triton backend's")
+    if name == "triton":
+        from grpo_guard.ops import triton_launch
+        monkeypatch.setattr(triton_launch, "FUSED", request.param == "fused")
+    return name, device
+
+
+def on(c, device):
+    return {k: (t.to(device) if isinstance(t, torch.Tensor) else t) for k, t in c.items()}
 
 
 def case(dynamics, seed, dtype=torch.float64):
@@ -40,7 +57,10 @@ def case(dynamics, seed, dtype=torch.float64):
 
 @pytest.mark.parametrize("dynamics", DYNAMICS)
 @pytest.mark.parametrize("kind", ["old_model_output", "old_prev_sample_mean"])
-def test_reference_matches_the_oracle(dynamics, kind, seed):
+def test_matches_the_oracle(kb, dynamics, kind, seed):
+    """float64: loss, gradient, log-ratios, mask and stats as the oracle's (the reference, and the kernels, which
+    must decide the same mask)."""
+    name, device = kb
     c, tau = case(dynamics, seed)
     v = c["v"].clone().requires_grad_(True)
     old = {"old_model_output": {"v_old": c["v_old"]}, "old_prev_sample_mean": {"mu_old": c["mu_old"]}}[kind]
@@ -51,28 +71,34 @@ def test_reference_matches_the_oracle(dynamics, kind, seed):
     # the case exposes both gates: some samples above tau kept (moving back to the old policy), some dropped
     above = want["kl"] >= tau
     assert want["drop"].any() and (above & ~want["drop"]).any() and not want["drop"][~above].any()
-    v.grad = None
-    gg_old = {"old_model_output": {"old_model_output": c["v_old"]},
-              "old_prev_sample_mean": {"old_prev_sample_mean": c["mu_old"]}}[kind]
-    loss, stats = gg.policy_loss(v, c["x"], c["xp"], c["sig"], c["nxt"], c["adv"], dynamics=dynamics,
+    d = on(c, device)
+    v = d["v"].clone().requires_grad_(True)
+    gg_old = {"old_model_output": {"old_model_output": d["v_old"]},
+              "old_prev_sample_mean": {"old_prev_sample_mean": d["mu_old"]}}[kind]
+    loss, stats = gg.policy_loss(v, d["x"], d["xp"], d["sig"], d["nxt"], d["adv"], dynamics=dynamics,
                                  method="dppo", kl_threshold=tau, **gg_old)
+    assert gg.last_backend() == name
     loss.backward()
-    torch.testing.assert_close(loss, want_loss.detach(), rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(v.grad, want_grad, rtol=1e-8, atol=1e-10 * want_grad.abs().max().item())
+    torch.testing.assert_close(loss.cpu(), want_loss.detach(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(v.grad.cpu(), want_grad, rtol=1e-8, atol=1e-10 * want_grad.abs().max().item())
     for k in ("kl_mean", "kl_max", "masked_fraction", "masked_fraction_pos", "masked_fraction_neg", "log_ratio"):
-        torch.testing.assert_close(stats[k], want[k], rtol=1e-9, atol=1e-14, msg=k)
+        torch.testing.assert_close(stats[k].cpu(), want[k], rtol=1e-9, atol=1e-14, msg=k)
     assert stats["clipfrac"] == stats["masked_fraction"]
+    assert set(stats) == set(ref.policy_loss(c["v"], c["x"], c["xp"], c["sig"], c["nxt"], c["adv"], method="dppo",
+                                             dynamics=dynamics, old_model_output=c["v_old"])[1])
 
 
 @pytest.mark.parametrize("dynamics", DYNAMICS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_low_precision_inputs_match_the_oracle_on_the_same_inputs(dynamics, dtype, seed):
+def test_low_precision_inputs_match_the_oracle_on_the_same_inputs(kb, dynamics, dtype, seed):
     """float32 / bf16 latents: loss, mask and stats as the float64 oracle gives for the same (rounded) inputs; the
     mask is decided on the log-ratio computed in float32 (bf16 inputs are upcast)."""
+    name, device = kb
     c, tau = case(dynamics, seed, dtype)
-    v = c["v"].clone().requires_grad_(True)
-    loss, stats = gg.policy_loss(v, c["x"], c["xp"], c["sig"], c["nxt"], c["adv"], dynamics=dynamics,
-                                 method="dppo", kl_threshold=tau, old_model_output=c["v_old"])
+    d = on(c, device)
+    loss, stats = gg.policy_loss(d["v"], d["x"], d["xp"], d["sig"], d["nxt"], d["adv"], dynamics=dynamics,
+                                 method="dppo", kl_threshold=tau, old_model_output=d["v_old"])
+    loss, stats = loss.cpu(), {k: t.cpu() for k, t in stats.items()}
     want_loss, want = O.dppo_loss(c["v"], c["x"], c["xp"], c["sig"], c["nxt"], c["adv"], v_old=c["v_old"],
                                   dynamics=dynamics, kl_threshold=tau)
     assert loss.dtype == torch.float32
@@ -84,19 +110,25 @@ def test_low_precision_inputs_match_the_oracle_on_the_same_inputs(dynamics, dtyp
 
 
 @pytest.mark.parametrize("dynamics", DYNAMICS)
-def test_gradcheck_float64(dynamics, seed):
+def test_gradcheck_float64(kb, dynamics, seed):
+    """Numerical vs analytical gradient w.r.t. the first 3 elements of every sample (kept and dropped samples, both
+    signs of A; the rest of v fixed: 24 inputs, so that the interpreted kernels stay quick)."""
     c, tau = case(dynamics, seed)
+    c = on(c, kb[1])
 
-    def f(v_):
+    def f(head):
+        v_ = torch.cat([head, c["v"].reshape(B, -1)[:, 3:]], dim=1).reshape(c["v"].shape)
         return gg.policy_loss(v_, c["x"], c["xp"], c["sig"], c["nxt"], c["adv"].double(), dynamics=dynamics,
                               method="dppo", kl_threshold=tau, old_model_output=c["v_old"])[0]
-    assert torch.autograd.gradcheck(f, (c["v"].clone().requires_grad_(True),), eps=1e-9, atol=1e-7, rtol=1e-5)
+    head = c["v"].reshape(B, -1)[:, :3].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(f, (head,), eps=1e-9, atol=1e-7, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dynamics", DYNAMICS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_on_policy_it_is_plain_flow_grpo_with_ratio_exactly_one(dynamics, dtype, seed):
+def test_on_policy_it_is_plain_flow_grpo_with_ratio_exactly_one(kb, dynamics, dtype, seed):
     c, _ = case(dynamics, seed, dtype)
+    c = on(c, kb[1])
     out = {}
     for method in ("dppo", "grpo"):
         v = c["v_old"].clone().requires_grad_(True)
@@ -107,25 +139,27 @@ def test_on_policy_it_is_plain_flow_grpo_with_ratio_exactly_one(dynamics, dtype,
     loss, grad, stats = out["dppo"]
     assert stats["ratio_mean"] == 1.0 and stats["ratio_std"] == 0.0 and stats["kl_max"] == 0.0
     assert stats["masked_fraction"] == 0.0
-    assert torch.equal(loss, out["grpo"][0]) and loss == -c["adv"].mean()
+    assert torch.equal(loss, out["grpo"][0])  # bit for bit the same kernels' Flow-GRPO
+    torch.testing.assert_close(loss, -c["adv"].mean(), rtol=0, atol=4 * torch.finfo(torch.float32).eps)
     torch.testing.assert_close(grad, out["grpo"][1], rtol=0, atol=0)
 
 
-def test_auto_runs_dppo_on_the_torch_backend_and_a_forced_kernel_backend_says_why():
+def test_every_backend_implements_dppo():
+    """auto on a CPU runs the torch backend; no backend refuses the method (the Triton and CUDA kernels have it)."""
     c, tau = case("flow", 0, torch.float32)
     gg.policy_loss(c["v"], c["x"], c["xp"], c["sig"], c["nxt"], c["adv"], method="dppo", old_model_output=c["v_old"])
     assert gg.last_backend() == "torch"
-    from grpo_guard.dispatch import request_unsupported
+    from grpo_guard.dispatch import BACKENDS, request_unsupported
     from grpo_guard.ops import requests
     req = requests.loss_request(c["v"], c["x"], c["xp"], c["sig"], c["nxt"], c["adv"], old_log_prob=None,
                                 old_prev_sample_mean=None, old_model_output=c["v_old"], noise_level=0.7,
                                 dynamics="flow", method="dppo", clip_range=1e-4, adv_clip_max=5.0,
                                 guard_weight="dt", validate=True)
-    try:
-        reason = request_unsupported("triton", "policy_loss", req)
-    except gg.BackendUnavailable:
-        pytest.skip("triton is not importable here")
-    assert "dppo" in reason
+    for name in BACKENDS:
+        try:
+            assert request_unsupported(name, "policy_loss", req) is None, name
+        except gg.BackendUnavailable:
+            pass  # not importable here
 
 
 @pytest.mark.parametrize("kw,match", [

@@ -7,6 +7,8 @@ from typing import Dict
 
 from .figures import LABELS, per_timestep
 
+STUDY_DOC = "docs/demo/study/STUDY.md in the repository"  # the committed study's report
+
 
 def versions() -> Dict[str, str]:
     import diffusers
@@ -62,8 +64,12 @@ def verdict(runs: Dict[str, Dict], base: Dict, settings: Dict) -> str:
             lines.append(f"- {LABELS[m]}: importance-ratio mean over the off-policy updates, highest-noise trained "
                          f"timestep (sigma {sig[0]:.2f}) {mean[0]:.6f}, lowest-noise (sigma {sig[-1]:.2f}) "
                          f"{mean[-1]:.6f}.")
-    lines.append(f"- One seed, {10 * settings['eval_per_digit']} evaluation images: differences of a few 0.01 in "
-                 "gold are within run-to-run noise; rerun with `--seed` to check.")
+    lines.append(f"- What one run can support: the **diagnosis** (the baseline's proxy rises while gold falls; its "
+                 f"importance ratio is biased below 1, most at low noise; its per-timestep gradient norms are "
+                 f"unbalanced; Guard removes both). What it cannot: whether Guard (or Flow-DPPO) ends with more "
+                 f"gold. One seed and {10 * settings['eval_per_digit']} evaluation images put differences of a few "
+                 f"0.01 in gold within run-to-run noise; that question is answered by the paired multi-seed study, "
+                 f"`grpo-guard demo study` ({STUDY_DOC}).")
     lines.append(f"- Both methods use clip_range {settings['clip_range']:g} (only `train.method` differs). The published "
                  "GRPO-Guard recipe pairs RatioNorm with a tighter 2e-6 / 4e-6, so Guard here is clipped less "
                  "than in the paper.")

@@ -11,16 +11,18 @@ prepares their inputs and wires them into autograd:
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 from .. import reference as ref
+from . import cuda_build
 from .layout import samples_contiguous
 from .requests import LossRequest, SDERequest, record_checked
 
 _DYNAMICS = {"flow": 0, "dance": 1, "cps": 2}
-_METHODS = {"grpo": 0, "mean_revised": 1, "ratio_norm": 2, "guard": 3}
+_METHODS = {"grpo": 0, "mean_revised": 1, "ratio_norm": 2, "guard": 3, "dppo": 4}  # csrc/gg_kernels.h
 _WEIGHTS = {"dt": 0, "beta_dt": 1}
 _ROUND = {torch.float16: 2, torch.bfloat16: 3}  # gg_kernels.h GG_ROUND_*
 
@@ -29,14 +31,27 @@ _ext_error = None
 
 
 def _load():
-    """The compiled module, or None (the import error is kept for unsupported_reason)."""
+    """The compiled module, or None with the reason kept for unsupported_reason. An extension built for another
+    torch (major.minor) or CUDA major is not imported at all (:mod:`.cuda_build`): its reason is one line."""
     global _ext, _ext_error
     if _ext is None and _ext_error is None:
+        info = cuda_build.build_info()
+        mismatch = cuda_build.runtime_mismatch(info, torch.__version__, torch.version.cuda)
+        if mismatch is not None:
+            _ext_error = f"grpo_guard._C {mismatch}"
+            return None
         try:
             from .. import _C
             _ext = _C
-        except (ImportError, OSError) as exc:
-            _ext_error = f"{type(exc).__name__}: {exc}"
+        except ImportError as exc:
+            if info is None and ("No module named" in str(exc) or "cannot import name '_C'" in str(exc)):
+                _ext_error = ("grpo_guard._C is not built (the pure-Python install); install the wheel for your "
+                              "torch / CUDA or build from source: GRPO_GUARD_BUILD_CUDA=1 pip install "
+                              "--no-build-isolation .")
+            else:
+                _ext_error = f"grpo_guard._C ({cuda_build.describe(info)}) does not load: {type(exc).__name__}: {exc}"
+        except OSError as exc:
+            _ext_error = f"grpo_guard._C ({cuda_build.describe(info)}) does not load: {type(exc).__name__}: {exc}"
     return _ext
 
 
@@ -45,11 +60,23 @@ def unsupported_reason(device):
     if device.type != "cuda":
         return f"the cuda backend runs on CUDA tensors only, got {device}"
     if _load() is None:
-        return (f"the CUDA extension grpo_guard._C is not importable ({_ext_error}); build it with a CUDA "
-                "torch and nvcc: GRPO_GUARD_BUILD_CUDA=1 pip install --no-build-isolation .")
+        return _ext_error
     if not torch.cuda.is_available():
         return "torch.cuda.is_available() is False"
-    return None
+    return _arch_reason(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _arch_reason(index: int):
+    """Whether the extension has code for GPU ``index`` (asked once per device: dispatch asks at every call)."""
+    return cuda_build.arch_mismatch(cuda_build.build_info(), torch.cuda.get_device_capability(index))
+
+
+def status() -> str:
+    """One line for grpo-guard info: what the extension was built for and whether it loads under this torch."""
+    if _load() is None:
+        return f"not loaded: {_ext_error}"
+    return f"grpo_guard._C loaded, built for {cuda_build.describe(cuda_build.build_info())}"
 
 
 def _schedule(req):
@@ -162,7 +189,7 @@ def _loss_inputs(req: LossRequest):
         old_logp = req.old_log_prob.to(cd).contiguous()
     adv = req.advantages.detach().to(cd).contiguous()
     lo, hi = ref.clip_bounds(req.clip_range)
-    cfg = (_METHODS[req.method], lo, hi, float(req.adv_clip_max), _WEIGHTS[req.guard_weight])
+    cfg = (_METHODS[req.method], lo, hi, float(req.adv_clip_max), _WEIGHTS[req.guard_weight], float(req.kl_threshold))
     return v, x, prev, mu_old, v_old, adv, old_logp, _schedule(req), cfg
 
 
@@ -171,6 +198,8 @@ def _stats(loss, packed, log_ratio, bias):
              "log_ratio": log_ratio}
     if bias is not None:
         stats["bias"] = bias
+    if packed.shape[0] > 4:  # dppo
+        stats.update({k: packed[4 + i] for i, k in enumerate(ref.DPPO_STATS)})
     return loss, stats
 
 
@@ -201,7 +230,8 @@ def register_operators():
     def _(v, x, prev, mu_old, v_old, adv, old_logp, *rest):
         B, cd = v.shape[0], ref.compute_dtype(v)
         has_bias = mu_old is not None or v_old is not None
-        return (v.new_empty((), dtype=cd), v.new_empty((4,), dtype=cd), v.new_empty((B,), dtype=cd),
+        n_stats = 4 + len(ref.DPPO_STATS) if rest[-6] == _METHODS["dppo"] else 4  # rest[-6]: method
+        return (v.new_empty((), dtype=cd), v.new_empty((n_stats,), dtype=cd), v.new_empty((B,), dtype=cd),
                 v.new_empty((B if has_bias else 0,), dtype=cd), v.new_empty((B, 2), dtype=cd))
 
     @lib.register_fake("grpo_guard::policy_loss_cuda_backward")
@@ -235,12 +265,12 @@ def register_operators():
 
     def loss_backward(ctx, g_loss, *_):
         if g_loss is None or not ctx.needs_input_grad[0]:
-            return (None,) * 19
+            return (None,) * 20
         v, x, prev, mu_old, v_old, coefs, sigma, sigma_next = ctx.saved_tensors
         grad_v = torch.ops.grpo_guard.policy_loss_cuda_backward(v, x, prev, mu_old, v_old, coefs,
                                                                 g_loss.reshape(1).contiguous(), sigma, sigma_next,
                                                                 *ctx.sched)
-        return (grad_v,) + (None,) * 18
+        return (grad_v,) + (None,) * 19
 
     lib.register_autograd("grpo_guard::policy_loss_cuda", loss_backward, setup_context=loss_setup)
 
@@ -261,9 +291,3 @@ def policy_loss_compiled(req: LossRequest):
                                                                              old_logp, *sched, *cfg)
     return _stats(loss, packed, log_ratio, bias if bias.numel() else None)
 
-
-def unsupported_request(op, req):
-    """Why the CUDA extension cannot run this call (None if they can): Flow-DPPO is not fused yet (the torch backend runs it)."""
-    if op == "policy_loss" and req.method == "dppo":
-        return "method='dppo' is not in the CUDA extension yet (the torch backend has it)"
-    return None

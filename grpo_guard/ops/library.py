@@ -41,11 +41,11 @@ except Exception:  # noqa: BLE001  (no triton: the torch operators remain)
     _TRITON = False
 
 
-def _with_error_bits(forward, *args, launch):
+def _with_error_bits(forward, *args, launch, **kwargs):
     """``forward``'s outputs and, last, the error bits its kernels set (a fresh int32 (1,) zero tensor: operators
     with an autograd formula cannot mutate an input, so the caller ORs these into the error word)."""
     err = torch.zeros(1, dtype=torch.int32, device=args[1].device)
-    return tuple(forward(*args, None, err, launch=launch)) + (err,)
+    return tuple(forward(*args, None, err, launch=launch, **kwargs)) + (err,)
 
 
 _LAUNCH = [None]  # the launcher of the registered Triton operators (set by _register_triton_ops)
@@ -78,11 +78,11 @@ def policy_loss_triton_op(v: Tensor, x: Tensor, prev_sample: Tensor, old: Option
                           old_log_prob: Optional[Tensor], sigma: Optional[Tensor], sigma_next: Optional[Tensor],
                           sigma_value: float, sigma_next_value: float, noise_level: float, dynamics: str,
                           method: str, clip_range: float, adv_clip_max: float, guard_weight: str, old_kind: int,
-                          check: bool, fused: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (loss, stats (4 + 2B), work, error bits)."""
+                          check: bool, fused: bool, kl_threshold: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (loss, stats (4 + 2B; dppo: + DPPO_STATS), work, error bits)."""
     return _with_error_bits(TPL.forward, v, x, prev_sample, old, advantages, old_log_prob, sigma, sigma_next,
                             sigma_value, sigma_next_value, noise_level, dynamics, method, clip_range, adv_clip_max,
-                            guard_weight, old_kind, check, fused, launch=_LAUNCH[0])
+                            guard_weight, old_kind, check, fused, launch=_LAUNCH[0], kl_threshold=kl_threshold)
 
 
 def policy_loss_triton_backward_op(g_loss: Tensor, v: Optional[Tensor], x: Optional[Tensor], prev_sample: Tensor,
@@ -159,7 +159,8 @@ def _sde_backward(ctx, g_xp, g_lp, g_mean, _g_std, _g_work, _g_err):
 
 def _loss_setup(ctx, inputs, output):
     (v, x, prev_sample, old, advantages, old_log_prob, sigma, sigma_next, sigma_value, sigma_next_value,
-     noise_level, dynamics, method, clip_range, adv_clip_max, guard_weight, old_kind, check, fused) = inputs
+     noise_level, dynamics, method, clip_range, adv_clip_max, guard_weight, old_kind, check, fused,
+     _kl_threshold) = inputs
     ctx.set_materialize_grads(False)
     need_v, need_x, need_old = TPL.saved_inputs(old_kind, method)
     ctx.save_for_backward(v if need_v else None, x if need_x else None, prev_sample, old if need_old else None,
@@ -169,11 +170,11 @@ def _loss_setup(ctx, inputs, output):
 
 def _loss_backward(ctx, g_loss, _g_stats, _g_work, _g_err):
     if g_loss is None:
-        return (None,) * 19
+        return (None,) * 20
     v, x, xp, old, work, sigma, sigma_next = ctx.saved_tensors
     g_v = torch.ops.grpo_guard.policy_loss_triton_backward(g_loss, v, x, xp, old, work, sigma, sigma_next,
                                                             *ctx.args)
-    return (g_v,) + (None,) * 18
+    return (g_v,) + (None,) * 19
 
 
 TRITON_OPS = _register_triton_ops() if _TRITON else {}
@@ -197,9 +198,9 @@ def policy_loss_triton(req: requests.LossRequest):
     loss, stats, _, err = torch.ops.grpo_guard.policy_loss_triton(
         req.model_output, req.sample, req.prev_sample, old, req.advantages, req.old_log_prob, sig_t, nxt_t, sig_f,
         nxt_f, req.noise_level, req.dynamics, req.method, req.clip_range, req.adv_clip_max, req.guard_weight,
-        old_kind, req.check, TL.FUSED)
+        old_kind, req.check, TL.FUSED, req.kl_threshold)
     errors.word(req.sample.device).bitwise_or_(err)
-    return loss, TPL.stats_dict(stats, req.sample.shape[0], old_kind != 0)
+    return loss, TPL.stats_dict(stats, req.sample.shape[0], old_kind != 0, req.method)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -218,7 +219,7 @@ TORCH_SCHEMAS = {
 }
 
 
-DPPO_STATS = ("kl_mean", "kl_max", "masked_fraction", "masked_fraction_pos", "masked_fraction_neg")
+DPPO_STATS = ref.DPPO_STATS
 
 
 def _no_error_bits(like: Tensor) -> Tensor:

@@ -238,6 +238,10 @@ def sde_request(model_output, sample, sigma, sigma_next, *, noise_level, dynamic
                       check=mode == "device" and isinstance(sig, torch.Tensor))
 
 
+# methods whose loss divides by the transition std s (0 for cps at sigma_next == 0): RatioNorm's S1/s, dppo's KL
+DIVIDES_BY_STD = ("ratio_norm", "guard", "dppo")
+
+
 def loss_request(model_output, sample, prev_sample, sigma, sigma_next, advantages, *, old_log_prob,
                  old_prev_sample_mean, old_model_output, noise_level, dynamics, method, clip_range,
                  adv_clip_max, guard_weight, validate, kl_threshold=1e-5) -> LossRequest:
@@ -280,7 +284,7 @@ def loss_request(model_output, sample, prev_sample, sigma, sigma_next, advantage
         raise ValueError(f"clip_range must be < 1, got {eps}")
     adv_max = _positive_float("adv_clip_max", adv_clip_max, allow_inf=True)
     tau = _positive_float("kl_threshold", kl_threshold)
-    if dynamics == "cps" and method in ("ratio_norm", "guard"):
+    if dynamics == "cps" and method in DIVIDES_BY_STD:
         nvals = [nxt] if not isinstance(nxt, torch.Tensor) else nxt.detach().cpu().tolist() if mode == "sync" else []
         if any(n == 0 for n in nvals):
             raise ValueError("method=%r divides by the transition std, which is 0 for cps at sigma_next == 0; "
@@ -304,7 +308,7 @@ def checked(req):
         bad_sig = ~((sig > 0) & (sig <= 1))
         bad_nxt = ~((nxt >= 0) & (nxt < sig))  # NaN and +inf fail
         bad_std = None
-        if isinstance(req, LossRequest) and req.dynamics == "cps" and req.method in ("ratio_norm", "guard"):
+        if isinstance(req, LossRequest) and req.dynamics == "cps" and req.method in DIVIDES_BY_STD:
             bad_std = nxt == 0
         bad = bad_sig | bad_nxt if bad_std is None else bad_sig | bad_nxt | bad_std
         changes["sigma"] = torch.where(bad, float("nan"), sig)

@@ -54,12 +54,6 @@ def sde_step(req: requests.SDERequest):
 
 
 def policy_loss(req: requests.LossRequest):
-    """reference.policy_loss's contract: 2 launches forward, 1 backward."""
+    """reference.policy_loss's contract (every method, dppo included): 1 launch forward (split kernels: 2), 1 backward."""
     return _policy_loss(req)
 
-
-def unsupported_request(op, req):
-    """Why the Triton kernels cannot run this call (None if they can): Flow-DPPO is not fused yet (the torch backend runs it)."""
-    if op == "policy_loss" and req.method == "dppo":
-        return "method='dppo' is not in the Triton kernels yet (the torch backend has it)"
-    return None

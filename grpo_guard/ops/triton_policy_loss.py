@@ -20,9 +20,10 @@ from . import triton_launch as TL
 from .requests import LossRequest
 from .triton_launch import DYNAMICS_CODE, LAUNCH_OPTIONS, batch_strided, flat, geometry
 
-METHOD_CODE = {m: i for i, m in enumerate(ref.METHODS)}  # grpo, mean_revised, ratio_norm, guard
+METHOD_CODE = {m: i for i, m in enumerate(ref.METHODS)}  # grpo, mean_revised, ratio_norm, guard, dppo
 OLD_CODE = {"old_log_prob": 0, "old_prev_sample_mean": 1, "old_model_output": 2}
-ROW_FIELDS = 7  # kernels/policy_loss.py: the fused forward's row buffer (k_u, k_d, a, b, loss, r - 1, clipped)
+ROW_FIELDS = 8  # kernels/policy_loss.py: the fused forward's row buffer (k_u, k_d, a, b, loss, r - 1, clipped, KL)
+DPPO_STATS = ref.DPPO_STATS
 
 
 def eager_launch(kernel, grid, *args, **kwargs):
@@ -35,7 +36,7 @@ def no_launch(kernel, grid, *args, **kwargs):
 
 
 def row_fields(fused: bool) -> int:
-    """Per-row constants the forward leaves for the backward: k_u, k_d, a, b, loss, r - 1, clipped (fused) or
+    """Per-row constants the forward leaves for the backward: k_u, k_d, a, b, loss, r - 1, clipped, KL (fused) or
     k_u, k_d (split)."""
     return ROW_FIELDS if fused else 2
 
@@ -47,16 +48,22 @@ def sizes(x):
     return B, int(x.numel()) // B
 
 
+def n_stats(B: int, method: str) -> int:
+    """Length of the packed stats: ratio_mean, ratio_std, clipfrac, approx_kl, log_ratio (B), bias (B), and for
+    "dppo" the DPPO_STATS."""
+    return 4 + 2 * B + (len(DPPO_STATS) if method == "dppo" else 0)
+
+
 def forward(v, x, xp, old: Optional[torch.Tensor], adv, old_lp: Optional[torch.Tensor], sig_t, nxt_t,
             sig_f: float, nxt_f: float, eta: float, dynamics: str, method: str, clip_range: float,
             adv_clip_max: float, guard_weight: str, old_kind: int, check: bool, fused: bool,
-            counters: Optional[torch.Tensor], err: torch.Tensor, launch=eager_launch):
+            counters: Optional[torch.Tensor], err: torch.Tensor, launch=eager_launch, kl_threshold: float = 1e-5):
     """Launch the forward. ``old``: old_prev_sample_mean (old_kind 1) or old_model_output (2), None for old_log_prob
     (0); sigmas as float64 (B,) tensors (sig_t, nxt_t) or floats (sig_f, nxt_f). ``counters``: zeroed int32 (>= B+1)
-    for the fused kernel (None: allocated here). Returns (loss 0-dim, stats (4 + 2B,), work), ``work`` the per-row
+    for the fused kernel (None: allocated here). Returns (loss 0-dim, stats (:func:`n_stats`,), work), ``work`` the per-row
     constants the backward reads (a view of one buffer with the chunk partials, which only the forward reads)."""
     cd = ref.compute_dtype(v, x, xp, old)
-    stats = torch.empty(4 + 2 * x.shape[0], dtype=cd, device=x.device)
+    stats = torch.empty(n_stats(x.shape[0], method), dtype=cd, device=x.device)
     loss = torch.empty((), dtype=cd, device=x.device)
     if launch is no_launch:
         return loss, stats, torch.empty(row_fields(fused) * x.shape[0], dtype=cd, device=x.device)
@@ -78,7 +85,7 @@ def forward(v, x, xp, old: Optional[torch.Tensor], adv, old_lp: Optional[torch.T
         launch(K.policy_loss_fwd_kernel, (n_part,),
                v, x, xp, old, adv, old_lp if old_lp is not None else work, part, row, counters, err, loss, stats,
                sig_t if per_sample else work, nxt_t if per_sample else work, sig_f, nxt_f, eta, lo, hi, adv_clip_max,
-               B, D, g.chunks, n_part, sv, sx, sxp, so,
+               kl_threshold, B, D, g.chunks, n_part, sv, sx, sxp, so,
                DYNAMICS=dyn, PER_SAMPLE=per_sample, OLD=old_kind, METHOD=meth, BETA_DT=guard_weight == "beta_dt",
                CHECK=check, ERR_BASE=errors.POLICY_LOSS, BLOCK=g.block, LOG_BLOCK=g.log_block, ITERS=g.iters,
                CP=g.cp, LOG_CP=g.log_cp, RB=rb, LOG_RB=log_rb, num_warps=g.num_warps, **LAUNCH_OPTIONS)
@@ -95,7 +102,7 @@ def forward(v, x, xp, old: Optional[torch.Tensor], adv, old_lp: Optional[torch.T
     launch(K.policy_loss_finish_kernel, (1,),
            part, adv, old_lp if old_lp is not None else work, coef, loss, stats, err,
            sig_t if per_sample else work, nxt_t if per_sample else work, sig_f, nxt_f, eta, lo, hi, adv_clip_max,
-           B, g.chunks, D, n_part,
+           kl_threshold, B, g.chunks, D, n_part,
            DYNAMICS=dyn, PER_SAMPLE=per_sample, OLD=old_kind, METHOD=meth, BETA_DT=guard_weight == "beta_dt",
            CHECK=check, ERR_BASE=errors.POLICY_LOSS, RB=g.rows, CP=g.cp, LOG_CP=g.log_cp, num_warps=g.num_warps, **LAUNCH_OPTIONS)
     return loss, stats, coef
@@ -104,7 +111,7 @@ def forward(v, x, xp, old: Optional[torch.Tensor], adv, old_lp: Optional[torch.T
 def saved_inputs(old_kind: int, method: str):
     """Which of (v, x, x', old) the backward reads (both kernel sets): (need_v, need_x, need_old); x' always. v only
     for old_log_prob or when k_d != 0 (grpo with an old mean); x unless the old mean is given without k_d."""
-    need_delta = old_kind != 0 and method == "grpo"  # k_d != 0
+    need_delta = old_kind != 0 and method in ("grpo", "dppo")  # k_d != 0 (the plain log-ratio's S2 term)
     return old_kind == 0 or need_delta, old_kind != 1 or need_delta, old_kind != 0
 
 
@@ -120,7 +127,7 @@ def backward(g_loss, v: Optional[torch.Tensor], x: Optional[torch.Tensor], xp, o
     (v, sv) = batch_strided(v) if v is not None else (xp, sxp)
     (x, sx) = batch_strided(x) if x is not None else (xp, sxp)
     (old, so) = batch_strided(old) if old is not None else (xp, sxp)
-    need_delta = old_kind != 0 and method == "grpo"
+    need_delta = old_kind != 0 and method in ("grpo", "dppo")
     if fused:
         g = TL.fused_geometry(D)
         launch(K.policy_loss_bwd_kernel, (B * g.chunks,),
@@ -149,7 +156,8 @@ class _PolicyLoss(torch.autograd.Function):
         loss, stats, work = forward(
             v, x, xp, old, adv, old_lp, sig_t, nxt_t, sig_f, nxt_f, req.noise_level, req.dynamics, req.method,
             req.clip_range, req.adv_clip_max, req.guard_weight, old_kind, req.check, fused,
-            TL.counters(x.device, x.shape[0] + 1) if fused else None, errors.word(x.device))
+            TL.counters(x.device, x.shape[0] + 1) if fused else None, errors.word(x.device),
+            kl_threshold=req.kl_threshold)
         need_v, need_x, need_old = saved_inputs(old_kind, req.method)
         ctx.save_for_backward(v if need_v else None, x if need_x else None, xp, old if need_old else None, work,
                               sig_t, nxt_t)
@@ -182,12 +190,14 @@ def old_input(req: LossRequest):
     return None, OLD_CODE["old_log_prob"]
 
 
-def stats_dict(stats: torch.Tensor, B: int, has_bias: bool):
-    """The stats dict of reference.policy_loss, as views of the packed (4 + 2B,) buffer."""
+def stats_dict(stats: torch.Tensor, B: int, has_bias: bool, method: str = "guard"):
+    """The stats dict of reference.policy_loss, as views of the packed (:func:`n_stats`,) buffer."""
     out = {"ratio_mean": stats[0], "ratio_std": stats[1], "clipfrac": stats[2], "approx_kl": stats[3],
            "log_ratio": stats[4:4 + B]}
     if has_bias:
-        out["bias"] = stats[4 + B:]
+        out["bias"] = stats[4 + B:4 + 2 * B]
+    if method == "dppo":
+        out.update({k: stats[4 + 2 * B + i] for i, k in enumerate(DPPO_STATS)})
     return out
 
 
@@ -197,4 +207,4 @@ def policy_loss(req: LossRequest):
     old, old_kind = old_input(req)
     loss, stats = _PolicyLoss.apply(req.model_output, req.sample, req.prev_sample, old, req.advantages,
                                     req.old_log_prob, req, old_kind)
-    return loss, stats_dict(stats, B, old_kind != 0)
+    return loss, stats_dict(stats, B, old_kind != 0, req.method)
