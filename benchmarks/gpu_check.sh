@@ -17,9 +17,11 @@
 # 9. (sweep_fused) the single-launch kernels' geometry sweep -> printed
 # 10. (host) host time per call of the default call, every backend, float and tensor sigmas -> host_overhead.csv
 # 11. (fp16) the tiny trainer with flow_grpo's precision (fp16 autocast + loss scaler) -> fp16.log
+# 12. (wheel) the platform wheel built against this machine's torch (csrc/build_wheels.sh, sm_90 only to fit the
+#     budget: GRPO_GUARD_CUDA_ARCHS), installed into a clean folder, and the cuda-backend tests run from it -> wheel.log
 #
 # STEPS (comma-separated) picks steps by name: tests, cuda, bench, trainer, deepspeed, sweep, compile, ab,
-# sweep_fused, host, fp16 (default: all but ab and sweep_fused). GRPO_GUARD_TRITON_FUSED=0 runs everything on the
+# sweep_fused, host, fp16, wheel (default: all but ab, sweep_fused and wheel). GRPO_GUARD_TRITON_FUSED=0 runs everything on the
 # split Triton kernels (the single-launch ones are the default since 2026-11-30). The next session should run
 #   STEPS=tests,cuda,bench,compile BUDGET=480 bash benchmarks/gpu_check.sh
 # (the op tests, the cuda backend's compile/opcheck tests that have not run on a GPU yet, the full benchmark table
@@ -78,6 +80,25 @@ step "op tests on the GPU: cuda backend"
 timeout "$(cap 150)" python3 -m pytest -q -n 8 -p no:cacheprovider --timeout 120 -rfEs tests/test_cuda_backend.py \
   $OPS_TESTS -k "cuda-cuda or test_cuda_backend or test_cuda_graphs or (test_compile and cuda)" >> "$OUT/tests.log" 2>&1
 echo "pytest exit status $?"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | cut -c1-200 | head -20; tail -3 "$OUT/tests.log"
+fi
+
+if want wheel; then
+step "platform wheel against this machine's torch, installed in a clean folder, cuda-backend tests from it"
+rm -rf /tmp/gg_wheel /tmp/gg_site
+GRPO_GUARD_CUDA_ARCHS=${WHEEL_ARCHS:-90} timeout "$(cap 200)" bash csrc/build_wheels.sh /tmp/gg_wheel > "$OUT/wheel.log" 2>&1
+echo "build_wheels exit status $?"; ls -l /tmp/gg_wheel 2>&1 | tail -2
+WHL=$(ls /tmp/gg_wheel/grpo_guard-*-cp*.whl 2>/dev/null | head -1)
+if [ -n "$WHL" ]; then
+  python3 -m pip install -q --no-deps --no-index --target /tmp/gg_site "$WHL" >> "$OUT/wheel.log" 2>&1
+  (cd /tmp && PYTHONPATH=/tmp/gg_site python3 -m grpo_guard.cli info) 2>&1 | tee -a "$OUT/wheel.log" | head -12
+  # the tests from the checkout, the package from the wheel (tests/ is not in the wheel): grpo_guard must come
+  # from /tmp/gg_site (checked by the first line of the output)
+  mkdir -p /tmp/gg_tests && cp -r tests /tmp/gg_tests/ && (cd /tmp/gg_tests && PYTHONPATH=/tmp/gg_site timeout "$(cap 150)" \
+    python3 -c "import grpo_guard, sys; print('grpo_guard from', grpo_guard.__file__); sys.exit(__import__('pytest').main(
+    ['-q', '-p', 'no:cacheprovider', '-x', 'tests/test_cuda_backend.py', 'tests/test_policy_loss.py', 'tests/test_dppo.py',
+     '-k', 'cuda']))") >> "$OUT/wheel.log" 2>&1
+  echo "wheel tests exit status $?"; grep -E "grpo_guard from|passed|failed|^(FAILED|ERROR)" "$OUT/wheel.log" | head -12
+fi
 fi
 
 if want ab; then
