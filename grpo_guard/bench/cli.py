@@ -42,11 +42,8 @@ def _parser(torch) -> argparse.ArgumentParser:
     parser.add_argument("--compile", action="store_true", help="on CPU, also time torch.compile of the baselines")
     parser.add_argument("--rep", type=int, default=None, help="timed calls per case (default 20 on CPU, 100 on GPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
-    parser.add_argument("--markdown-from", default=None, metavar="CSV",
-                        help="print the rows of a CSV written by a previous run as a Markdown table, and exit")
-    parser.add_argument("--compare-from", nargs="+", default=None, metavar="LABEL=CSV",
-                        help="print one provider's GPU time across runs (e.g. split=a.csv fused=b.csv), and exit")
-    parser.add_argument("--provider", default="gg-triton", help="with --compare-from")
+    from . import suite
+    suite.add_readback_arguments(parser)
     return parser
 
 
@@ -67,10 +64,8 @@ def main(argv=None) -> int:
     from . import suite
 
     args = _parser(torch).parse_args(argv)
-    if args.compare_from:
-        return suite.cli(["--compare-from", *args.compare_from, "--provider", args.provider])
-    if args.markdown_from:
-        return suite.cli(["--markdown-from", args.markdown_from])
+    if args.compare_from or args.markdown_from:
+        return suite.readback(args)
     device = torch.device(args.device)
     on_cpu = device.type == "cpu"
     providers = args.providers

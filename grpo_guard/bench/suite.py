@@ -66,6 +66,25 @@ def main_run(*, device, shapes=None, dtypes="bf16,fp32", modes="forward,backward
     return 0
 
 
+def add_readback_arguments(parser) -> None:
+    """--markdown-from / --compare-from / --provider: tables from CSVs of earlier runs (no timing)."""
+    parser.add_argument("--markdown-from", default=None, metavar="CSV",
+                        help="print the rows of a CSV written by a previous run as a Markdown table, and exit")
+    parser.add_argument("--compare-from", nargs="+", default=None, metavar="LABEL=CSV",
+                        help="print one provider's GPU time across runs (e.g. split=a.csv fused=b.csv), and exit")
+    parser.add_argument("--provider", default="gg-triton", help="with --compare-from")
+
+
+def readback(args) -> int:
+    """Print the table :func:`add_readback_arguments`' options ask for."""
+    if args.compare_from:
+        runs = [(item.split("=", 1)[0], read_csv(item.split("=", 1)[1])) for item in args.compare_from]
+        print(compare_table(runs, args.provider))
+    else:
+        print(markdown_table(read_csv(args.markdown_from)))
+    return 0
+
+
 def cli(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -78,19 +97,10 @@ def cli(argv=None) -> int:
     parser.add_argument("--rep", type=int, default=100)
     parser.add_argument("--out", default=None, help="CSV file to write")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
-    parser.add_argument("--markdown-from", default=None, metavar="CSV",
-                        help="print the rows of a CSV written by a previous run as a Markdown table, and exit")
-    parser.add_argument("--compare-from", nargs="+", default=None, metavar="LABEL=CSV",
-                        help="print one provider's GPU time across runs (e.g. split=a.csv fused=b.csv), and exit")
-    parser.add_argument("--provider", default="gg-triton", help="with --compare-from")
+    add_readback_arguments(parser)
     args = parser.parse_args(argv)
-    if args.compare_from:
-        runs = [(item.split("=", 1)[0], read_csv(item.split("=", 1)[1])) for item in args.compare_from]
-        print(compare_table(runs, args.provider))
-        return 0
-    if args.markdown_from:
-        print(markdown_table(read_csv(args.markdown_from)))
-        return 0
+    if args.compare_from or args.markdown_from:
+        return readback(args)
     return main_run(device=args.device, shapes=args.shapes, dtypes=args.dtypes, modes=args.modes,
                     providers=args.providers, ops=args.ops, out=args.out, rep=args.rep,
                     threads=args.threads)
