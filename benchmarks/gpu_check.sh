@@ -64,7 +64,8 @@ fi
 
 OPS_TESTS="tests/test_sde_step.py tests/test_policy_loss.py tests/test_triton_kernels.py tests/test_dispatch.py
   tests/test_validation.py tests/test_kl_to_reference.py tests/test_group_advantages.py tests/test_compat_flow_grpo.py
-  tests/test_oracle.py tests/test_no_sync.py tests/test_cuda_graphs.py tests/test_compile.py tests/test_precision_table.py"
+  tests/test_oracle.py tests/test_no_sync.py tests/test_cuda_graphs.py tests/test_compile.py tests/test_precision_table.py
+  tests/test_dppo.py"
 if want tests; then
 step "op tests on the GPU: triton and torch backends (GRPO_GUARD_TRITON_FUSED=${GRPO_GUARD_TRITON_FUSED:-1})"
 timeout "$(cap 240)" python3 -m pytest -q -n 8 -p no:cacheprovider --timeout 120 -rfEs $OPS_TESTS -k "not cuda-cuda" \
