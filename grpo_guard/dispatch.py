@@ -75,24 +75,17 @@ def backend(name: str):
         _state.forced = previous
 
 
-def request_unsupported(name: str, op: str, request) -> Optional[str]:
-    """None if backend ``name`` implements this call of ``op`` (e.g. the method), else why not."""
-    check = getattr(_load(name), "unsupported_request", None)
-    return None if check is None or request is None else check(op, request)
-
-
-def resolve(device: torch.device, op: Optional[str] = None, request=None):
-    """-> (name, module) of the backend to run on ``device`` now (for ``op``'s ``request`` when given: auto skips
-    a backend that does not implement it, e.g. a method its kernels lack)."""
+def resolve(device: torch.device):
+    """-> (name, module) of the backend to run on ``device`` now."""
     name = requested()
     if name != "auto":
-        reason = unsupported_reason(name, device) or request_unsupported(name, op, request)
+        reason = unsupported_reason(name, device)
         if reason is not None:
             raise BackendUnavailable(f"backend {name!r} requested but unavailable on {device}: {reason}")
         return name, _load(name)
     order = BACKENDS if device.type == "cuda" else ("torch",)
     for candidate in order:
-        if unsupported_reason(candidate, device) is None and request_unsupported(candidate, op, request) is None:
+        if unsupported_reason(candidate, device) is None:
             return candidate, _load(candidate)
     raise BackendUnavailable(f"no backend supports device {device}")  # torch supports every device
 
@@ -104,14 +97,12 @@ def run(op: str, request, device: torch.device):
     if torch.compiler.is_compiling():
         from .ops import library
         name = compiled_backend(device.type)
-        if name != "torch" and not compiled_supports(name, op, getattr(request, "method", None)):
-            name = "torch"  # e.g. a method the kernels lack: the reference operator
         compiled = library.COMPILED[op].get(name)
         if compiled is None:
             raise BackendUnavailable(f"backend {name!r} has no torch.compile path yet; use the triton or torch "
                                      "backend inside compiled code (grpo_guard.backend('triton'))")
         return compiled(request)
-    name, module = resolve(device, op, request)
+    name, module = resolve(device)
     _state.last = name
     return getattr(module, op)(request)
 
@@ -125,22 +116,6 @@ def compiled_backend(device_type: str) -> str:
     from .ops import errors
     errors.word(device_type)
     return resolve(torch.device(device_type))[0]
-
-
-@torch.compiler.assume_constant_result
-def compiled_supports(name: str, op: str, method: Optional[str]) -> bool:
-    """Whether backend ``name`` implements ``op`` with this ``method`` (a constant of the compiled graph, evaluated
-    outside the trace: the backend module's import is not traced)."""
-    check = getattr(_load(name), "unsupported_request", None)
-    if check is None or method is None:
-        return True
-    return check(op, _MethodOnly(method)) is None
-
-
-class _MethodOnly:
-    """The one request field a backend's ``unsupported_request`` reads under torch.compile."""
-    def __init__(self, method):
-        self.method = method
 
 
 def last_backend() -> Optional[str]:

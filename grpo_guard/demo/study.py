@@ -229,22 +229,18 @@ def worker(out: str, study: Dict, scales: Dict[str, float]) -> int:
     return done
 
 
-def _worker_entry(out, study, scales):
-    return worker(out, study, scales)
-
-
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     study = settings_from_args(args)
     out = args.out
     _start(out, study)
     todo = [(s, m) for s, m in plan(study) if not finished(out, s, m)]
-    if not args.report_only and todo:
-        import torch
+    import torch
 
-        torch.set_num_threads(1)
+    torch.set_num_threads(1)
+    scales = base_eval(out, study)["scales"]  # the report needs it too
+    if not args.report_only and todo:
         t0 = time.perf_counter()
-        scales = base_eval(out, study)["scales"]
         n = min(args.workers, len(todo))
         print(f"grpo-guard demo study: {len(todo)} of {len(plan(study))} runs to do "
               f"({', '.join(study['methods'])} x seeds {study['rl_seeds'][0]}..{study['rl_seeds'][-1]}, "
@@ -254,11 +250,10 @@ def main(argv=None) -> int:
         else:
             ctx = mp.get_context("spawn")
             with ctx.Pool(n) as pool:
-                pool.starmap(_worker_entry, [(out, study, scales)] * n)
+                pool.starmap(worker, [(out, study, scales)] * n)
         print(f"runs done in {time.perf_counter() - t0:.0f} s", flush=True)
     from . import study_report
 
-    base_eval(out, study)
     path = study_report.write(out, study, command="grpo-guard demo study " + " ".join(argv if argv is not None
                                                                                        else sys.argv[1:]))
     print(f"wrote {path}", flush=True)

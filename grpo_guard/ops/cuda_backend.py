@@ -43,15 +43,15 @@ def _load():
         try:
             from .. import _C
             _ext = _C
-        except ImportError as exc:
-            if info is None and ("No module named" in str(exc) or "cannot import name '_C'" in str(exc)):
+        except (ImportError, OSError) as exc:
+            absent = isinstance(exc, ImportError) and ("No module named" in str(exc)
+                                                       or "cannot import name '_C'" in str(exc))
+            if info is None and absent:
                 _ext_error = ("grpo_guard._C is not built (the pure-Python install); install the wheel for your "
                               "torch / CUDA or build from source: GRPO_GUARD_BUILD_CUDA=1 pip install "
                               "--no-build-isolation .")
             else:
                 _ext_error = f"grpo_guard._C ({cuda_build.describe(info)}) does not load: {type(exc).__name__}: {exc}"
-        except OSError as exc:
-            _ext_error = f"grpo_guard._C ({cuda_build.describe(info)}) does not load: {type(exc).__name__}: {exc}"
     return _ext
 
 
@@ -290,4 +290,3 @@ def policy_loss_compiled(req: LossRequest):
     loss, packed, log_ratio, bias, _ = torch.ops.grpo_guard.policy_loss_cuda(v, x, prev, mu_old, v_old, adv,
                                                                              old_logp, *sched, *cfg)
     return _stats(loss, packed, log_ratio, bias if bias.numel() else None)
-

@@ -52,11 +52,9 @@ def runtime_mismatch(info: Optional[Dict], torch_version: str, torch_cuda: Optio
     """Why an extension built as ``info`` cannot load under this torch (None if it can, or if unknown)."""
     if not info:
         return None
-    running = f"running torch {torch_version}" + ("" if torch_cuda else " (a CPU build)")
-    if _minor(info["torch"]) != _minor(torch_version):
-        return f"built for torch {_minor(info['torch'])} / {_cu(info.get('cuda'))}, {running}"
-    if not torch_cuda:
-        return f"built for torch {_minor(info['torch'])} / {_cu(info.get('cuda'))}, {running}"
+    if _minor(info["torch"]) != _minor(torch_version) or not torch_cuda:
+        return (f"built for torch {_minor(info['torch'])} / {_cu(info.get('cuda'))}, running torch {torch_version}"
+                + ("" if torch_cuda else " (a CPU build)"))
     if info.get("cuda") and info["cuda"].split(".")[0] != torch_cuda.split(".")[0]:
         return (f"built for torch {_minor(info['torch'])} / {_cu(info['cuda'])}, running torch {torch_version} "
                 f"with CUDA {torch_cuda} (another CUDA major)")

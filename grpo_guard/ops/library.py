@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import reference as ref
-from . import errors, requests
+from . import errors, layout, requests
 
 # ------------------------------------------------------------------------------------------------------------
 # Triton
@@ -79,7 +79,7 @@ def policy_loss_triton_op(v: Tensor, x: Tensor, prev_sample: Tensor, old: Option
                           sigma_value: float, sigma_next_value: float, noise_level: float, dynamics: str,
                           method: str, clip_range: float, adv_clip_max: float, guard_weight: str, old_kind: int,
                           check: bool, fused: bool, kl_threshold: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (loss, stats (4 + 2B; dppo: + DPPO_STATS), work, error bits)."""
+    """-> (loss, stats (layout.n_stats), work, error bits)."""
     return _with_error_bits(TPL.forward, v, x, prev_sample, old, advantages, old_log_prob, sigma, sigma_next,
                             sigma_value, sigma_next_value, noise_level, dynamics, method, clip_range, adv_clip_max,
                             guard_weight, old_kind, check, fused, launch=_LAUNCH[0], kl_threshold=kl_threshold)
@@ -200,7 +200,7 @@ def policy_loss_triton(req: requests.LossRequest):
         nxt_f, req.noise_level, req.dynamics, req.method, req.clip_range, req.adv_clip_max, req.guard_weight,
         old_kind, req.check, TL.FUSED, req.kl_threshold)
     errors.word(req.sample.device).bitwise_or_(err)
-    return loss, TPL.stats_dict(stats, req.sample.shape[0], old_kind != 0, req.method)
+    return loss, layout.stats_dict(stats, req.sample.shape[0], old_kind != 0, req.method)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -218,8 +218,6 @@ TORCH_SCHEMAS = {
                          "bool check, float kl_threshold) -> (Tensor, Tensor, Tensor)",
 }
 
-
-DPPO_STATS = ref.DPPO_STATS
 
 
 def _no_error_bits(like: Tensor) -> Tensor:
@@ -246,7 +244,8 @@ def _policy_loss_torch(v, x, prev_sample, old_log_prob, old_prev_sample_mean, ol
                        sigma_next, sigma_value, sigma_next_value, noise_level, dynamics, method, clip_range,
                        adv_clip_max, guard_weight, check, kl_threshold):
     """(loss, stats packed as the Triton kernels pack them (4 + 2B: ratio_mean, ratio_std, clipfrac, approx_kl,
-    log_ratio, bias (zeros without an old mean); "dppo" appends DPPO_STATS), error bits)."""
+    log_ratio, bias (zeros without an old mean); "dppo" appends reference.DPPO_STATS: layout.n_stats), error
+    bits)."""
     req = requests.LossRequest(v, x, prev_sample, sigma if sigma is not None else sigma_value,
                                sigma_next if sigma_next is not None else sigma_next_value, advantages, old_log_prob,
                                old_prev_sample_mean, old_model_output, noise_level, dynamics, method, clip_range,
@@ -256,7 +255,7 @@ def _policy_loss_torch(v, x, prev_sample, old_log_prob, old_prev_sample_mean, ol
                                **req.reference_kwargs())
     log_ratio = st["log_ratio"]
     bias = st.get("bias", torch.zeros_like(log_ratio))
-    extra = [torch.stack([st[k] for k in DPPO_STATS])] if method == "dppo" else []
+    extra = [torch.stack([st[k] for k in ref.DPPO_STATS])] if method == "dppo" else []
     stats = torch.cat([torch.stack([st["ratio_mean"], st["ratio_std"], st["clipfrac"], st["approx_kl"]]),
                        log_ratio, bias, *extra]).detach()
     return loss, stats, code if code is not None else _no_error_bits(x)
@@ -290,14 +289,8 @@ def policy_loss_torch(req: requests.LossRequest):
         req.old_model_output, req.advantages, sig_t, nxt_t, sig_f, nxt_f, req.noise_level, req.dynamics,
         req.method, req.clip_range, req.adv_clip_max, req.guard_weight, req.check, req.kl_threshold)
     errors.record(err, req.sample.device)
-    B = req.sample.shape[0]
-    out = {"ratio_mean": stats[0], "ratio_std": stats[1], "clipfrac": stats[2], "approx_kl": stats[3],
-           "log_ratio": stats[4:4 + B]}
-    if req.old_prev_sample_mean is not None or req.old_model_output is not None:
-        out["bias"] = stats[4 + B:4 + 2 * B]
-    if req.method == "dppo":
-        out.update({k: stats[4 + 2 * B + i] for i, k in enumerate(DPPO_STATS)})
-    return loss, out
+    has_bias = req.old_prev_sample_mean is not None or req.old_model_output is not None
+    return loss, layout.stats_dict(stats, req.sample.shape[0], has_bias, req.method)
 
 
 def _sigma_args(req):

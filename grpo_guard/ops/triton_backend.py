@@ -56,4 +56,3 @@ def sde_step(req: requests.SDERequest):
 def policy_loss(req: requests.LossRequest):
     """reference.policy_loss's contract (every method, dppo included): 1 launch forward (split kernels: 2), 1 backward."""
     return _policy_loss(req)
-

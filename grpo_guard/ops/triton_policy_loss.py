@@ -17,13 +17,13 @@ from grpo_guard.kernels import policy_loss as K
 
 from . import errors
 from . import triton_launch as TL
+from .layout import n_stats, stats_dict
 from .requests import LossRequest
 from .triton_launch import DYNAMICS_CODE, LAUNCH_OPTIONS, batch_strided, flat, geometry
 
 METHOD_CODE = {m: i for i, m in enumerate(ref.METHODS)}  # grpo, mean_revised, ratio_norm, guard, dppo
 OLD_CODE = {"old_log_prob": 0, "old_prev_sample_mean": 1, "old_model_output": 2}
 ROW_FIELDS = 8  # kernels/policy_loss.py: the fused forward's row buffer (k_u, k_d, a, b, loss, r - 1, clipped, KL)
-DPPO_STATS = ref.DPPO_STATS
 
 
 def eager_launch(kernel, grid, *args, **kwargs):
@@ -48,20 +48,14 @@ def sizes(x):
     return B, int(x.numel()) // B
 
 
-def n_stats(B: int, method: str) -> int:
-    """Length of the packed stats: ratio_mean, ratio_std, clipfrac, approx_kl, log_ratio (B), bias (B), and for
-    "dppo" the DPPO_STATS."""
-    return 4 + 2 * B + (len(DPPO_STATS) if method == "dppo" else 0)
-
-
 def forward(v, x, xp, old: Optional[torch.Tensor], adv, old_lp: Optional[torch.Tensor], sig_t, nxt_t,
             sig_f: float, nxt_f: float, eta: float, dynamics: str, method: str, clip_range: float,
             adv_clip_max: float, guard_weight: str, old_kind: int, check: bool, fused: bool,
             counters: Optional[torch.Tensor], err: torch.Tensor, launch=eager_launch, kl_threshold: float = 1e-5):
     """Launch the forward. ``old``: old_prev_sample_mean (old_kind 1) or old_model_output (2), None for old_log_prob
     (0); sigmas as float64 (B,) tensors (sig_t, nxt_t) or floats (sig_f, nxt_f). ``counters``: zeroed int32 (>= B+1)
-    for the fused kernel (None: allocated here). Returns (loss 0-dim, stats (:func:`n_stats`,), work), ``work`` the per-row
-    constants the backward reads (a view of one buffer with the chunk partials, which only the forward reads)."""
+    for the fused kernel (None: allocated here). Returns (loss 0-dim, stats (layout.n_stats,), work), ``work`` the
+    per-row constants the backward reads (a view of one buffer with the chunk partials, which only the forward reads)."""
     cd = ref.compute_dtype(v, x, xp, old)
     stats = torch.empty(n_stats(x.shape[0], method), dtype=cd, device=x.device)
     loss = torch.empty((), dtype=cd, device=x.device)
@@ -111,8 +105,13 @@ def forward(v, x, xp, old: Optional[torch.Tensor], adv, old_lp: Optional[torch.T
 def saved_inputs(old_kind: int, method: str):
     """Which of (v, x, x', old) the backward reads (both kernel sets): (need_v, need_x, need_old); x' always. v only
     for old_log_prob or when k_d != 0 (grpo with an old mean); x unless the old mean is given without k_d."""
-    need_delta = old_kind != 0 and method in ("grpo", "dppo")  # k_d != 0 (the plain log-ratio's S2 term)
+    need_delta = _needs_delta(old_kind, method)
     return old_kind == 0 or need_delta, old_kind != 1 or need_delta, old_kind != 0
+
+
+def _needs_delta(old_kind: int, method: str) -> bool:
+    """k_d != 0: an old mean is given and the method's log-ratio has the S2 term (grpo's, dppo's plain log r)."""
+    return old_kind != 0 and method in ("grpo", "dppo")
 
 
 def backward(g_loss, v: Optional[torch.Tensor], x: Optional[torch.Tensor], xp, old: Optional[torch.Tensor], work,
@@ -127,7 +126,7 @@ def backward(g_loss, v: Optional[torch.Tensor], x: Optional[torch.Tensor], xp, o
     (v, sv) = batch_strided(v) if v is not None else (xp, sxp)
     (x, sx) = batch_strided(x) if x is not None else (xp, sxp)
     (old, so) = batch_strided(old) if old is not None else (xp, sxp)
-    need_delta = old_kind != 0 and method in ("grpo", "dppo")
+    need_delta = _needs_delta(old_kind, method)
     if fused:
         g = TL.fused_geometry(D)
         launch(K.policy_loss_bwd_kernel, (B * g.chunks,),
@@ -188,17 +187,6 @@ def old_input(req: LossRequest):
     if req.old_prev_sample_mean is not None:
         return req.old_prev_sample_mean, OLD_CODE["old_prev_sample_mean"]
     return None, OLD_CODE["old_log_prob"]
-
-
-def stats_dict(stats: torch.Tensor, B: int, has_bias: bool, method: str = "guard"):
-    """The stats dict of reference.policy_loss, as views of the packed (:func:`n_stats`,) buffer."""
-    out = {"ratio_mean": stats[0], "ratio_std": stats[1], "clipfrac": stats[2], "approx_kl": stats[3],
-           "log_ratio": stats[4:4 + B]}
-    if has_bias:
-        out["bias"] = stats[4 + B:4 + 2 * B]
-    if method == "dppo":
-        out.update({k: stats[4 + 2 * B + i] for i, k in enumerate(DPPO_STATS)})
-    return out
 
 
 def policy_loss(req: LossRequest):
