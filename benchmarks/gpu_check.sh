@@ -19,9 +19,11 @@
 # 11. (fp16) the tiny trainer with flow_grpo's precision (fp16 autocast + loss scaler) -> fp16.log
 # 12. (wheel) the platform wheel built against this machine's torch (csrc/build_wheels.sh, sm_90 only to fit the
 #     budget: GRPO_GUARD_CUDA_ARCHS), installed into a clean folder, and the cuda-backend tests run from it -> wheel.log
+# 13. (wan) trainer step of a Wan 2.1 1.3B-sized transformer at 480p, 33 and 81 frames: s/step, videos/s, the ops'
+#     share, peak memory -> trainer_wan_<frames>.json
 #
 # STEPS (comma-separated) picks steps by name: tests, cuda, bench, trainer, deepspeed, sweep, compile, ab,
-# sweep_fused, host, fp16, wheel (default: all but ab, sweep_fused and wheel). GRPO_GUARD_TRITON_FUSED=0 runs everything on the
+# sweep_fused, host, fp16, wheel, wan (default: all but ab, sweep_fused, wheel and wan). GRPO_GUARD_TRITON_FUSED=0 runs everything on the
 # split Triton kernels (the single-launch ones are the default since 2026-11-30). The next session should run
 #   STEPS=tests,cuda,bench,compile BUDGET=480 bash benchmarks/gpu_check.sh
 # (the op tests, the cuda backend's compile/opcheck tests that have not run on a GPU yet, the full benchmark table
@@ -129,6 +131,15 @@ if want trainer; then
 step "trainer step, SD3.5-M-sized transformer"
 timeout "$(cap 150)" python3 benchmarks/bench_trainer.py --steps ${TRAINER_STEPS:-2} --batch-size 2 --num-batches 1 \
   --out "$OUT/trainer.json" 2>&1 | grep -v "kept in float32"
+fi
+
+if want wan; then
+step "trainer step, Wan 2.1 T2V 1.3B-sized transformer, 480 x 832, 33 frames (then 81), gradient checkpointing"
+for frames in 33 81; do
+  timeout "$(cap 150)" python3 benchmarks/bench_trainer.py --model wan --frames $frames --steps ${TRAINER_STEPS:-1} \
+    --batch-size 1 --num-batches 2 --gradient-checkpointing --out "$OUT/trainer_wan_$frames.json" 2>&1 \
+    | grep -v "kept in float32"
+done
 fi
 
 if want deepspeed; then

@@ -1,4 +1,4 @@
-"""Worker of test_trainer_fsdp.py and test_trainer_deepspeed.py (2 CPU processes): the tiny SD3 config under FSDP2
+"""Worker of test_trainer_fsdp.py and test_trainer_deepspeed.py (2 CPU processes): a tiny config under FSDP2
 or DeepSpeed ZeRO-1/2. argv: mode (fsdp2 | deepspeed) output_dir config [--set ...].
 
 - fsdp2 (run under torchrun): accelerate 1.15 never selects FSDP for CPU processes (its state only turns
@@ -23,9 +23,13 @@ from grpo_guard.trainer import Trainer, config
 from grpo_guard.trainer import sharding, zero
 
 
-def fsdp2_accelerator():
+BLOCKS = {"sd3": ["JointTransformerBlock"], "flux": ["FluxTransformerBlock", "FluxSingleTransformerBlock"],
+          "wan": ["WanTransformerBlock"]}
+
+
+def fsdp2_accelerator(family):
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-                                            transformer_cls_names_to_wrap=["JointTransformerBlock"])
+                                            transformer_cls_names_to_wrap=BLOCKS[family])
     acc = Accelerator(cpu=True, mixed_precision="no", fsdp_plugin=plugin)
     acc.state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
@@ -44,7 +48,7 @@ def main():
     cfg = config.load(sys.argv[3], [f"run.output_dir={out}", "run.num_steps=4", "run.progress=false",
                                     "run.cpu=true", "run.save_every=0", *sys.argv[4:]])
     if mode == "fsdp2":
-        acc = fsdp2_accelerator()
+        acc = fsdp2_accelerator(cfg.model.family)
         t = Trainer(cfg, accelerator=acc)
         assert sharding.is_fsdp2(acc) and t.sharded and all(sharding.is_sharded(p) for p in t.params)
     else:

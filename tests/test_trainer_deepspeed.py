@@ -1,5 +1,5 @@
 """DeepSpeed ZeRO-1/2 through ``accelerate launch --use_deepspeed`` on two CPU processes (DeepSpeed's CPU
-accelerator over gloo; tiny SD3, and Flux): training matches one process with the same global batch, both ranks
+accelerator over gloo; tiny SD3, Flux and Wan): training matches one process with the same global batch, both ranks
 hold the same weights, the first update is on-policy, an infinite loss on one rank skips the step on both, and a
 checkpoint (float32 masters + DeepSpeed's optimizer partitions) resumes bit for bit. Config checks run without
 DeepSpeed."""
@@ -37,11 +37,13 @@ VARIANTS = {
     # per rollout, each closing its own accumulation window (one process's micro-batches are split differently
     # from two processes', so this one is not compared with one process)
     "zero1-flux-lora-bf16": (1, "bf16", ["train.updates_per_step=2"]),
+    # Wan text-to-video, ZeRO-2 + LoRA, float32
+    "zero2-wan-lora": (2, "no", ["run.eval_every=0"]),
 }
 
 
 def family(variant):
-    return "flux" if "-flux-" in variant else "sd3"
+    return "flux" if "-flux-" in variant else "wan" if "-wan-" in variant else "sd3"
 
 
 def _free_port():

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
     ("model.tiny=false", r"exactly one of model\.pretrained"),
     ("rewards.proxy=[]", r"rewards\.proxy is empty"),
     ("sample.sde_window_size=4", r"sde_window_range"),
-    ("rewards.gold=[{name: brightness}]", r"rewards\.gold\[0\]\.name 'brightness' is already used by rewards\.proxy\[0\]"),
+    ("rewards.gold=[{name: brightness}]", r"rewards\.gold\[0\] 'brightness' is already used by rewards\.proxy\[0\]"),
     ("train.cfg=false", r"train\.cfg=false but sample\.guidance_scale=4\.5"),
     ("run.seed=-1", r"run\.seed must be in \[0, 2\*\*32\)"),
     ("run.seed=4294967296", r"run\.seed must be in \[0, 2\*\*32\)"),

@@ -27,7 +27,13 @@ VARIANTS = {
     # with diffusers' gradient checkpointing inside the FSDP2 blocks
     "full-ema-eval": ["model.use_lora=false", "train.ema=true", "run.eval_every=1",
                       "train.gradient_checkpointing=true"],
+    # Wan text-to-video: WanTransformerBlock sharded, video rewards, the evaluation's strip written by rank 0
+    "wan-lora": ["run.eval_every=0"],
 }
+
+
+def family(variant):
+    return "wan" if variant.startswith("wan") else "sd3"
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -41,7 +47,7 @@ def ranks(tmp_path_factory, variant):
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1",
                PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(HERE / "_trainer_sharded_worker.py"), "fsdp2", str(out), str(CONFIGS / "tiny_sd3.yaml"),
+           str(HERE / "_trainer_sharded_worker.py"), "fsdp2", str(out), str(CONFIGS / f"tiny_{family(variant)}.yaml"),
            "sample.batch_size=2", "sample.num_batches=2", *VARIANTS[variant]]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -57,7 +63,7 @@ def test_ranks_agree_and_weights_moved(ranks):
 
 
 def test_matches_one_process(ranks, variant, tmp_path):
-    single = Trainer(tiny("sd3", tmp_path, "sample.batch_size=2", "sample.num_batches=4", "run.save_every=0",
+    single = Trainer(tiny(family(variant), tmp_path, "sample.batch_size=2", "sample.num_batches=4", "run.save_every=0",
                           *VARIANTS[variant]))
     single.step()
     single.step()
@@ -84,13 +90,14 @@ def test_resume_from_shards_is_bit_exact(ranks):
 
 def test_shipped_accelerate_config_names_real_block_classes():
     import yaml
-    from diffusers.models.transformers import transformer_flux, transformer_sd3  # noqa: F401
+    from diffusers.models.transformers import transformer_flux, transformer_sd3, transformer_wan  # noqa: F401
 
     cfg = yaml.safe_load((CONFIGS / "accelerate" / "fsdp2.yaml").read_text())
     assert cfg["distributed_type"] == "FSDP" and cfg["fsdp_config"]["fsdp_version"] == 2
     for name in cfg["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"].split(","):
         assert hasattr(transformer_flux, name), name
     assert hasattr(transformer_sd3, "JointTransformerBlock")  # what the comment says to wrap for SD3
+    assert hasattr(transformer_wan, "WanTransformerBlock")  # and for Wan
 
 
 def test_non_finite_on_one_rank_skips_on_both(ranks):

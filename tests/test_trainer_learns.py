@@ -65,6 +65,8 @@ def test_trainer_benchmark_script_runs(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_trainer", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    mod.main(["--tiny", "--steps", "1", "--backends", "torch", "--out", str(tmp_path / "r.json")])
-    (row,) = json.loads((tmp_path / "r.json").read_text())
-    assert row["ran"] == "torch" and row["images_per_s"] > 0 and 0 < row["ops_share"] < 1
+    for model, shape in (("sd3", [4, 8, 8]), ("wan", [4, 3, 4, 4])):
+        mod.main(["--tiny", "--model", model, "--steps", "1", "--backends", "torch", "--out", str(tmp_path / "r.json")])
+        (row,) = json.loads((tmp_path / "r.json").read_text())
+        assert row["ran"] == "torch" and row["samples_per_s"] > 0 and 0 < row["ops_share"] < 1
+        assert row["model"] == model and row["latent_shape"] == shape

@@ -9,6 +9,11 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class AdapterConfigError(ValueError):
+    """The model config asks for something this pipeline cannot do (a frame count or size its VAE cannot take, a
+    two-expert Wan 2.2); the message names the config key. The trainer reports it as a ConfigError."""
+
+
 class Cond(dict):
     """Prompt conditioning of a batch: a dict of tensors whose first dim is the batch (plus shared tensors
     listed in ``shared``, e.g. Flux's txt_ids). Detached; stored with the rollout and reused by the update
@@ -25,6 +30,8 @@ class FlowAdapter:
     """
 
     family = ""
+    default_max_sequence_length = 256
+    modality = "image"  # what decode() returns: "image" (B, 3, H, W) or "video" (B, F, H, W, 3), in [0, 1]
     # dtype of the velocity (after CFG) that velocity() returns; None = the transformer output's. The trainer sets
     # its compute dtype (bf16 under bf16 autocast or with bf16 weights): the model's output holds values of that
     # dtype (accelerate upcasts them to float32 under autocast), so the cast is exact, the CFG combination is
@@ -39,6 +46,13 @@ class FlowAdapter:
             if module is not None:
                 module.requires_grad_(False).eval()
         self.transformer.eval()
+
+    @classmethod
+    def from_model_config(cls, pipe, m) -> "FlowAdapter":
+        """The adapter of ``pipe`` for a :class:`~grpo_guard.trainer.config.ModelConfig` ``m``
+        (``m.max_sequence_length`` None: the family's ``default_max_sequence_length``)."""
+        return cls(pipe, resolution=m.resolution, max_sequence_length=m.max_sequence_length or
+                   cls.default_max_sequence_length)
 
     @property
     def transformer(self) -> torch.nn.Module:
@@ -99,16 +113,27 @@ class FlowAdapter:
         return (img.float() / 2 + 0.5).clamp(0, 1)
 
 
+def family_module(family: str):
+    """The adapter module of a model family: ``sd3``, ``flux`` or ``wan``."""
+    from . import flux, sd3, wan
+
+    return {"sd3": sd3, "flux": flux, "wan": wan}[family]
+
+
 def build_adapter(model_cfg, device: Optional[torch.device] = None, seed: int = 0) -> FlowAdapter:
     """An adapter from a :class:`~grpo_guard.trainer.config.ModelConfig`: ``tiny`` builds a random tiny pipeline
     in memory (no download), otherwise ``pretrained`` is loaded with ``from_pretrained`` in ``dtype``."""
-    from . import flux, sd3
-
-    module = {"sd3": sd3, "flux": flux}[model_cfg.family]
+    module = family_module(model_cfg.family)
     dtype = DTYPES[model_cfg.dtype]
     if model_cfg.tiny:
         pipe = module.tiny_pipeline(seed=seed, dtype=dtype)
     else:
+        if hasattr(module, "check_single_expert"):  # Wan 2.2 A14B: refused from model_index.json, before the weights
+            try:
+                index = module.PIPELINE.load_config(model_cfg.pretrained)
+            except Exception:  # noqa: BLE001 - from_pretrained below reports an unreachable / wrong path itself
+                index = {}
+            module.check_single_expert(index, f"model.pretrained={model_cfg.pretrained!r}")
         pipe = module.PIPELINE.from_pretrained(model_cfg.pretrained, torch_dtype=dtype)
     # flow_grpo's precision: float16 text encoders, a float32 VAE (model_cfg.text_encoder_dtype / vae_dtype)
     for names, key in ((("text_encoder", "text_encoder_2", "text_encoder_3"), "text_encoder_dtype"),
@@ -117,6 +142,5 @@ def build_adapter(model_cfg, device: Optional[torch.device] = None, seed: int = 
         for module_ in (getattr(pipe, n, None) for n in names):
             if want is not None and module_ is not None:
                 module_.to(dtype=DTYPES[want])
-    adapter = module.Adapter(pipe, resolution=model_cfg.resolution,
-                             max_sequence_length=model_cfg.max_sequence_length or module.MAX_SEQUENCE_LENGTH)
+    adapter = module.Adapter.from_model_config(pipe, model_cfg)
     return adapter.to(device) if device is not None else adapter

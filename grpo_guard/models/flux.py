@@ -29,6 +29,7 @@ class FluxCond(Cond):
 
 class Adapter(FlowAdapter):
     family = "flux"
+    default_max_sequence_length = MAX_SEQUENCE_LENGTH
 
     def _latent_side(self) -> int:
         return 2 * (self.resolution // (self.latent_scale * 2))

@@ -29,6 +29,7 @@ class SD3Cond(Cond):
 
 class Adapter(FlowAdapter):
     family = "sd3"
+    default_max_sequence_length = MAX_SEQUENCE_LENGTH
 
     def _encode(self, prompts: Sequence[str]):
         with torch.no_grad():

@@ -50,6 +50,29 @@ def t5_text_encoder(d_model: int, seed: int = 0):
     return T5EncoderModel(cfg)
 
 
+def umt5_text_encoder(d_model: int, seed: int = 0):
+    """A random 1-layer ``UMT5EncoderModel`` (Wan's text encoder class) over the character vocabulary."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    cfg = UMT5Config(vocab_size=3 + 2 * len(CHARS), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=1,
+                     num_heads=2, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1)
+    torch.manual_seed(seed)
+    return UMT5EncoderModel(cfg)
+
+
+def wan_vae(latent_channels: int = 4, seed: int = 0):
+    """A random ``AutoencoderKLWan`` of width 3 with Wan 2.1's downsampling (spatial factor 8, temporal 4) and
+    made-up latent statistics (so the un-normalization in decode is exercised)."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    mean = (torch.randn(latent_channels, generator=g) * 0.3).tolist()
+    std = (torch.rand(latent_channels, generator=g) + 0.5).tolist()
+    return AutoencoderKLWan(base_dim=3, z_dim=latent_channels, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True], latents_mean=mean, latents_std=std)
+
+
 def vae(latent_channels: int = 4, seed: int = 0):
     """An AutoencoderKL with 2 blocks: images of side 2*h for latents of side h."""
     from diffusers import AutoencoderKL

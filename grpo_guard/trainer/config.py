@@ -32,11 +32,16 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    family: str = "sd3"                 # "sd3" or "flux"
+    family: str = "sd3"                 # "sd3", "flux" (images) or "wan" (video: Wan 2.1 T2V, Wan 2.2 TI2V-5B)
     pretrained: Optional[str] = None    # hub id or local path of the diffusers pipeline
     tiny: bool = False                  # build a random tiny pipeline in memory (offline, CPU) instead
     dtype: str = "bfloat16"             # dtype of the frozen weights: float32 | bfloat16 | float16
-    resolution: int = 512               # image side in pixels
+    resolution: int = 512               # image side in pixels (wan: the default of height and width)
+    height: Optional[int] = None        # wan: frame height in pixels (multiple of 16; None = resolution)
+    width: Optional[int] = None         # wan: frame width in pixels (multiple of 16; None = resolution)
+    num_frames: Optional[int] = None    # wan: frames per video, 4k + 1 (None = 81, WanPipeline's); images: unset
+    flow_shift: Optional[float] = None  # wan: the schedule's shift (None = the pipeline scheduler's: 3.0 for the
+                                        # 480p checkpoints; Wan recommends 5.0 at 720p)
     use_lora: bool = True               # False = full fine-tuning of the transformer
     lora: LoraConfig = field(default_factory=LoraConfig)
     latent_dtype: Optional[str] = None  # dtype of the rollout's latents; None = dtype (flow_grpo: float32)
@@ -105,6 +110,8 @@ class RewardSpec:
     name: str = ""                      # a built-in (rewards.BUILTINS) or "package.module:callable"
     weight: float = 1.0                 # proxy rewards: weight in the optimized sum; gold: ignored
     kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to the built-in / factory
+    label: str = ""                     # the reward's key in metrics and logs; "" = name (set it to use a reward
+                                        # twice, e.g. two per_frame wrappers)
 
 
 @dataclass
@@ -130,6 +137,9 @@ class RunConfig:
     eval_every: int = 0                 # every k steps: ODE samples of data.eval_prompts (EMA weights if
                                         # train.ema), all rewards logged as eval/...; 0 = never
     eval_num_steps: int = 0             # denoising steps for evaluation; 0 = sample.num_steps (flow_grpo: 40)
+    eval_media: int = 4                 # each evaluation saves its first k samples (process 0's) as an image strip
+                                        # <output_dir>/eval/step-XXXXXXXX.png (video: a row of 8 frames per sample,
+                                        # and an animated .gif); 0 = none
     mixed_precision: str = "bf16"       # no | bf16 | fp16 (accelerate's autocast; fp16 adds its loss scaler on a GPU
                                         # and autocasts to float16 on a CPU; single process or DDP-style only)
     cpu: bool = False                   # force the CPU (accelerate's cpu=True; also for 2-process CPU tests)
@@ -151,7 +161,7 @@ class Config:
 
 
 CHOICES = {
-    "model.family": ("sd3", "flux"),
+    "model.family": ("sd3", "flux", "wan"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "sample.dynamics": ("flow", "dance", "cps"),
     "train.method": ("grpo", "mean_revised", "ratio_norm", "guard", "dppo"),
@@ -295,8 +305,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                 "train.learning_rate": t.learning_rate, "model.lora.rank": m.lora.rank,
                 "train.max_nonfinite_in_a_row": t.max_nonfinite_in_a_row, "run.num_steps": cfg.run.num_steps,
                 "train.ema_update_interval": t.ema_update_interval, "train.kl_threshold": t.kl_threshold}
-    if m.max_sequence_length is not None:
-        positive["model.max_sequence_length"] = m.max_sequence_length
+    for key in ("max_sequence_length", "height", "width", "num_frames", "flow_shift"):
+        if getattr(m, key) is not None:
+            positive[f"model.{key}"] = getattr(m, key)
     for key, val in positive.items():
         if not val > 0:
             raise ConfigError(f"{key} must be > 0, got {val}")
@@ -306,10 +317,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         raise ConfigError(f"train.clip_range must be in (0, 1), got {t.clip_range}")
     if not 0 < s.noise_level <= (1 if s.dynamics == "cps" else 10):
         raise ConfigError(f"sample.noise_level must be > 0 (<= 1 for cps), got {s.noise_level}")
-    if min(t.beta_kl, t.warmup_steps, cfg.run.save_every, cfg.run.eval_every, cfg.run.eval_num_steps) < 0 or \
-            not 0 <= t.ema_decay < 1:
-        raise ConfigError("train.beta_kl, train.warmup_steps, run.save_every, run.eval_every, run.eval_num_steps "
-                          "must be >= 0 and train.ema_decay in [0, 1)")
+    if min(t.beta_kl, t.warmup_steps, cfg.run.save_every, cfg.run.eval_every, cfg.run.eval_num_steps,
+           cfg.run.eval_media) < 0 or not 0 <= t.ema_decay < 1:
+        raise ConfigError("train.beta_kl, train.warmup_steps, run.save_every, run.eval_every, run.eval_num_steps, "
+                          "run.eval_media must be >= 0 and train.ema_decay in [0, 1)")
     if not 0 <= cfg.run.seed < 2 ** 32:
         raise ConfigError(f"run.seed must be in [0, 2**32) (it seeds torch, python and numpy), got {cfg.run.seed}")
     if s.sde_window_size > 0:
@@ -329,6 +340,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if s.num_batches % t.updates_per_step:
         raise ConfigError(f"sample.num_batches ({s.num_batches}) must be a multiple of train.updates_per_step "
                           f"({t.updates_per_step}): each update takes an equal share of the rollout micro-batches")
+    _check_video_keys(m)
     if not cfg.rewards.proxy:
         raise ConfigError("rewards.proxy is empty: list at least one reward to optimize")
     seen = {}
@@ -336,15 +348,38 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         for i, spec in enumerate(getattr(cfg.rewards, kind)):
             if not spec.name:
                 raise ConfigError(f"rewards.{kind}[{i}].name is empty")
-            if spec.name in seen:  # results are keyed by name: a duplicate would overwrite (and mix up) another
-                raise ConfigError(f"rewards.{kind}[{i}].name {spec.name!r} is already used by {seen[spec.name]}; "
-                                  "give every proxy and gold reward a distinct name")
-            seen[spec.name] = f"rewards.{kind}[{i}]"
-    if not t.cfg and cfg.model.family == "sd3" and s.guidance_scale > 1.0:
+            key = spec.label or spec.name
+            if key in seen:  # results are keyed by label (or name): a duplicate would overwrite another
+                raise ConfigError(f"rewards.{kind}[{i}] {key!r} is already used by {seen[key]}; give every proxy and "
+                                  "gold reward a distinct label (rewards.<kind>[i].label, default: its name)")
+            seen[key] = f"rewards.{kind}[{i}]"
+    if not t.cfg and cfg.model.family in ("sd3", "wan") and s.guidance_scale > 1.0:
         raise ConfigError(f"train.cfg=false but sample.guidance_scale={s.guidance_scale} > 1: the rollout velocity "
                           "uses classifier-free guidance, so the update must too (or sample with guidance_scale 1)")
     if not cfg.data.prompts and not cfg.data.prompt_file:
         raise ConfigError("no prompts: set data.prompts (a list) or data.prompt_file")
+
+
+VIDEO_FAMILIES = ("wan",)
+
+
+def _check_video_keys(m: ModelConfig) -> None:
+    """Video keys only on a video family; frame count and frame size that Wan's VAE and patch size take (the
+    adapter checks them again against the loaded VAE, e.g. Wan 2.2's factor 16)."""
+    video_keys = [k for k in ("num_frames", "height", "width", "flow_shift") if getattr(m, k) is not None]
+    if m.family not in VIDEO_FAMILIES:
+        if video_keys:
+            raise ConfigError(f"model.{video_keys[0]} is a video key (model.family: wan); model.family "
+                              f"{m.family!r} makes images of side model.resolution: remove it")
+        return
+    if m.num_frames is not None and (m.num_frames - 1) % 4:
+        raise ConfigError(f"model.num_frames={m.num_frames}: Wan's VAE needs 4k + 1 frames (e.g. 33 or 81)")
+    for key in ("height", "width"):
+        side, name = (getattr(m, key), f"model.{key}") if getattr(m, key) is not None else (m.resolution,
+                                                                                             "model.resolution")
+        if side % 16:
+            raise ConfigError(f"{name}={side}: Wan's frames must be a multiple of 16 pixels (VAE factor 8 x patch "
+                              f"2), e.g. {max(16, side // 16 * 16)}")
 
 
 def trained_steps(s: SampleConfig, window_start: Optional[int] = None) -> List[int]:

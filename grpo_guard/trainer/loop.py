@@ -22,8 +22,8 @@ import torch
 import grpo_guard as gg
 
 from ..models import FlowAdapter, build_adapter
-from ..models.base import DTYPES
-from . import checkpoint, rewards as rw, sharding, zero
+from ..models.base import DTYPES, AdapterConfigError, family_module
+from . import checkpoint, media, rewards as rw, sharding, zero
 from .config import Config, ConfigError, validate
 from .metrics import MetricsLogger
 from .rollout import RolloutBatch, generate, plan_step, sample_batch
@@ -80,9 +80,7 @@ def add_lora(adapter: FlowAdapter, cfg: Config) -> None:
     """Add a LoRA adapter (peft, gaussian init, B = 0 so the model starts unchanged) to the transformer."""
     from peft import LoraConfig
 
-    from ..models import flux, sd3
-
-    targets = cfg.model.lora.target_modules or {"sd3": sd3.LORA_TARGETS, "flux": flux.LORA_TARGETS}[adapter.family]
+    targets = cfg.model.lora.target_modules or family_module(adapter.family).LORA_TARGETS
     adapter.transformer.add_adapter(LoraConfig(r=cfg.model.lora.rank, lora_alpha=cfg.model.lora.alpha,
                                                init_lora_weights="gaussian", target_modules=targets))
 
@@ -107,14 +105,21 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         random.seed(cfg.run.seed)  # (the trainer draws from torch only; rewards may use python / numpy)
         np.random.seed(cfg.run.seed)
-        self.adapter = adapter or build_adapter(cfg.model, seed=cfg.run.seed)
-        self.adapter.to(self.acc.device)
         if prompts is None:
             self.prompts, self.metadata = load_prompts(cfg)
         else:
             self.prompts, self.metadata = list(prompts), list(metadata or [{} for _ in prompts])
+        # rewards before the model: one that cannot be built, or that scores images for a video model, fails fast
         self.proxy = list(proxy_rewards) if proxy_rewards is not None else rw.from_specs(cfg.rewards.proxy)
         self.gold = list(gold_rewards) if gold_rewards is not None else rw.from_specs(cfg.rewards.gold)
+        modality = adapter.modality if adapter is not None else family_module(cfg.model.family).Adapter.modality
+        rw.check_modality(self.proxy, modality, "proxy")
+        rw.check_modality(self.gold, modality, "gold")
+        try:
+            self.adapter = adapter or build_adapter(cfg.model, seed=cfg.run.seed)
+        except AdapterConfigError as exc:
+            raise ConfigError(str(exc)) from None
+        self.adapter.to(self.acc.device)
         self._setup_model()
         self.logger = MetricsLogger(cfg.run.output_dir, self.acc.is_main_process, cfg.run.tensorboard)
         self.global_step = 0
@@ -202,11 +207,20 @@ class Trainer:
             batch, final = sample_batch(self.adapter, self.adapter.transformer, prompts, self.cfg, self.global_step,
                                         [s.sample_id for s in mb], [s.group_id for s in mb], meta,
                                         autocast=self.updater.autocast)
-            images = self.adapter.decode(final)
-            batch.rewards = rw.evaluate(self.proxy + self.gold, images, prompts, meta)
+            batch.rewards = self._score(final, prompts, meta)
             batch.proxy_reward = rw.weighted_sum(batch.rewards, self.proxy)
             batches.append(batch)
         return batches
+
+    def _score(self, final: torch.Tensor, prompts, meta, media: Optional[list] = None) -> Dict[str, torch.Tensor]:
+        """Every proxy and gold reward of final latents ``final``: decoded (images / frames) only if some reward
+        reads pixels. ``media``: a list that receives the decoded pixels."""
+        rewards = self.proxy + self.gold
+        pixels = self.adapter.decode(final) if rw.needs_pixels(rewards) or media is not None else None
+        if media is not None:
+            media.append(pixels)
+        latents = self.adapter.unpack(final) if any(rw.wants_latents(r.fn) for r in rewards) else None
+        return rw.evaluate(rewards, pixels, prompts, meta, latents=latents)
 
     def advantages(self, batches: List[RolloutBatch]) -> Dict[str, torch.Tensor]:
         """Group-relative advantages over the rewards gathered from every process (groups span processes)."""
@@ -323,6 +337,7 @@ class Trainer:
         # under FSDP2 every forward is a collective: every process runs as many batches as the busiest one
         busiest = -(-len(prompts) // w)  # prompts of process 0
         n_batches = -(-(busiest if self.sharded else len(idx)) // bs)
+        saved, pixels = [], []  # the first run.eval_media samples of process 0, written as a strip (media.py)
         with ema:
             for i in range(0, n_batches * bs, bs):
                 chunk, weight = idx[i:i + bs], 1.0
@@ -331,11 +346,16 @@ class Trainer:
                 ps = [prompts[k] for k in chunk]
                 x = generate(self.adapter, self.adapter.transformer, ps, cfg, chunk, cfg.run.eval_num_steps or None,
                              autocast=self.updater.autocast)
-                vals = rw.evaluate(self.proxy + self.gold, self.adapter.decode(x), ps, [{} for _ in ps])
+                keep = weight and r == 0 and len(saved) < cfg.run.eval_media
+                vals = self._score(x, ps, [{} for _ in ps], media=pixels if keep else None)
+                saved += ps[:cfg.run.eval_media - len(saved)] if keep else []
                 proxy = rw.weighted_sum(vals, self.proxy)
                 cols = [vals[q.name] for q in self.proxy + self.gold] + [proxy, torch.ones_like(proxy)]
                 sums += weight * torch.stack([c.double().sum() for c in cols])
             sharding.reshard(model)  # drop the gathered (EMA) copies before the EMA context restores the weights
+        if saved:
+            media.save_eval(os.path.join(cfg.run.output_dir, "eval"), self.global_step,
+                            torch.cat(pixels)[:len(saved)], saved)
         sums = self.acc.reduce(sums, reduction="sum") if w > 1 else sums
         names = [q.name if q in self.proxy else f"gold/{q.name}" for q in self.proxy + self.gold] + ["proxy"]
         return {f"eval/{n}_mean": float(sums[j] / sums[-1]) for j, n in enumerate(names)}

@@ -1,22 +1,28 @@
 """Rewards: plain callables ``(images, prompts, metadata) -> tensor (B,)``.
 
-``images`` is a float tensor (B, 3, H, W) in [0, 1] on the training device, ``prompts`` a list of B strings,
-``metadata`` a list of B dicts (from a .jsonl prompt file). Several rewards with weights form the optimized
-(proxy) reward; "gold" rewards are computed and logged but never optimized, which is how over-optimization
-shows (proxy up, gold down). A reward that raises, or returns a wrong shape or a non-finite value, stops the
-run with :class:`RewardError` naming the reward and the prompt.
+``images`` is a float tensor (B, 3, H, W) in [0, 1] on the training device -- for a video model (Wan) the
+decoded frames (B, F, H, W, 3) in [0, 1] --, ``prompts`` a list of B strings, ``metadata`` a list of B dicts
+(from a .jsonl prompt file). A callable can declare (:func:`declare`) the ``modality`` it scores ("image" /
+"video"; undeclared: either), so that an image reward given to a video model is refused before the model loads,
+and ``input="latents"`` to receive the final latents instead of pixels (SD3: (B, C, h, w); Flux: unpacked to
+(B, C, h, w); Wan: (B, C, F', h, w)): when no reward needs pixels the VAE decode is skipped. Several rewards with
+weights form the optimized (proxy) reward; "gold" rewards are computed and logged but never optimized, which is
+how over-optimization shows (proxy up, gold down). A reward that raises, or returns a wrong shape or a non-finite
+value, stops the run with :class:`RewardError` naming the reward and the prompt.
 
 Built-ins needing no download: ``jpeg_compressibility`` (minus the JPEG size in kB / 500, flow_grpo's),
-``jpeg_incompressibility``, ``brightness`` and ``contrast`` (image statistics). ``clip_score`` and ``pickscore``
-load local weights through transformers (``model_path``; ``processor_path`` defaults to it). Anything else:
-``name: "package.module:function"`` -- a reward callable, or a factory called with ``kwargs``.
+``jpeg_incompressibility``, ``brightness`` and ``contrast`` (image statistics); for video (:mod:`.video_rewards`)
+``temporal_consistency``, ``motion`` and ``per_frame`` (any image reward applied to frames, with a reduction).
+``clip_score`` and ``pickscore`` load local weights through transformers (``model_path``; ``processor_path``
+defaults to it). Anything else: ``name: "package.module:function"`` -- a reward callable, or a factory called with
+``kwargs``.
 """
 from __future__ import annotations
 
 import importlib
 import io
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +32,28 @@ RewardFn = Callable[[torch.Tensor, List[str], List[dict]], torch.Tensor]
 
 class RewardError(RuntimeError):
     """A reward failed or produced an unusable value; the message names the reward and the prompt."""
+
+
+MODALITIES = ("image", "video")
+
+
+def declare(fn, modality=None, input: str = "pixels"):
+    """Mark ``fn`` as scoring ``modality`` ("image", "video", None = either) from ``input`` ("pixels" or
+    "latents"); returns ``fn`` (usable as a decorator through functools.partial or a lambda)."""
+    if modality not in MODALITIES + (None,):
+        raise ValueError(f"modality must be one of {MODALITIES} or None, got {modality!r}")
+    if input not in ("pixels", "latents"):
+        raise ValueError(f"input must be 'pixels' or 'latents', got {input!r}")
+    fn.modality, fn.input = modality, input
+    return fn
+
+
+def modality_of(fn):
+    return getattr(fn, "modality", None)
+
+
+def wants_latents(fn) -> bool:
+    return getattr(fn, "input", "pixels") == "latents"
 
 
 def _uint8(images: torch.Tensor) -> np.ndarray:
@@ -107,13 +135,19 @@ def pickscore(model_path: str, processor_path: str = "", **kw):
     return lambda images, prompts, metadata: score(images, prompts, metadata) / 26.0
 
 
+def _image(factory):
+    def build(**kw):
+        return declare(factory(**kw), "image")
+    return build
+
+
 BUILTINS: Dict[str, Callable[..., RewardFn]] = {
-    "jpeg_compressibility": lambda: jpeg_compressibility,
-    "jpeg_incompressibility": lambda: jpeg_incompressibility,
-    "brightness": lambda: brightness,
-    "contrast": lambda: contrast,
-    "clip_score": ClipScore,
-    "pickscore": pickscore,
+    "jpeg_compressibility": _image(lambda: jpeg_compressibility),
+    "jpeg_incompressibility": _image(lambda: jpeg_incompressibility),
+    "brightness": _image(lambda: brightness),
+    "contrast": _image(lambda: contrast),
+    "clip_score": _image(ClipScore),
+    "pickscore": _image(pickscore),
 }
 
 
@@ -153,36 +187,71 @@ def from_specs(specs) -> List[Reward]:
         except Exception as exc:
             raise RewardError(f"reward {s.name!r} (kwargs {dict(s.kwargs)}) could not be built: "
                               f"{type(exc).__name__}: {exc}") from exc
-        out.append(Reward(s.name, fn, float(s.weight)))
+        out.append(Reward(s.label or s.name, fn, float(s.weight)))
     return out
 
 
-def evaluate(rewards: Sequence[Reward], images: torch.Tensor, prompts: Sequence[str],
-             metadata: Sequence[dict]) -> Dict[str, torch.Tensor]:
-    """Every reward on the batch: name -> (B,) float32, checked (shape, finiteness) with clear errors."""
-    B = images.shape[0]
+def check_modality(rewards: Sequence[Reward], modality: str, kind: str = "proxy") -> None:
+    """Refuse a reward that declares another modality than the model's ("image" / "video"), naming its config
+    entry ``rewards.<kind>[i]``: an image reward on a video model must be wrapped by ``per_frame``."""
+    for i, r in enumerate(rewards):
+        declared = modality_of(r.fn)
+        if declared is None or declared == modality:
+            continue
+        if declared == "image":
+            hint = (f"wrap it to score frames: {{name: per_frame, kwargs: {{reward: {r.name}, reduction: mean}}}} "
+                    "(configs/README.md, Video)")
+        else:
+            hint = "video rewards need a video model (model.family: wan)"
+        raise RewardError(f"rewards.{kind}[{i}] {r.name!r} scores {declared}s but the model makes {modality}s; {hint}")
+
+
+def needs_pixels(rewards: Sequence[Reward]) -> bool:
+    """Whether some reward reads decoded pixels (else the VAE decode can be skipped)."""
+    return any(not wants_latents(r.fn) for r in rewards)
+
+
+def evaluate(rewards: Sequence[Reward], images: Optional[torch.Tensor], prompts: Sequence[str],
+             metadata: Sequence[dict], latents: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    """Every reward on the batch: name -> (B,) float32, checked (shape, finiteness) with clear errors. ``images``:
+    the decoded images / frames (may be None when no reward needs pixels); ``latents``: the final latents for
+    rewards declared with ``input="latents"``."""
+    B = len(prompts)
     out = {}
     for r in rewards:
         if r.name in out:  # values are keyed by name: a second reward of that name would replace the first
             raise RewardError(f"two rewards are named {r.name!r}; proxy and gold rewards need distinct names")
+        x = latents if wants_latents(r.fn) else images
+        if x is None:
+            raise RewardError(f"reward {r.name!r} reads {'latents' if wants_latents(r.fn) else 'pixels'}, which "
+                              "this call did not provide")
         try:
-            val = r.fn(images, list(prompts), list(metadata))
+            val = r.fn(x, list(prompts), list(metadata))
         except Exception as exc:
             raise RewardError(f"reward {r.name!r} raised {type(exc).__name__}: {exc} (batch prompts: "
                               f"{list(prompts)})") from exc
-        val = torch.as_tensor(val, dtype=torch.float32).to(images.device).reshape(-1) \
+        val = torch.as_tensor(val, dtype=torch.float32).to(x.device).reshape(-1) \
             if not isinstance(val, torch.Tensor) else val.detach().float().reshape(-1)
         if val.numel() != B:
+            hint = ""
+            if x.dim() == 5 and not wants_latents(r.fn) and val.numel() == B * x.shape[1]:
+                hint = (f" -- {x.shape[1]} per video, one per frame: reduce over the frames, or wrap an image reward "
+                        "with per_frame")
             raise RewardError(f"reward {r.name!r} returned {val.numel()} values for a batch of {B} "
-                              f"(prompts: {list(prompts)}); it must return a tensor of shape ({B},)")
+                              f"(prompts: {list(prompts)}); it must return a tensor of shape ({B},){hint}")
         bad = (~torch.isfinite(val)).nonzero().flatten().tolist()
         if bad:
             raise RewardError(f"reward {r.name!r} returned a non-finite value {val[bad[0]].item()} for prompt "
                               f"{prompts[bad[0]]!r} (sample {bad[0]} of the batch)")
-        out[r.name] = val.to(images.device)
+        out[r.name] = val.to(x.device)
     return out
 
 
 def weighted_sum(values: Dict[str, torch.Tensor], rewards: Sequence[Reward]) -> torch.Tensor:
     """The proxy reward: sum of weight * value over ``rewards``."""
     return sum(r.weight * values[r.name] for r in rewards)
+
+
+from . import video_rewards as _video  # noqa: E402 (registers the video built-ins; it imports this module lazily)
+
+BUILTINS.update(_video.BUILTINS)

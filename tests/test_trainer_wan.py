@@ -1,0 +1,402 @@
+"""Wan text-to-video in the trainer (issue 12), on the tiny offline Wan pipeline: the adapter reproduces
+``WanPipeline`` (schedule, timesteps, CFG, latents, decode), a run goes rollout -> video rewards -> update ->
+metrics -> evaluation strip -> checkpoint, the first update is on-policy in float32 and bf16, resume is bit-exact,
+two processes match one, LoRA and full fine-tuning (with gradient checkpointing) train, and bad video configs and
+rewards fail with the key or the prompt named."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from _trainer import CONFIGS, one_thread, tiny  # noqa: F401 (fixture)
+
+from grpo_guard.models import build_adapter, wan
+from grpo_guard.trainer import ConfigError, Reward, RewardError, Trainer, checkpoint
+from grpo_guard.trainer import memory, rewards as rw
+from grpo_guard.trainer import video_rewards as vr
+from grpo_guard.trainer.rollout import _noise, generate, mix_seed
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+HERE = Path(__file__).resolve().parent
+D = 4 * 3 * 4 * 4  # latent elements of one tiny video: 4 channels x 3 latent frames x 4 x 4
+
+
+def euler_pipeline():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return wan.tiny_pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+
+
+@pytest.mark.parametrize("guidance", [4.5, 1.0])
+@pytest.mark.parametrize("expand", [False, True], ids=["wan2.1", "ti2v-per-token-t"])
+def test_adapter_matches_pipeline(guidance, expand, tmp_path):
+    """Deterministic sampling through the adapter ends where ``pipe(...)`` ends from the same noise (with a
+    FlowMatchEuler scheduler: the pipeline then takes the same Euler steps), with and without CFG, and with Wan
+    2.2 TI2V's per-token timestep."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    cfg = tiny("wan", tmp_path, f"sample.guidance_scale={guidance}")
+    pipe = wan.tiny_pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), expand_timesteps=expand)
+    adapter = wan.Adapter.from_model_config(pipe, cfg.model)
+    prompts = ["a red cat", "digit 7"]
+    ours = generate(adapter, adapter.transformer, prompts, cfg, seeds=[0, 1])
+    gens = [torch.Generator().manual_seed(mix_seed(cfg.run.seed, k, 6)) for k in (0, 1)]
+    x0 = _noise(gens, adapter.latent_shape(), adapter.device, torch.float32)
+    assert x0.shape == (2, 4, 3, 4, 4)
+    with torch.no_grad():
+        theirs = pipe(prompts, height=32, width=32, num_frames=9, num_inference_steps=cfg.sample.num_steps,
+                      guidance_scale=guidance, latents=x0.clone(), output_type="latent",
+                      max_sequence_length=cfg.model.max_sequence_length).frames
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(ours, x0)
+
+
+def test_schedule_is_the_hub_schedulers(tmp_path):
+    """With Wan's hub scheduler (UniPC, flow sigmas, flow_shift 3) the adapter steps on its sigma grid and feeds
+    the transformer its int64 timesteps; model.flow_shift replaces the shift."""
+    from diffusers import UniPCMultistepScheduler
+
+    adapter = build_adapter(tiny("wan", tmp_path).model)
+    ref = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    ref.set_timesteps(10)
+    sig = adapter.sigmas(10)
+    assert sig == [float(s) for s in ref.sigmas] and sig[-1] == 0.0
+    for s, t in zip(sig, ref.timesteps):
+        got = adapter.timestep(s, 3, "cpu")
+        assert got.dtype == torch.int64 and got.tolist() == [int(t)] * 3
+    s5 = build_adapter(tiny("wan", tmp_path, "model.flow_shift=5.0").model).sigmas(10)
+    base = torch.linspace(1, 1 / 1000, 11)[:-1].double()
+    torch.testing.assert_close(torch.tensor(s5[:-1]).double(), 5 * base / (1 + 4 * base), rtol=3e-6, atol=0)  # float32
+    with pytest.raises(KeyError, match="not on a grid"):
+        adapter.timestep(0.123, 1, "cpu")
+
+
+def test_decode_is_the_pipelines(tmp_path):
+    """Frames (B, F, H, W, 3) in [0, 1]: the pipeline's un-normalization, VAE decode and postprocess."""
+    adapter = build_adapter(tiny("wan", tmp_path).model)
+    pipe = adapter.pipe
+    x = torch.randn(2, *adapter.latent_shape(), generator=torch.Generator().manual_seed(0))
+    frames = adapter.decode(x)
+    assert frames.shape == (2, 9, 32, 32, 3) and frames.min() >= 0 and frames.max() <= 1
+    c = pipe.vae.config
+    z = x / (1.0 / torch.tensor(c.latents_std).view(1, -1, 1, 1, 1)) + torch.tensor(c.latents_mean).view(1, -1, 1, 1, 1)
+    with torch.no_grad():
+        video = pipe.video_processor.postprocess_video(pipe.vae.decode(z, return_dict=False)[0], output_type="pt")
+    torch.testing.assert_close(frames, video.permute(0, 1, 3, 4, 2), rtol=1e-5, atol=1e-6)
+
+
+def test_end_to_end(tmp_path):
+    """Two steps with an evaluation each: LoRA on attention and FFN moved, video rewards logged (proxy and gold,
+    per_frame under its label), per-timestep statistics, storage as stated, strips and GIFs written, checkpoint."""
+    cfg = tiny("wan", tmp_path, "run.eval_every=1", "run.save_every=0", "run.eval_media=2")
+    trainer = Trainer(cfg)
+    init = {n: p.detach().clone() for n, p in trainer.named_params.items()}
+    assert any(".ffn.net.0.proj.lora_A" in n for n in init) and any(".attn2.to_q.lora_A" in n for n in init)
+    last = trainer.train()
+    assert any("lora_B" in n for n, p in trainer.named_params.items() if not torch.equal(p, init[n]))
+    lines = [json.loads(s) for s in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in lines] == [1, 2]
+    for r in lines:
+        for key in ("reward/temporal_consistency_mean", "reward/gold/motion_mean", "reward/gold/mean_brightness_mean",
+                    "eval/temporal_consistency_mean", "eval/gold/motion_mean"):
+            assert torch.isfinite(torch.tensor(r[key])), key
+        assert r["reward/temporal_consistency_mean"] == -r["reward/gold/motion_mean"]
+        ts = r["updates"][0]["timesteps"]
+        assert [t["index"] for t in ts] == [0, 1, 2]
+        for t in ts:
+            assert {"ratio_mean", "ratio_std", "clipfrac", "approx_kl", "kl", "grad_norm"} <= set(t)
+    # storage per video: x_j and v_old per trained step (3), plus the final latent: float32
+    assert last["stored_mib"] * 2 ** 20 == 8 * ((3 + 1) * D * 4 + 3 * D * 4) == 8 * memory.trajectory_bytes(D, 3, 4, 4)
+    from PIL import Image
+    for step in (1, 2):
+        png = Image.open(tmp_path / "eval" / f"step-{step:08d}.png")
+        assert png.size == (8 * 32, 2 * 32)  # 8 of the 9 frames per row, 2 samples
+        gif = Image.open(tmp_path / "eval" / f"step-{step:08d}.gif")
+        assert gif.n_frames == 9 and gif.size == (2 * 32, 32)
+        assert (tmp_path / "eval" / f"step-{step:08d}.txt").read_text().splitlines() == list(cfg.data.prompts[:2])
+    assert checkpoint.latest(trainer.checkpoint_dir).endswith("step-00000002")
+
+
+@pytest.mark.parametrize("method", ["guard", "grpo", "dppo"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_on_policy_ratio_is_exactly_one(method, dtype, tmp_path):
+    """First update after a rollout: ratio exactly 1 at every timestep, in float32 and with bf16 weights (with
+    CFG's two forwards); the second update of the rollout is off-policy, so the check can fail."""
+    cfg = tiny("wan", tmp_path, f"train.method={method}", f"model.dtype={dtype}", "train.updates_per_step=2",
+               "train.learning_rate=0.05", "run.save_every=0", "run.eval_every=0", steps=1)
+    rec = Trainer(cfg).step()
+    first, second = rec["updates"]
+    for t in first["timesteps"]:
+        assert t["ratio_mean"] == 1.0 and t["ratio_std"] == 0.0 and t["clipfrac"] == 0.0 and t["approx_kl"] == 0.0
+    assert first["skipped"] == 0 and first["grad_norm"] > 0
+    assert any(t["ratio_mean"] != 1.0 or t["ratio_std"] != 0.0 for t in second["timesteps"])
+
+
+def test_resume_is_bit_exact(tmp_path):
+    sets = ("train.updates_per_step=2", "train.ema=true", "run.save_every=2", "run.eval_every=0",
+            "train.learning_rate=0.01")
+    a = Trainer(tiny("wan", tmp_path / "a", *sets, steps=4))
+    a.train()
+    Trainer(tiny("wan", tmp_path / "b", *sets, steps=2)).train()
+    b = Trainer(tiny("wan", tmp_path / "b", *sets, steps=4))
+    assert b.resume() and b.global_step == 2
+    b.train()
+    for n, p in a.named_params.items():
+        assert torch.equal(p, b.named_params[n]), n
+    for s_a, s_b in zip(a.ema.shadow, b.ema.shadow):
+        assert torch.equal(s_a, s_b)
+    strip = lambda r: {k: v for k, v in r.items() if not k.startswith("time/")}  # noqa: E731
+    la = [strip(json.loads(s)) for s in open(tmp_path / "a" / "metrics.jsonl")]
+    lb = [strip(json.loads(s)) for s in open(tmp_path / "b" / "metrics.jsonl")]
+    assert la == lb and len(la) == 4
+
+
+def counted(forward, calls):
+    def wrapper(*args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return forward(*args, **kwargs)
+    return wrapper
+
+
+@pytest.mark.parametrize("use_lora", [True, False])
+def test_gradient_checkpointing_and_full_fine_tuning(use_lora, tmp_path):
+    """LoRA and full fine-tuning both train; Wan's blocks are recomputed in the backward under
+    train.gradient_checkpointing, with the weights and metrics of a run without it."""
+    runs = []
+    for ckpt in (False, True):
+        cfg = tiny("wan", tmp_path / str(ckpt), f"train.gradient_checkpointing={str(ckpt).lower()}",
+                   f"model.use_lora={str(use_lora).lower()}", "run.save_every=0", "run.eval_every=0")
+        trainer = Trainer(cfg)
+        n_params = sum(p.numel() for p in trainer.adapter.transformer.parameters())
+        trained = sum(p.numel() for p in trainer.params)
+        assert (trained < n_params / 2) if use_lora else (trained == n_params)
+        init = {n: p.detach().clone() for n, p in trainer.named_params.items()}
+        forwards, block = [], trainer.adapter.transformer.blocks[0]
+        block.forward = counted(block.forward, forwards)
+        recs = [trainer.step(), trainer.step()]
+        moved = [n for n, p in trainer.named_params.items() if not torch.equal(p, init[n])]
+        assert moved and (use_lora or any("blocks.1.ffn" in n for n in moved))
+        runs.append(({n: p.detach().clone() for n, p in trainer.named_params.items()}, recs, forwards))
+    (w0, r0, f0), (w1, r1, f1) = runs
+    assert sum(f1) == 2 * sum(f0) > 0 and len(f1) - sum(f1) == len(f0) - sum(f0)
+    for n in w0:
+        torch.testing.assert_close(w1[n], w0[n], atol=1e-6, rtol=1e-5)
+    for a, b in zip(r0, r1):
+        for ta, tb in zip(a["updates"][0]["timesteps"], b["updates"][0]["timesteps"]):
+            assert ta["ratio_mean"] == tb["ratio_mean"]
+
+
+def test_two_processes_match_one(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1",
+               PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(HERE / "_trainer_dist_worker.py"), str(tmp_path / "dist"), "2", str(CONFIGS / "tiny_wan.yaml"),
+           "sample.batch_size=2", "sample.num_batches=2", "run.eval_every=0"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / "dist" / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for n, w in ranks[0]["weights"].items():
+        assert torch.equal(w, ranks[1]["weights"][n]), n
+    single = Trainer(tiny("wan", tmp_path / "single", "sample.batch_size=2", "sample.num_batches=4",
+                          "run.save_every=0", "run.eval_every=0"))
+    single.step()
+    adv = torch.cat([b.advantages for b in single.last_batches])
+    h = [r["history"][0] for r in ranks]
+    assert torch.equal(torch.cat([h[0]["advantages"], h[1]["advantages"]]), adv)  # bit-identical first rollout
+    single.step()
+    for n, p in single.named_params.items():
+        torch.testing.assert_close(ranks[0]["weights"][n], p.detach(), atol=1e-6, rtol=1e-4)
+
+
+def test_export_lora_loads_in_diffusers(tmp_path):
+    """The exported LoRA, loaded into a fresh WanPipeline with ``load_lora_weights``, gives the trained velocity."""
+    t = Trainer(tiny("wan", tmp_path / "run", "train.learning_rate=0.05", "run.save_every=0", "run.eval_every=0"))
+    t.train()
+    t.export_lora(str(tmp_path / "lora"))
+    fresh = build_adapter(t.cfg.model, seed=t.cfg.run.seed)
+    x = torch.randn(2, *fresh.latent_shape())
+    cond = fresh.encode_prompts(["a red cat", "digit 7"])
+    sigma = fresh.sigmas(4)[1]
+    t.adapter.sigmas(4)
+    before = fresh.velocity(fresh.transformer, x, sigma, cond, 3.0)
+    fresh.pipe.load_lora_weights(str(tmp_path / "lora"))
+    got = fresh.velocity(fresh.transformer, x, sigma, cond, 3.0)
+    want = t.adapter.velocity(t.adapter.transformer, x, sigma, cond, 3.0)
+    assert not torch.allclose(before, want)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# --- video rewards ----------------------------------------------------------------------------------------------
+def videos(B=3, F=5, seed=0):
+    return torch.rand(B, F, 8, 8, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def test_temporal_consistency_and_motion():
+    v = videos()
+    still = v[:, :1].expand_as(v).clone()
+    assert torch.equal(vr.temporal_consistency(still, [""] * 3, [{}] * 3), torch.zeros(3))
+    c = vr.temporal_consistency(v, [""] * 3, [{}] * 3)
+    assert (c < 0).all() and torch.equal(vr.motion(v, [""] * 3, [{}] * 3), -c)
+    # an independent computation: mean over the 4 frame pairs of the mean absolute difference
+    want = torch.stack([sum((v[b, t + 1] - v[b, t]).abs().mean() for t in range(4)) / 4 for b in range(3)])
+    torch.testing.assert_close(-c, want)
+    with pytest.raises(ValueError, match=r"scores videos \(B, F, H, W, 3\)"):
+        vr.motion(torch.rand(3, 3, 8, 8), [""] * 3, [{}] * 3)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "min", "max"])
+def test_per_frame_reduces_an_image_reward_over_frames(reduction):
+    v = videos()
+    seen = []
+
+    def redness(images, prompts, metadata):  # an image reward: (N, 3, H, W) -> (N,)
+        seen.append((images.shape, list(prompts)))
+        return images[:, 0].mean((1, 2))
+    r = vr.per_frame(redness, reduction=reduction, stride=2)
+    out = r(v, ["a", "b", "c"], [{}] * 3)
+    per = v[:, [0, 2, 4], :, :, 0].mean((2, 3))  # frames 0, 2, 4
+    want = {"mean": per.mean(1), "min": per.min(1).values, "max": per.max(1).values}[reduction]
+    torch.testing.assert_close(out, want)
+    assert seen == [((9, 3, 8, 8), ["a"] * 3 + ["b"] * 3 + ["c"] * 3)]
+    # at most `frames` of them, evenly spaced with first and last; calls of at most batch_frames images
+    seen.clear()
+    vr.per_frame(redness, frames=2, batch_frames=4)(v, ["a", "b", "c"], [{}] * 3)
+    assert vr.frame_indices(5, 1, 2) == [0, 4] and [s[0][0] for s in seen] == [4, 2]
+
+
+def test_per_frame_of_a_builtin_by_name_and_refusals():
+    r = rw.resolve("per_frame", {"reward": "brightness"})
+    v = videos()
+    torch.testing.assert_close(r(v, ["x"] * 3, [{}] * 3), v.mean((1, 2, 3, 4)))
+    assert rw.modality_of(r) == "video"
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        vr.per_frame("brightness", reduction="median")
+    with pytest.raises(ValueError, match="wraps an image reward"):
+        vr.per_frame("motion")
+
+
+# --- errors --------------------------------------------------------------------------------------------------------
+def test_image_reward_on_a_video_model_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    import grpo_guard.trainer.loop as loop
+
+    monkeypatch.setattr(loop, "build_adapter", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(RewardError, match=r"rewards\.gold\[0\] 'brightness' scores images.*per_frame"):
+        Trainer(tiny("wan", tmp_path, "rewards.gold=[{name: brightness}]"))
+    with pytest.raises(RewardError, match=r"rewards\.proxy\[0\] 'motion' scores videos but the model makes images"):
+        Trainer(tiny("sd3", tmp_path, "rewards.proxy=[{name: motion}]"))
+
+
+@pytest.mark.parametrize("override,match", [
+    ("model.num_frames=10", r"model\.num_frames=10: Wan's VAE needs 4k \+ 1"),
+    ("model.height=40", r"model\.height=40: .*multiple of 16"),
+    ("model.width=0", r"model\.width must be > 0"),
+])
+def test_bad_video_config(override, match, tmp_path):
+    with pytest.raises(ConfigError, match=match):
+        tiny("wan", tmp_path, override)
+
+
+def test_video_keys_on_an_image_model(tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.num_frames is a video key .*'sd3' makes images"):
+        tiny("sd3", tmp_path, "model.num_frames=9")
+
+
+def test_wan22_two_experts_refused(tmp_path):
+    with pytest.raises(ValueError, match="two experts"):
+        wan.check_single_expert({"transformer_2": ["diffusers", "WanTransformer3DModel"], "boundary_ratio": 0.875},
+                                "model.pretrained='Wan-AI/Wan2.2-T2V-A14B-Diffusers'")
+    wan.check_single_expert({"transformer_2": [None, None], "boundary_ratio": None}, "x")  # Wan 2.1 / TI2V-5B
+    pipe = wan.tiny_pipeline()
+    pipe.transformer_2 = wan.tiny_transformer(1)
+    with pytest.raises(ValueError, match="two experts"):
+        wan.Adapter(pipe, 32, 16, num_frames=9)
+
+
+def test_shape_the_loaded_vae_cannot_take(tmp_path, monkeypatch):
+    """The adapter checks the frame size against the loaded VAE and patch size (Wan 2.2's VAE: factor 16, x patch
+    2 = 32), and the trainer reports it as a ConfigError naming the key."""
+    real = wan.tiny_pipeline
+
+    def factor16(*args, **kwargs):
+        pipe = real(*args, **kwargs)
+        pipe.vae_scale_factor_spatial = 16
+        return pipe
+    monkeypatch.setattr(wan, "tiny_pipeline", factor16)
+    with pytest.raises(ConfigError, match=r"model\.height=48: must be a positive multiple of 32"):
+        Trainer(tiny("wan", tmp_path, "model.height=48", "model.width=64"))
+    with pytest.raises(ValueError, match=r"model\.num_frames=7: this VAE needs num_frames = 4k \+ 1"):
+        wan.Adapter(real(), height=32, width=32, num_frames=7)
+
+
+def test_failing_video_reward_names_the_prompt(tmp_path):
+    def broken(videos, prompts, metadata):
+        raise RuntimeError("decoder out of memory")
+
+    def per_frame_values(videos, prompts, metadata):  # forgot to reduce over frames
+        return videos.mean((2, 3, 4))
+    cfg = tiny("wan", tmp_path, "run.eval_every=0")
+    with pytest.raises(RewardError, match=r"reward 'broken' raised RuntimeError: decoder out of memory.*a blue dog"):
+        Trainer(cfg, proxy_rewards=[Reward("broken", broken)]).step()
+    with pytest.raises(RewardError, match=r"returned 36 values for a batch of 4 .*9 per video, one per frame"):
+        Trainer(cfg, proxy_rewards=[Reward("frames", per_frame_values)]).step()
+
+
+def test_latent_rewards_skip_the_decode(tmp_path, monkeypatch):
+    """A reward declared with input="latents" gets the final latents (B, C, F', h, w); when no reward reads pixels
+    the VAE never decodes."""
+    seen = []
+
+    def energy(latents, prompts, metadata):
+        seen.append(latents.shape)
+        return latents.float().square().mean((1, 2, 3, 4))
+    rw.declare(energy, "video", input="latents")
+    trainer = Trainer(tiny("wan", tmp_path, "run.eval_every=0", "run.save_every=0"),
+                      proxy_rewards=[Reward("energy", energy)], gold_rewards=[])
+    monkeypatch.setattr(trainer.adapter, "decode", lambda x: pytest.fail("decoded"))
+    rec = trainer.step()
+    assert seen and all(s == (4, 4, 3, 4, 4) for s in seen) and rec["reward/energy_mean"] > 0
+
+
+# --- memory, LoRA targets, image strips ----------------------------------------------------------------------------
+def test_memory_table_is_the_readmes_and_the_trainers_count():
+    text = (CONFIGS / "README.md").read_text()
+    inside = text.split("<!-- memory-table -->\n", 1)[1].split("\n<!-- /memory-table -->", 1)[0]
+    assert inside == memory.table()
+    # K + 1 latents and K velocities (test_end_to_end checks the trainer's count against this function)
+    assert memory.trajectory_bytes(D, 3, 4, 2) == (3 + 1) * D * 4 + 3 * D * 2
+
+
+@pytest.mark.parametrize("targets", ["default", "recipe"])
+def test_lora_targets_exist_in_wan_blocks(targets):
+    """Every LoRA target names modules of every block of the real class (the tiny model has the same names)."""
+    from grpo_guard.trainer import load
+
+    names = wan.LORA_TARGETS if targets == "default" else \
+        load(str(CONFIGS / "wan21_t2v_1.3b_guard.yaml")).model.lora.target_modules
+    modules = [n for n, _ in wan.tiny_transformer().named_modules()]
+    for t in names:
+        hits = [n for n in modules if n.endswith("." + t)]
+        assert len(hits) == 2, (t, hits)  # one per block of the 2-block model
+
+
+def test_image_models_write_a_strip_too(tmp_path):
+    t = Trainer(tiny("sd3", tmp_path, "run.save_every=0", "run.eval_media=3", steps=1))
+    t.evaluate(prompts=["a red cat", "digit 7", "a blue dog", "digit 1"])
+    from PIL import Image
+    png = Image.open(tmp_path / "eval" / "step-00000000.png")
+    assert png.size == (16, 3 * 16) and not (tmp_path / "eval" / "step-00000000.gif").exists()
+
+
+def test_sde_window(tmp_path):
+    """Flow-GRPO-Fast style on video: SDE on 2 consecutive steps, only those stored and trained."""
+    trainer = Trainer(tiny("wan", tmp_path, "sample.sde_window_size=2", "sample.sde_window_per=step",
+                           "run.save_every=0", "run.eval_every=0", steps=1))
+    rec = trainer.step()
+    idx = [t["index"] for t in rec["updates"][0]["timesteps"]]
+    assert len(idx) == 2 and idx[1] == idx[0] + 1 and idx[0] in (0, 1)
+    assert trainer.last_batches[0].latents.shape[1:3] == (3, 4)  # 2 trained steps + the next latent, 4 channels
+    assert rec["updates"][0]["timesteps"][0]["ratio_mean"] == 1.0
