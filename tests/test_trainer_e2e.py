@@ -46,11 +46,13 @@ def test_end_to_end(family, tmp_path):
 @pytest.mark.parametrize("family,method,dynamics", [
     ("sd3", "guard", "flow"), ("sd3", "grpo", "flow"), ("sd3", "mean_revised", "flow"), ("sd3", "ratio_norm", "flow"),
     ("flux", "guard", "flow"), ("flux", "guard", "dance"), ("sd3", "grpo", "cps"),
-    ("flux", "guard", "flow-bf16"), ("sd3", "guard", "flow-bf16")])
+    ("flux", "guard", "flow-bf16"), ("sd3", "guard", "flow-bf16"),
+    ("wan", "guard", "flow"), ("wan", "dppo", "flow"), ("wan", "guard", "flow-bf16"), ("wan", "grpo", "flow-bf16")])
 def test_on_policy_ratio_is_exactly_one(family, method, dynamics, tmp_path):
     """First update after a rollout: ratio exactly 1 (mean 1, std 0, nothing clipped) at every timestep. The
     second update of the same rollout is off-policy, so its ratio must differ: the check can fail. bf16 models
-    included (a strided bf16 input to a Linear rounds differently from the contiguous one the rollout used)."""
+    included (a strided bf16 input to a Linear rounds differently from the contiguous one the rollout used), and Wan
+    video (CFG as two forwards)."""
     dynamics, _, bf16 = dynamics.partition("-")
     extra = ["model.dtype=bfloat16"] if bf16 else []
     cfg = tiny(family, tmp_path, f"train.method={method}", f"sample.dynamics={dynamics}", "train.updates_per_step=2",

@@ -1,7 +1,6 @@
 """Wan text-to-video in the trainer (issue 12), on the tiny offline Wan pipeline: the adapter reproduces
 ``WanPipeline`` (schedule, timesteps, CFG, latents, decode), a run goes rollout -> video rewards -> update ->
-metrics -> evaluation strip -> checkpoint, the first update is on-policy in float32 and bf16, resume is bit-exact,
-two processes match one, LoRA and full fine-tuning (with gradient checkpointing) train, and bad video configs and
+metrics -> evaluation strip -> checkpoint, two processes match one, LoRA and full fine-tuning (with gradient checkpointing) train, and bad video configs and
 rewards fail with the key or the prompt named."""
 import json
 import os
@@ -119,40 +118,7 @@ def test_end_to_end(tmp_path):
         assert gif.n_frames == 9 and gif.size == (2 * 32, 32)
         assert (tmp_path / "eval" / f"step-{step:08d}.txt").read_text().splitlines() == list(cfg.data.prompts[:2])
     assert checkpoint.latest(trainer.checkpoint_dir).endswith("step-00000002")
-
-
-@pytest.mark.parametrize("method", ["guard", "grpo", "dppo"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_on_policy_ratio_is_exactly_one(method, dtype, tmp_path):
-    """First update after a rollout: ratio exactly 1 at every timestep, in float32 and with bf16 weights (with
-    CFG's two forwards); the second update of the rollout is off-policy, so the check can fail."""
-    cfg = tiny("wan", tmp_path, f"train.method={method}", f"model.dtype={dtype}", "train.updates_per_step=2",
-               "train.learning_rate=0.05", "run.save_every=0", "run.eval_every=0", steps=1)
-    rec = Trainer(cfg).step()
-    first, second = rec["updates"]
-    for t in first["timesteps"]:
-        assert t["ratio_mean"] == 1.0 and t["ratio_std"] == 0.0 and t["clipfrac"] == 0.0 and t["approx_kl"] == 0.0
-    assert first["skipped"] == 0 and first["grad_norm"] > 0
-    assert any(t["ratio_mean"] != 1.0 or t["ratio_std"] != 0.0 for t in second["timesteps"])
-
-
-def test_resume_is_bit_exact(tmp_path):
-    sets = ("train.updates_per_step=2", "train.ema=true", "run.save_every=2", "run.eval_every=0",
-            "train.learning_rate=0.01")
-    a = Trainer(tiny("wan", tmp_path / "a", *sets, steps=4))
-    a.train()
-    Trainer(tiny("wan", tmp_path / "b", *sets, steps=2)).train()
-    b = Trainer(tiny("wan", tmp_path / "b", *sets, steps=4))
-    assert b.resume() and b.global_step == 2
-    b.train()
-    for n, p in a.named_params.items():
-        assert torch.equal(p, b.named_params[n]), n
-    for s_a, s_b in zip(a.ema.shadow, b.ema.shadow):
-        assert torch.equal(s_a, s_b)
-    strip = lambda r: {k: v for k, v in r.items() if not k.startswith("time/")}  # noqa: E731
-    la = [strip(json.loads(s)) for s in open(tmp_path / "a" / "metrics.jsonl")]
-    lb = [strip(json.loads(s)) for s in open(tmp_path / "b" / "metrics.jsonl")]
-    assert la == lb and len(la) == 4
+    # (the on-policy ratio in float32 and bf16: test_trainer_e2e.py; bit-exact resume: test_trainer_resume.py)
 
 
 def counted(forward, calls):
@@ -305,15 +271,89 @@ def test_video_keys_on_an_image_model(tmp_path):
         tiny("sd3", tmp_path, "model.num_frames=9")
 
 
-def test_wan22_two_experts_refused(tmp_path):
-    with pytest.raises(ValueError, match="two experts"):
-        wan.check_single_expert({"transformer_2": ["diffusers", "WanTransformer3DModel"], "boundary_ratio": 0.875},
-                                "model.pretrained='Wan-AI/Wan2.2-T2V-A14B-Diffusers'")
-    wan.check_single_expert({"transformer_2": [None, None], "boundary_ratio": None}, "x")  # Wan 2.1 / TI2V-5B
-    pipe = wan.tiny_pipeline()
-    pipe.transformer_2 = wan.tiny_transformer(1)
-    with pytest.raises(ValueError, match="two experts"):
-        wan.Adapter(pipe, 32, 16, num_frames=9)
+def two_expert_adapter(cfg, expert, scheduler=None):
+    """A tiny Wan 2.2 A14B-like pipeline: at 4 steps on the UniPC grid the timesteps are 999, 900, 750, 500, so with
+    boundary_ratio 0.8 the high-noise expert samples steps 0-1 and the low-noise one steps 2-3."""
+    pipe = wan.tiny_pipeline(boundary_ratio=0.8, scheduler=scheduler)
+    cfg.model.expert = expert
+    return wan.Adapter.from_model_config(pipe, cfg.model)
+
+
+@pytest.mark.parametrize("expert,window", [("high", "[0,2]"), ("low", "[2,3]")])
+def test_wan22_trains_one_expert(expert, window, tmp_path):
+    """Wan 2.2 A14B: the trained expert is model.expert's; the frozen one samples its steps and never changes; the
+    trained steps lie in the trained expert's range; the first update is on-policy."""
+    cfg = tiny("wan", tmp_path, "sample.sde_window_size=1", f"sample.sde_window_range={window}",
+               "sample.guidance_scale_2=2.0", "run.save_every=0", "run.eval_every=1")
+    adapter = two_expert_adapter(cfg, expert)
+    trained, frozen = adapter.transformer, adapter.frozen_expert
+    assert trained is (adapter.pipe.transformer if expert == "high" else adapter.pipe.transformer_2)
+    frozen_before = {n: p.detach().clone() for n, p in frozen.named_parameters()}
+    calls = {"trained": 0, "frozen": 0}
+    for name, m in (("trained", trained), ("frozen", frozen)):
+        m.register_forward_pre_hook(lambda *a, name=name: calls.__setitem__(name, calls[name] + 1))
+    t = Trainer(cfg, adapter=adapter)
+    assert t.named_params and all(p is q for p, q in zip(t.params, [p for p in trained.parameters()
+                                                                     if p.requires_grad]))
+    init = {n: p.detach().clone() for n, p in t.named_params.items()}
+    rec = t.step()
+    steps = [ts["index"] for ts in rec["updates"][0]["timesteps"]]
+    lo, hi = (0, 2) if expert == "high" else (2, 3)
+    assert len(steps) == 1 and lo <= steps[0] < hi
+    assert rec["updates"][0]["timesteps"][0]["ratio_mean"] == 1.0
+    assert any(not torch.equal(p, init[n]) for n, p in t.named_params.items())
+    assert all(torch.equal(p, frozen_before[n]) for n, p in frozen.named_parameters())
+    assert calls["trained"] > 0 and calls["frozen"] > 0  # each expert sampled its own steps
+    assert all(not p.requires_grad for p in frozen.parameters())
+
+
+def test_wan22_matches_the_pipeline(tmp_path):
+    """Sampling through a two-expert adapter (expert switch at the boundary, guidance_scale_2 on the low-noise
+    steps) ends where WanPipeline ends."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    cfg = tiny("wan", tmp_path, "sample.guidance_scale_2=2.0", "sample.sde_window_size=1",
+               "sample.sde_window_range=[0,2]")
+    adapter = two_expert_adapter(cfg, "high", FlowMatchEulerDiscreteScheduler(shift=3.0))
+    adapter.configure(cfg.sample)
+    assert [adapter.expert_at(s) for s in adapter.sigmas(4)[:-1]] == ["high", "high", "low", "low"]
+    ours = generate(adapter, adapter.transformer, ["a red cat", "digit 7"], cfg, seeds=[0, 1])
+    gens = [torch.Generator().manual_seed(mix_seed(cfg.run.seed, k, 6)) for k in (0, 1)]
+    x0 = _noise(gens, adapter.latent_shape(), adapter.device, torch.float32)
+    with torch.no_grad():
+        theirs = adapter.pipe(["a red cat", "digit 7"], height=32, width=32, num_frames=9, num_inference_steps=4,
+                              guidance_scale=4.5, guidance_scale_2=2.0, latents=x0.clone(), output_type="latent",
+                              max_sequence_length=cfg.model.max_sequence_length).frames
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    adapter.guidance_scale_2 = None  # the check can fail: the low-noise steps' guidance matters
+    assert not torch.allclose(generate(adapter, adapter.transformer, ["a red cat", "digit 7"], cfg, seeds=[0, 1]),
+                              theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_wan22_expert_config_errors(tmp_path):
+    # before any weights load: from model_index.json
+    index = {"transformer_2": ["diffusers", "WanTransformer3DModel"], "boundary_ratio": 0.875}
+    with pytest.raises(ValueError, match=r"has two experts .*set model\.expert"):
+        wan.check_experts(index, None, "model.pretrained='Wan-AI/Wan2.2-T2V-A14B-Diffusers'")
+    wan.check_experts(index, "low", "x")
+    wan.check_experts({"transformer_2": [None, None], "boundary_ratio": None}, None, "x")  # Wan 2.1 / TI2V-5B
+    with pytest.raises(ValueError, match=r"model\.expert='high' is for two-expert pipelines"):
+        wan.check_experts({"transformer_2": [None, None]}, "high", "x")
+    with pytest.raises(ConfigError, match=r"model\.expert is a video key"):
+        tiny("sd3", tmp_path, "model.expert=high")
+    with pytest.raises(ConfigError, match=r"model\.expert must be high, low or null"):
+        tiny("wan", tmp_path, "model.expert=middle")
+    with pytest.raises(ConfigError, match=r"sample\.guidance_scale_2 is the low-noise expert's"):
+        tiny("sd3", tmp_path, "sample.guidance_scale_2=3")
+    # trained steps on the frozen expert's side, named with the key
+    cfg = tiny("wan", tmp_path)  # timestep_fraction 0.99: steps 0-2 cross the boundary
+    with pytest.raises(ConfigError, match=r"sample\.timestep_fraction 0\.99 \(steps 0-2\) includes step\(s\) \[2\] "
+                                          r"of the low-noise expert.*samples steps 0-1 of 4"):
+        Trainer(cfg, adapter=two_expert_adapter(cfg, "high"))
+    cfg = tiny("wan", tmp_path, "sample.sde_window_size=1", "sample.sde_window_range=[1,3]")
+    with pytest.raises(ConfigError, match=r"sample\.sde_window_range \[1, 3\] includes step\(s\) \[1\] of the "
+                                          r"high-noise expert"):
+        Trainer(cfg, adapter=two_expert_adapter(cfg, "low"))
 
 
 def test_shape_the_loaded_vae_cannot_take(tmp_path, monkeypatch):
@@ -400,3 +440,16 @@ def test_sde_window(tmp_path):
     assert len(idx) == 2 and idx[1] == idx[0] + 1 and idx[0] in (0, 1)
     assert trainer.last_batches[0].latents.shape[1:3] == (3, 4)  # 2 trained steps + the next latent, 4 channels
     assert rec["updates"][0]["timesteps"][0]["ratio_mean"] == 1.0
+
+
+def test_bf16_tiny_model_has_from_pretrained_dtypes(tmp_path):
+    """model.dtype bfloat16 on the tiny pipeline casts the transformer as from_pretrained(torch_dtype=bf16) loads
+    Wan: every parameter gets the same dtype (rope, time embedder, norm1-3, modulation tables stay float32)."""
+    from diffusers import WanTransformer3DModel
+
+    wan.tiny_transformer().save_pretrained(tmp_path / "t")
+    loaded = WanTransformer3DModel.from_pretrained(tmp_path / "t", torch_dtype=torch.bfloat16)
+    ours = wan.tiny_pipeline(dtype=torch.bfloat16).transformer
+    want = {n: p.dtype for n, p in loaded.named_parameters()}
+    assert {n: p.dtype for n, p in ours.named_parameters()} == want
+    assert torch.float32 in want.values() and torch.bfloat16 in want.values()

@@ -27,6 +27,7 @@ import torch
 
 import grpo_guard as gg
 from grpo_guard.models import sd3, wan
+from grpo_guard.models.base import to_dtype
 from grpo_guard.trainer import Reward, Trainer, from_dict
 from grpo_guard.trainer.rewards import declare
 
@@ -75,7 +76,8 @@ def _transformer(cls, kwargs, device, dtype):
     torch.manual_seed(0)
     with torch.device(device):  # random init on the device itself (billions of parameters on a CPU take minutes)
         transformer = cls(**kwargs)
-    return transformer.to(device, getattr(torch, dtype))
+    # in dtype as from_pretrained(torch_dtype=dtype) loads it (Wan keeps its norms and embedders in float32)
+    return to_dtype(transformer, getattr(torch, dtype))
 
 
 def build(args, out_dir):

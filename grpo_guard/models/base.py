@@ -73,6 +73,10 @@ class FlowAdapter:
         return self
 
     # --- what subclasses implement ------------------------------------------------------------------
+    def configure(self, sample) -> None:
+        """Take the sampling options it needs from a :class:`~grpo_guard.trainer.config.SampleConfig` and check
+        them against the loaded pipeline (raise :class:`AdapterConfigError` naming the key). Default: nothing."""
+
     def encode_prompts(self, prompts: Sequence[str], negative_prompt: str = "") -> Cond:
         """Prompt embeddings of a batch (and, for CFG, of ``negative_prompt``), detached."""
         raise NotImplementedError
@@ -113,6 +117,24 @@ class FlowAdapter:
         return (img.float() / 2 + 0.5).clamp(0, 1)
 
 
+def to_dtype(obj, dtype: torch.dtype, model: Optional[torch.nn.Module] = None):
+    """Cast ``obj`` (a pipeline built in float32, or a model) to ``dtype`` as ``from_pretrained(torch_dtype=dtype)``
+    loads it: the model's (default: ``obj.transformer`` and ``obj.transformer_2``) ``_keep_in_fp32_modules`` (Wan: rope, time embedder, norms,
+    modulation tables) stay float32. Returns ``obj``."""
+    models = [model] if model is not None else \
+        [m for m in (getattr(obj, n, None) for n in ("transformer", "transformer_2")) if m is not None] or [obj]
+    saved = []
+    for m in models:
+        keep = getattr(m, "_keep_in_fp32_modules", None) or []
+        tensors = dict(m.named_parameters())
+        tensors.update(m.named_buffers())
+        saved += [(tensors[n], t.detach().clone()) for n, t in tensors.items() if any(k in n.split(".") for k in keep)]
+    obj.to(dtype=dtype)
+    for t, kept in saved:
+        t.data = kept.to(t.device)
+    return obj
+
+
 def family_module(family: str):
     """The adapter module of a model family: ``sd3``, ``flux`` or ``wan``."""
     from . import flux, sd3, wan
@@ -128,12 +150,12 @@ def build_adapter(model_cfg, device: Optional[torch.device] = None, seed: int = 
     if model_cfg.tiny:
         pipe = module.tiny_pipeline(seed=seed, dtype=dtype)
     else:
-        if hasattr(module, "check_single_expert"):  # Wan 2.2 A14B: refused from model_index.json, before the weights
+        if hasattr(module, "check_experts"):  # Wan 2.2 A14B needs model.expert: checked before the weights load
             try:
                 index = module.PIPELINE.load_config(model_cfg.pretrained)
             except Exception:  # noqa: BLE001 - from_pretrained below reports an unreachable / wrong path itself
                 index = {}
-            module.check_single_expert(index, f"model.pretrained={model_cfg.pretrained!r}")
+            module.check_experts(index, model_cfg.expert, f"model.pretrained={model_cfg.pretrained!r}")
         pipe = module.PIPELINE.from_pretrained(model_cfg.pretrained, torch_dtype=dtype)
     # flow_grpo's precision: float16 text encoders, a float32 VAE (model_cfg.text_encoder_dtype / vae_dtype)
     for names, key in ((("text_encoder", "text_encoder_2", "text_encoder_3"), "text_encoder_dtype"),

@@ -15,7 +15,10 @@ and Wan 2.2 TI2V-5B used as text-to-video.
   ``FlowMatchEulerDiscreteScheduler`` works too (its float timesteps ``1000 sigma``). ``flow_shift`` replaces the
   scheduler's shift.
 - Wan 2.2 TI2V-5B (``expand_timesteps``): the timestep is given per latent token, as the pipeline does.
-- Wan 2.2 A14B (two experts, ``transformer_2`` / ``boundary_ratio``) is refused: see :func:`check_single_expert`.
+- Wan 2.2 A14B (two experts: ``transformer`` for timesteps ``t >= boundary_ratio * 1000``, ``transformer_2``
+  below, with ``guidance_scale_2``): one expert is trained (``model.expert``: high or low) and is
+  :attr:`Adapter.transformer`; the other is frozen and samples its own steps (rollout and evaluation), so every
+  trained step must lie on the trained expert's side (:meth:`Adapter.configure` checks the config).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from . import tiny
-from .base import AdapterConfigError, Cond, FlowAdapter
+from .base import AdapterConfigError, Cond, FlowAdapter, to_dtype
 
 try:
     from diffusers import WanPipeline as PIPELINE
@@ -42,19 +45,30 @@ LORA_TARGETS = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
                 "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
                 "ffn.net.0.proj", "ffn.net.2"]
 
-TWO_EXPERTS = ("Wan 2.2 A14B has two experts (transformer for high noise, transformer_2 below boundary_ratio): "
-               "training it means a LoRA and an optimizer per expert and trained steps routed to the expert of "
-               "their noise level, which this trainer does not do yet. Wan 2.1 (1.3B, 14B) and Wan 2.2 TI2V-5B "
-               "(one transformer) are supported")
+EXPERTS = ("high", "low")
 
 
-def check_single_expert(config: dict, where: str) -> None:
-    """Refuse a two-expert Wan 2.2 pipeline (``transformer_2`` set, or a ``boundary_ratio``) from its
-    ``model_index.json`` (or the pipeline's config), before any weights are loaded."""
+def has_two_experts(config: dict) -> bool:
+    """Whether a ``model_index.json`` / pipeline config is Wan 2.2 A14B's: ``transformer_2`` set (a second expert
+    for the steps below ``boundary_ratio``)."""
     expert2 = config.get("transformer_2")
-    has_two = expert2 is not None and not (isinstance(expert2, (list, tuple)) and expert2[0] is None)
-    if has_two or config.get("boundary_ratio") is not None:
-        raise AdapterConfigError(f"{where}: {TWO_EXPERTS}")
+    return expert2 is not None and not (isinstance(expert2, (list, tuple)) and expert2[0] is None)
+
+
+def check_experts(config: dict, expert: Optional[str], where: str) -> None:
+    """``model.expert`` is set exactly for a two-expert pipeline (from its ``model_index.json`` before any weights
+    load, or from the built pipeline)."""
+    if expert is not None and expert not in EXPERTS:
+        raise AdapterConfigError(f"model.expert must be one of {EXPERTS} or null, got {expert!r}")
+    if has_two_experts(config) and expert is None:
+        raise AdapterConfigError(
+            f"{where} has two experts (Wan 2.2 A14B: transformer for the steps with timestep >= boundary_ratio x "
+            "1000, transformer_2 below): set model.expert to the one to train, high (transformer) or low "
+            "(transformer_2); the other stays frozen and samples its own steps, and every trained step must be "
+            "one of the trained expert's")
+    if not has_two_experts(config) and expert is not None:
+        raise AdapterConfigError(f"model.expert={expert!r} is for two-expert pipelines (Wan 2.2 A14B); {where} "
+                                 "has one transformer: remove it")
 
 
 class WanCond(Cond):
@@ -68,10 +82,18 @@ class Adapter(FlowAdapter):
 
     def __init__(self, pipe, resolution: int = 480, max_sequence_length: int = MAX_SEQUENCE_LENGTH,
                  height: Optional[int] = None, width: Optional[int] = None, num_frames: int = NUM_FRAMES,
-                 flow_shift: Optional[float] = None):
-        check_single_expert({"transformer_2": getattr(pipe, "transformer_2", None),
-                             "boundary_ratio": pipe.config.get("boundary_ratio")}, "the pipeline")
+                 flow_shift: Optional[float] = None, expert: Optional[str] = None):
+        self.expert = expert
+        self.two_experts = getattr(pipe, "transformer_2", None) is not None
+        check_experts({"transformer_2": getattr(pipe, "transformer_2", None)}, expert, "the pipeline")
+        if self.two_experts and pipe.config.get("boundary_ratio") is None:
+            raise AdapterConfigError("the pipeline has transformer_2 but no boundary_ratio: which expert samples "
+                                     "which step is undefined")
         super().__init__(pipe, resolution, max_sequence_length)
+        self.guidance_scale_2: Optional[float] = None  # the low-noise expert's CFG weight (configure())
+        if self.two_experts:
+            self.frozen_expert.requires_grad_(False).eval()
+            self.boundary = pipe.config.boundary_ratio * pipe.scheduler.config.num_train_timesteps
         self.height = int(height or resolution)
         self.width = int(width or resolution)
         self.num_frames = int(num_frames)
@@ -83,7 +105,52 @@ class Adapter(FlowAdapter):
     def from_model_config(cls, pipe, m) -> "Adapter":
         return cls(pipe, resolution=m.resolution,
                    max_sequence_length=m.max_sequence_length or cls.default_max_sequence_length,
-                   height=m.height, width=m.width, num_frames=m.num_frames or NUM_FRAMES, flow_shift=m.flow_shift)
+                   height=m.height, width=m.width, num_frames=m.num_frames or NUM_FRAMES, flow_shift=m.flow_shift,
+                   expert=m.expert)
+
+    # --- experts (Wan 2.2 A14B) -----------------------------------------------------------------------------
+    @property
+    def transformer(self) -> torch.nn.Module:
+        """The trained transformer: the pipeline's, or with two experts ``model.expert``'s."""
+        return self.pipe.transformer_2 if self.expert == "low" else self.pipe.transformer
+
+    @property
+    def frozen_expert(self) -> Optional[torch.nn.Module]:
+        """The expert that is not trained (two-expert pipelines only)."""
+        if not self.two_experts:
+            return None
+        return self.pipe.transformer if self.expert == "low" else self.pipe.transformer_2
+
+    def expert_at(self, sigma: float) -> Optional[str]:
+        """Which expert the pipeline runs at ``sigma``: "high" if its timestep >= boundary_ratio x 1000, else
+        "low" (None with one transformer)."""
+        if not self.two_experts:
+            return None
+        return "high" if self._timestep_value(sigma)[0] >= self.boundary else "low"
+
+    def configure(self, sample) -> None:
+        """Sampling options of a :class:`~grpo_guard.trainer.config.SampleConfig`: ``guidance_scale_2`` (the
+        low-noise expert's CFG weight; null = guidance_scale, as the pipeline), and with two experts, that every
+        step that can be trained (the first ``int(N * timestep_fraction)``, or all of ``sde_window_range``) is one
+        of the trained expert's."""
+        self.guidance_scale_2 = sample.guidance_scale_2
+        if not self.two_experts:
+            return
+        sig = self.sigmas(sample.num_steps)
+        if sample.sde_window_size > 0:
+            steps, key = range(*sample.sde_window_range), f"sample.sde_window_range {sample.sde_window_range}"
+        else:
+            n = int(sample.num_steps * sample.timestep_fraction)
+            steps, key = range(n), f"sample.timestep_fraction {sample.timestep_fraction} (steps 0-{n - 1})"
+        mine = [j for j in range(sample.num_steps) if self.expert_at(sig[j]) == self.expert]
+        bad = [j for j in steps if j not in mine]
+        if bad:
+            raise AdapterConfigError(
+                f"{key} includes step(s) {bad} of the {'low' if self.expert == 'high' else 'high'}-noise expert, "
+                f"which is frozen (model.expert: {self.expert}); the {self.expert}-noise expert samples steps "
+                f"{mine[0]}-{mine[-1]} of {sample.num_steps} (boundary_ratio {self.pipe.config.boundary_ratio}): "
+                "train inside them, e.g. with sample.sde_window_size and sde_window_range"
+                if mine else f"model.expert {self.expert} samples none of the {sample.num_steps} steps")
 
     # --- shapes -------------------------------------------------------------------------------------------
     @property
@@ -160,13 +227,16 @@ class Adapter(FlowAdapter):
         self._timesteps.update((s, (t, ts.dtype)) for s, t in zip(sig, ts.tolist()))
         return sig
 
+    def _timestep_value(self, sigma: float):
+        if float(sigma) not in self._timesteps:
+            raise KeyError(f"sigma {sigma} is not on a grid from this adapter's sigmas(); call sigmas(N) first")
+        return self._timesteps[float(sigma)]
+
     def timestep(self, sigma: float, batch: int, device) -> torch.Tensor:
         """The transformer's timestep input at ``sigma``: the scheduler's own value for it (UniPC: int64
         ``int(1000 sigma)``; FlowMatchEuler: float32 ``1000 sigma``), ``(B,)``, or ``(B, tokens)`` float32 per
         latent token with ``expand_timesteps`` (Wan 2.2 TI2V-5B)."""
-        if float(sigma) not in self._timesteps:
-            raise KeyError(f"sigma {sigma} is not on a grid from this adapter's sigmas(); call sigmas(N) first")
-        value, dtype = self._timesteps[float(sigma)]
+        value, dtype = self._timestep_value(sigma)
         if not self.pipe.config.get("expand_timesteps", False):
             return torch.full((batch,), value, dtype=dtype, device=device)
         _, f, h, w = self.latent_shape()
@@ -176,7 +246,14 @@ class Adapter(FlowAdapter):
 
     # --- the model ----------------------------------------------------------------------------------------
     def velocity(self, model, latents, sigma, cond, guidance_scale, cfg=True):
+        """``model`` (the trained transformer, possibly wrapped) at ``sigma``; with two experts, a step of the
+        frozen expert runs it instead, and a low-noise step uses ``guidance_scale_2`` when set."""
         t = self.timestep(sigma, latents.shape[0], latents.device)
+        expert = self.expert_at(sigma)
+        if expert is not None and expert != self.expert:
+            model = self.frozen_expert
+        if expert == "low" and self.guidance_scale_2 is not None:
+            guidance_scale = self.guidance_scale_2
 
         def forward(embeds):
             out = model(hidden_states=latents, timestep=t, encoder_hidden_states=embeds, return_dict=False)[0]
@@ -221,17 +298,22 @@ def tiny_transformer(seed: int = 0, in_channels: int = 4):
 
 
 def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, transformer=None, scheduler=None,
-                  expand_timesteps: bool = False):
+                  expand_timesteps: bool = False, boundary_ratio: Optional[float] = None):
     """A random tiny ``WanPipeline`` built in memory: a 2-block transformer, a 4-channel ``AutoencoderKLWan``
     (spatial factor 8, temporal 4), a 1-layer UMT5 encoder, and Wan's hub scheduler (UniPC with flow sigmas,
     flow_shift 3). At 32 px and 9 frames the latents are 4 x 3 x 4 x 4. ``scheduler``: another one (e.g. a
-    ``FlowMatchEulerDiscreteScheduler``); ``expand_timesteps``: Wan 2.2 TI2V-5B's per-token timestep."""
+    ``FlowMatchEulerDiscreteScheduler``); ``expand_timesteps``: Wan 2.2 TI2V-5B's per-token timestep;
+    ``boundary_ratio``: two experts as Wan 2.2 A14B (a second random transformer below it)."""
     from diffusers import UniPCMultistepScheduler
 
     transformer = transformer if transformer is not None else tiny_transformer(seed)
     scheduler = scheduler or UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                                      flow_shift=3.0, num_train_timesteps=1000)
+    experts = {}
+    if boundary_ratio is not None:
+        experts = dict(transformer_2=tiny_transformer(seed + 5, transformer.config.in_channels),
+                       boundary_ratio=boundary_ratio)
     pipe = PIPELINE(tokenizer=tiny.t5_tokenizer(), text_encoder=tiny.umt5_text_encoder(32, seed + 2),
                     vae=tiny.wan_vae(transformer.config.in_channels, seed + 1), transformer=transformer,
-                    scheduler=scheduler, expand_timesteps=expand_timesteps)
-    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+                    scheduler=scheduler, expand_timesteps=expand_timesteps, **experts)
+    return to_dtype(pipe, dtype)  # float32 rope / time embedder / norms, as from_pretrained keeps them

@@ -40,6 +40,8 @@ class ModelConfig:
     height: Optional[int] = None        # wan: frame height in pixels (multiple of 16; None = resolution)
     width: Optional[int] = None         # wan: frame width in pixels (multiple of 16; None = resolution)
     num_frames: Optional[int] = None    # wan: frames per video, 4k + 1 (None = 81, WanPipeline's); images: unset
+    expert: Optional[str] = None        # wan 2.2 A14B (two experts): the one trained, high (transformer, timesteps >=
+                                        # boundary_ratio x 1000) or low (transformer_2); the other is frozen
     flow_shift: Optional[float] = None  # wan: the schedule's shift (None = the pipeline scheduler's: 3.0 for the
                                         # 480p checkpoints; Wan recommends 5.0 at 720p)
     use_lora: bool = True               # False = full fine-tuning of the transformer
@@ -55,6 +57,8 @@ class ModelConfig:
 class SampleConfig:
     num_steps: int = 10                 # denoising steps of a rollout
     guidance_scale: float = 4.5         # SD3: CFG weight; Flux: the guidance-embedding value (3.5)
+    guidance_scale_2: Optional[float] = None  # wan 2.2 A14B: CFG weight of the low-noise expert's steps (None =
+                                              # guidance_scale, as WanPipeline)
     negative_prompt: str = ""           # SD3 CFG's unconditional prompt
     noise_level: float = 0.7            # eta
     dynamics: str = "flow"              # flow | dance | cps
@@ -341,6 +345,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         raise ConfigError(f"sample.num_batches ({s.num_batches}) must be a multiple of train.updates_per_step "
                           f"({t.updates_per_step}): each update takes an equal share of the rollout micro-batches")
     _check_video_keys(m)
+    if s.guidance_scale_2 is not None and m.family != "wan":
+        raise ConfigError("sample.guidance_scale_2 is the low-noise expert's CFG weight of Wan 2.2 A14B "
+                          f"(model.family: wan); family {m.family!r} has no second expert: remove it")
     if not cfg.rewards.proxy:
         raise ConfigError("rewards.proxy is empty: list at least one reward to optimize")
     seen = {}
@@ -366,12 +373,14 @@ VIDEO_FAMILIES = ("wan",)
 def _check_video_keys(m: ModelConfig) -> None:
     """Video keys only on a video family; frame count and frame size that Wan's VAE and patch size take (the
     adapter checks them again against the loaded VAE, e.g. Wan 2.2's factor 16)."""
-    video_keys = [k for k in ("num_frames", "height", "width", "flow_shift") if getattr(m, k) is not None]
+    video_keys = [k for k in ("num_frames", "height", "width", "flow_shift", "expert") if getattr(m, k) is not None]
     if m.family not in VIDEO_FAMILIES:
         if video_keys:
             raise ConfigError(f"model.{video_keys[0]} is a video key (model.family: wan); model.family "
                               f"{m.family!r} makes images of side model.resolution: remove it")
         return
+    if m.expert not in (None, "high", "low"):
+        raise ConfigError(f"model.expert must be high, low or null, got {m.expert!r}")
     if m.num_frames is not None and (m.num_frames - 1) % 4:
         raise ConfigError(f"model.num_frames={m.num_frames}: Wan's VAE needs 4k + 1 frames (e.g. 33 or 81)")
     for key in ("height", "width"):

@@ -117,6 +117,7 @@ class Trainer:
         rw.check_modality(self.gold, modality, "gold")
         try:
             self.adapter = adapter or build_adapter(cfg.model, seed=cfg.run.seed)
+            self.adapter.configure(cfg.sample)
         except AdapterConfigError as exc:
             raise ConfigError(str(exc)) from None
         self.adapter.to(self.acc.device)
