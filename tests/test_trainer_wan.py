@@ -1,7 +1,7 @@
 """Wan text-to-video in the trainer (issue 12), on the tiny offline Wan pipeline: the adapter reproduces
-``WanPipeline`` (schedule, timesteps, CFG, latents, decode), a run goes rollout -> video rewards -> update ->
-metrics -> evaluation strip -> checkpoint, two processes match one, LoRA and full fine-tuning (with gradient checkpointing) train, and bad video configs and
-rewards fail with the key or the prompt named."""
+``WanPipeline`` (schedule, timesteps, CFG, latents, decode; Wan 2.2's two experts), a run goes rollout -> video
+rewards -> update -> metrics -> evaluation strip -> checkpoint, two processes match one, LoRA and full fine-tuning
+(with gradient checkpointing) train, and bad video configs and rewards fail with the key or the prompt named."""
 import json
 import os
 import subprocess

@@ -119,8 +119,8 @@ class FlowAdapter:
 
 def to_dtype(obj, dtype: torch.dtype, model: Optional[torch.nn.Module] = None):
     """Cast ``obj`` (a pipeline built in float32, or a model) to ``dtype`` as ``from_pretrained(torch_dtype=dtype)``
-    loads it: the model's (default: ``obj.transformer`` and ``obj.transformer_2``) ``_keep_in_fp32_modules`` (Wan: rope, time embedder, norms,
-    modulation tables) stay float32. Returns ``obj``."""
+    loads it: the ``_keep_in_fp32_modules`` of ``model`` (default: ``obj.transformer`` and ``obj.transformer_2``;
+    Wan: rope, time embedder, norms, modulation tables) stay float32. Returns ``obj``."""
     models = [model] if model is not None else \
         [m for m in (getattr(obj, n, None) for n in ("transformer", "transformer_2")) if m is not None] or [obj]
     saved = []
