@@ -61,6 +61,7 @@ def main():
     records.append(t.step())
     after3 = whole(t)
     evaluation = t.evaluate(prompts=["a red cat", "digit 7", "a blue dog"])  # 3 prompts: rank 1 idles once
+    media = sorted(os.listdir(os.path.join(out, "eval"))) if acc.is_main_process else None  # written by rank 0
 
     resumed = Trainer(cfg, accelerator=acc)
     assert resumed.resume() and resumed.global_step == 2
@@ -81,7 +82,7 @@ def main():
     grpo_guard.policy_loss = real
     torch.save({"after2": after2, "after3": after3, "reloaded": reloaded, "resumed3": resumed3,
                 "nan_record": nan_record, "after_nan": whole(resumed),
-                "records": [r["updates"] for r in records], "evaluation": evaluation,
+                "records": [r["updates"] for r in records], "evaluation": evaluation, "media": media,
                 "advantages": [b.advantages.cpu() for b in t.last_batches], "world": acc.num_processes,
                 "param_dtype": str(t.params[0].dtype),
                 "files": sorted(os.listdir(os.path.join(t.checkpoint_dir, "step-00000002")))},

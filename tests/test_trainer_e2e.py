@@ -200,3 +200,17 @@ def test_gradient_checkpointing_changes_memory_not_results(family, use_lora, tmp
         for ta, tb in zip(a["updates"][0]["timesteps"], b["updates"][0]["timesteps"]):
             assert ta["ratio_mean"] == tb["ratio_mean"]
             assert abs(ta["loss"] - tb["loss"]) <= 1e-6 * max(1.0, abs(ta["loss"]))
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux", "wan"])
+def test_bf16_weights_with_float32_latents_without_autocast(family, tmp_path):
+    """model.dtype bfloat16, model.latent_dtype float32, no autocast: the adapters cast the latents to the input
+    projection's dtype as the pipelines do (without the cast the first layer refuses float32 input); the first
+    update stays on-policy."""
+    cfg = tiny(family, tmp_path, "model.dtype=bfloat16", "model.latent_dtype=float32", "run.mixed_precision=no",
+               "run.save_every=0", "run.eval_every=0", steps=1)
+    t = Trainer(cfg)
+    rec = t.step()
+    assert t.last_batches[0].latents.dtype == torch.float32
+    for ts in rec["updates"][0]["timesteps"]:
+        assert ts["ratio_mean"] == 1.0 and ts["ratio_std"] == 0.0

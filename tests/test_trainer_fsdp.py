@@ -81,6 +81,13 @@ def test_metrics_are_global_and_on_policy(ranks):
     assert ranks[0]["evaluation"] == ranks[1]["evaluation"]
 
 
+def test_evaluation_strip_written_by_rank_0(ranks, variant):
+    """Process 0 writes its share of the evaluation after the metrics' all-reduce (the strip's layout is tested in
+    test_trainer_wan.py), videos also as a GIF."""
+    assert {"step-00000003.png", "step-00000003.txt"} <= set(ranks[0]["media"])
+    assert ("step-00000003.gif" in ranks[0]["media"]) == (family(variant) == "wan")
+
+
 def test_resume_from_shards_is_bit_exact(ranks):
     r = ranks[0]
     for n in r["after2"]:

@@ -247,13 +247,19 @@ def test_per_frame_of_a_builtin_by_name_and_refusals():
 
 # --- errors --------------------------------------------------------------------------------------------------------
 def test_image_reward_on_a_video_model_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """A built-in by name: by the config check; an injected reward that declares its modality: by the Trainer,
+    before the model loads."""
     import grpo_guard.trainer.loop as loop
 
+    with pytest.raises(ConfigError, match=r"rewards\.gold\[0\] 'brightness' scores images.*per_frame"):
+        tiny("wan", tmp_path, "rewards.gold=[{name: brightness}]")
+    with pytest.raises(ConfigError, match=r"rewards\.proxy\[0\] 'motion' scores videos but the model makes images"):
+        tiny("sd3", tmp_path, "rewards.proxy=[{name: motion}]")
     monkeypatch.setattr(loop, "build_adapter", lambda *a, **k: pytest.fail("the model was loaded"))
-    with pytest.raises(RewardError, match=r"rewards\.gold\[0\] 'brightness' scores images.*per_frame"):
-        Trainer(tiny("wan", tmp_path, "rewards.gold=[{name: brightness}]"))
-    with pytest.raises(RewardError, match=r"rewards\.proxy\[0\] 'motion' scores videos but the model makes images"):
-        Trainer(tiny("sd3", tmp_path, "rewards.proxy=[{name: motion}]"))
+    with pytest.raises(RewardError, match=r"rewards\.gold\[0\] 'b' scores images.*per_frame"):
+        Trainer(tiny("wan", tmp_path), gold_rewards=[Reward("b", rw.brightness)])
+    with pytest.raises(RewardError, match=r"rewards\.proxy\[0\] 'm' scores videos"):
+        Trainer(tiny("sd3", tmp_path), proxy_rewards=[Reward("m", vr.motion)])
 
 
 @pytest.mark.parametrize("override,match", [
@@ -453,3 +459,29 @@ def test_bf16_tiny_model_has_from_pretrained_dtypes(tmp_path):
     want = {n: p.dtype for n, p in loaded.named_parameters()}
     assert {n: p.dtype for n, p in ours.named_parameters()} == want
     assert torch.float32 in want.values() and torch.bfloat16 in want.values()
+
+
+def test_transformer_inputs_are_the_hub_pipelines(tmp_path):
+    """With Wan's hub scheduler (UniPC) the pipeline takes multistep updates we do not, so the end points differ;
+    what the transformer is given at each step must not: the same int64 timesteps, latents dtype, and prompt
+    embeddings (cond first, then uncond) as WanPipeline's first step from the same noise."""
+    cfg = tiny("wan", tmp_path)
+    adapter = build_adapter(cfg.model)
+    seen = []
+    hook = adapter.transformer.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append({k: kwargs[k].clone() for k in ("timestep", "encoder_hidden_states")} |
+                                            {"x": kwargs["hidden_states"].clone()}), with_kwargs=True)
+    x0 = torch.randn(1, *adapter.latent_shape(), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        adapter.pipe(["a red cat"], height=32, width=32, num_frames=9, num_inference_steps=4, guidance_scale=4.5,
+                     latents=x0.clone(), output_type="latent", max_sequence_length=16)
+        theirs, seen[:] = list(seen), []
+        sig = adapter.sigmas(4)
+        cond = adapter.encode_prompts(["a red cat"])
+        adapter.velocity(adapter.transformer, x0, sig[0], cond, 4.5)
+    hook.remove()
+    assert len(theirs) == 8 and len(seen) == 2  # 4 steps x (cond, uncond); our first step
+    for ours, pipe_call in zip(seen, theirs[:2]):
+        for k in ("timestep", "encoder_hidden_states", "x"):
+            assert ours[k].dtype == pipe_call[k].dtype and torch.equal(ours[k], pipe_call[k]), k
+    assert [c["timestep"].tolist() for c in theirs[::2]] == [[adapter.timestep(s, 1, "cpu").item()] for s in sig[:-1]]

@@ -31,6 +31,7 @@ class FlowAdapter:
 
     family = ""
     default_max_sequence_length = 256
+    input_projection = ""  # the transformer's first layer on the latents (subclasses), see model_input()
     modality = "image"  # what decode() returns: "image" (B, 3, H, W) or "video" (B, F, H, W, 3), in [0, 1]
     # dtype of the velocity (after CFG) that velocity() returns; None = the transformer output's. The trainer sets
     # its compute dtype (bf16 under bf16 autocast or with bf16 weights): the model's output holds values of that
@@ -93,6 +94,12 @@ class FlowAdapter:
                  guidance_scale: float, cfg: bool = True) -> torch.Tensor:
         """The velocity v(x, sigma | prompt) that sde_step consumes, after CFG (SD3) / with guidance (Flux)."""
         raise NotImplementedError
+
+    def model_input(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents in the dtype of the transformer's input projection (``input_projection``), as the pipelines cast
+        them: float32 latents (``model.latent_dtype``) then reach a bf16 model without autocast (under autocast the
+        cast is the one the projection would make)."""
+        return latents.to(self.transformer.get_submodule(self.input_projection).weight.dtype)
 
     def unpack(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents as the VAE expects them (B, C, H, W)."""

@@ -30,6 +30,7 @@ class FluxCond(Cond):
 class Adapter(FlowAdapter):
     family = "flux"
     default_max_sequence_length = MAX_SEQUENCE_LENGTH
+    input_projection = "x_embedder"
 
     def _latent_side(self) -> int:
         return 2 * (self.resolution // (self.latent_scale * 2))
@@ -66,7 +67,7 @@ class Adapter(FlowAdapter):
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((B,), float(guidance_scale), device=latents.device, dtype=torch.float32)
         t = torch.full((B,), sigma, device=latents.device, dtype=latents.dtype)
-        out = model(hidden_states=latents, timestep=t, guidance=guidance, pooled_projections=cond["pooled"],
+        out = model(hidden_states=self.model_input(latents), timestep=t, guidance=guidance, pooled_projections=cond["pooled"],
                     encoder_hidden_states=cond["prompt_embeds"], txt_ids=cond["txt_ids"], img_ids=img_ids,
                     return_dict=False)[0]
         return out if self.velocity_dtype is None else out.to(self.velocity_dtype)

@@ -30,6 +30,7 @@ class SD3Cond(Cond):
 class Adapter(FlowAdapter):
     family = "sd3"
     default_max_sequence_length = MAX_SEQUENCE_LENGTH
+    input_projection = "pos_embed.proj"
 
     def _encode(self, prompts: Sequence[str]):
         with torch.no_grad():
@@ -61,6 +62,7 @@ class Adapter(FlowAdapter):
 
     def velocity(self, model, latents, sigma, cond, guidance_scale, cfg=True):
         B = latents.shape[0]
+        latents = self.model_input(latents)
         guided = cfg and guidance_scale > 1.0
         if guided:
             hidden = torch.cat([latents, latents])

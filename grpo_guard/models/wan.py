@@ -78,6 +78,7 @@ class WanCond(Cond):
 class Adapter(FlowAdapter):
     family = "wan"
     default_max_sequence_length = MAX_SEQUENCE_LENGTH
+    input_projection = "patch_embedding"
     modality = "video"
 
     def __init__(self, pipe, resolution: int = 480, max_sequence_length: int = MAX_SEQUENCE_LENGTH,
@@ -255,8 +256,10 @@ class Adapter(FlowAdapter):
         if expert == "low" and self.guidance_scale_2 is not None:
             guidance_scale = self.guidance_scale_2
 
+        hidden = self.model_input(latents)  # the pipeline's latents.to(transformer_dtype)
+
         def forward(embeds):
-            out = model(hidden_states=latents, timestep=t, encoder_hidden_states=embeds, return_dict=False)[0]
+            out = model(hidden_states=hidden, timestep=t, encoder_hidden_states=embeds, return_dict=False)[0]
             return out if self.velocity_dtype is None else out.to(self.velocity_dtype)
         v = forward(cond["prompt_embeds"])
         if not (cfg and guidance_scale > 1.0):

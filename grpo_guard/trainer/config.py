@@ -317,6 +317,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
             raise ConfigError(f"{key} must be > 0, got {val}")
     if t.kl_threshold == float("inf"):
         raise ConfigError(f"train.kl_threshold must be finite, got {t.kl_threshold}")
+    if m.flow_shift == float("inf"):
+        raise ConfigError(f"model.flow_shift must be finite, got {m.flow_shift}")
     if not 0 < t.clip_range < 1:
         raise ConfigError(f"train.clip_range must be in (0, 1), got {t.clip_range}")
     if not 0 < s.noise_level <= (1 if s.dynamics == "cps" else 10):
@@ -350,12 +352,20 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                           f"(model.family: wan); family {m.family!r} has no second expert: remove it")
     if not cfg.rewards.proxy:
         raise ConfigError("rewards.proxy is empty: list at least one reward to optimize")
+    from .rewards import BUILTIN_MODALITY, mismatch
+
+    modality = "video" if m.family in VIDEO_FAMILIES else "image"
     seen = {}
     for kind in ("proxy", "gold"):
         for i, spec in enumerate(getattr(cfg.rewards, kind)):
             if not spec.name:
                 raise ConfigError(f"rewards.{kind}[{i}].name is empty")
             key = spec.label or spec.name
+            if key == "proxy" or "/" in key:  # reward/proxy_* is the weighted sum; "/" nests metric names
+                raise ConfigError(f"rewards.{kind}[{i}] is keyed {key!r} in the metrics: 'proxy' and names with '/' "
+                                  "are reserved; set rewards.<kind>[i].label")
+            if spec.name in BUILTIN_MODALITY and BUILTIN_MODALITY[spec.name] != modality:
+                raise ConfigError(mismatch(f"rewards.{kind}[{i}]", spec.name, BUILTIN_MODALITY[spec.name], modality))
             if key in seen:  # results are keyed by label (or name): a duplicate would overwrite another
                 raise ConfigError(f"rewards.{kind}[{i}] {key!r} is already used by {seen[key]}; give every proxy and "
                                   "gold reward a distinct label (rewards.<kind>[i].label, default: its name)")

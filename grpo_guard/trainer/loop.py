@@ -14,6 +14,7 @@ import json
 import os
 import random
 import time
+import warnings
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -338,7 +339,7 @@ class Trainer:
         # under FSDP2 every forward is a collective: every process runs as many batches as the busiest one
         busiest = -(-len(prompts) // w)  # prompts of process 0
         n_batches = -(-(busiest if self.sharded else len(idx)) // bs)
-        saved, pixels = [], []  # the first run.eval_media samples of process 0, written as a strip (media.py)
+        saved, pixels = [], []  # process 0's first run.eval_media samples, written as a strip (media.py)
         with ema:
             for i in range(0, n_batches * bs, bs):
                 chunk, weight = idx[i:i + bs], 1.0
@@ -348,16 +349,22 @@ class Trainer:
                 x = generate(self.adapter, self.adapter.transformer, ps, cfg, chunk, cfg.run.eval_num_steps or None,
                              autocast=self.updater.autocast)
                 keep = weight and r == 0 and len(saved) < cfg.run.eval_media
-                vals = self._score(x, ps, [{} for _ in ps], media=pixels if keep else None)
-                saved += ps[:cfg.run.eval_media - len(saved)] if keep else []
+                media_now = [] if keep else None
+                vals = self._score(x, ps, [{} for _ in ps], media=media_now)
+                if keep:  # only what is written, on the host (the rest of the evaluation's memory stays free)
+                    n = min(len(ps), cfg.run.eval_media - len(saved))
+                    pixels.append(media_now[0][:n].cpu())
+                    saved += ps[:n]
                 proxy = rw.weighted_sum(vals, self.proxy)
                 cols = [vals[q.name] for q in self.proxy + self.gold] + [proxy, torch.ones_like(proxy)]
                 sums += weight * torch.stack([c.double().sum() for c in cols])
             sharding.reshard(model)  # drop the gathered (EMA) copies before the EMA context restores the weights
-        if saved:
-            media.save_eval(os.path.join(cfg.run.output_dir, "eval"), self.global_step,
-                            torch.cat(pixels)[:len(saved)], saved)
         sums = self.acc.reduce(sums, reduction="sum") if w > 1 else sums
+        if saved:  # after the collective: a failed write cannot leave the other processes waiting
+            try:
+                media.save_eval(os.path.join(cfg.run.output_dir, "eval"), self.global_step, torch.cat(pixels), saved)
+            except OSError as exc:
+                warnings.warn(f"evaluation images not written: {exc}")
         names = [q.name if q in self.proxy else f"gold/{q.name}" for q in self.proxy + self.gold] + ["proxy"]
         return {f"eval/{n}_mean": float(sums[j] / sums[-1]) for j, n in enumerate(names)}
 

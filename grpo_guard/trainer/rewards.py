@@ -3,7 +3,8 @@
 ``images`` is a float tensor (B, 3, H, W) in [0, 1] on the training device -- for a video model (Wan) the
 decoded frames (B, F, H, W, 3) in [0, 1] --, ``prompts`` a list of B strings, ``metadata`` a list of B dicts
 (from a .jsonl prompt file). A callable can declare (:func:`declare`) the ``modality`` it scores ("image" /
-"video"; undeclared: either), so that an image reward given to a video model is refused before the model loads,
+"video"; undeclared: either, unchecked), so that an image reward given to a video model is refused before the
+model loads (the built-ins are declared),
 and ``input="latents"`` to receive the final latents instead of pixels (SD3: (B, C, h, w); Flux: unpacked to
 (B, C, h, w); Wan: (B, C, F', h, w)): when no reward needs pixels the VAE decode is skipped. Several rewards with
 weights form the optimized (proxy) reward; "gold" rewards are computed and logged but never optimized, which is
@@ -39,21 +40,35 @@ MODALITIES = ("image", "video")
 
 def declare(fn, modality=None, input: str = "pixels"):
     """Mark ``fn`` as scoring ``modality`` ("image", "video", None = either) from ``input`` ("pixels" or
-    "latents"); returns ``fn`` (usable as a decorator through functools.partial or a lambda)."""
+    "latents"), in the attributes ``gg_modality`` / ``gg_input``; returns ``fn`` (usable as a decorator through
+    functools.partial or a lambda). A callable that takes no attributes (a bound method) is wrapped."""
     if modality not in MODALITIES + (None,):
         raise ValueError(f"modality must be one of {MODALITIES} or None, got {modality!r}")
     if input not in ("pixels", "latents"):
         raise ValueError(f"input must be 'pixels' or 'latents', got {input!r}")
-    fn.modality, fn.input = modality, input
+    try:
+        fn.gg_modality, fn.gg_input = modality, input
+    except AttributeError:
+        return declare(_Declared(fn), modality, input)
     return fn
 
 
+class _Declared:
+    """A callable that cannot carry attributes (a bound method), wrapped so that it can."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
 def modality_of(fn):
-    return getattr(fn, "modality", None)
+    return getattr(fn, "gg_modality", None)
 
 
 def wants_latents(fn) -> bool:
-    return getattr(fn, "input", "pixels") == "latents"
+    return getattr(fn, "gg_input", "pixels") == "latents"
 
 
 def _uint8(images: torch.Tensor) -> np.ndarray:
@@ -135,19 +150,22 @@ def pickscore(model_path: str, processor_path: str = "", **kw):
     return lambda images, prompts, metadata: score(images, prompts, metadata) / 26.0
 
 
-def _image(factory):
-    def build(**kw):
-        return declare(factory(**kw), "image")
-    return build
+for _fn in (jpeg_size_kb, jpeg_compressibility, jpeg_incompressibility, brightness, contrast):
+    declare(_fn, "image")
+ClipScore.gg_modality, ClipScore.gg_input = "image", "pixels"
+
+
+def _pickscore(**kw):
+    return declare(pickscore(**kw), "image")
 
 
 BUILTINS: Dict[str, Callable[..., RewardFn]] = {
-    "jpeg_compressibility": _image(lambda: jpeg_compressibility),
-    "jpeg_incompressibility": _image(lambda: jpeg_incompressibility),
-    "brightness": _image(lambda: brightness),
-    "contrast": _image(lambda: contrast),
-    "clip_score": _image(ClipScore),
-    "pickscore": _image(pickscore),
+    "jpeg_compressibility": lambda: jpeg_compressibility,
+    "jpeg_incompressibility": lambda: jpeg_incompressibility,
+    "brightness": lambda: brightness,
+    "contrast": lambda: contrast,
+    "clip_score": ClipScore,
+    "pickscore": _pickscore,
 }
 
 
@@ -191,19 +209,23 @@ def from_specs(specs) -> List[Reward]:
     return out
 
 
+def mismatch(where: str, name: str, declared: str, modality: str) -> str:
+    """The message for a reward of ``declared`` modality on a model of ``modality``."""
+    if declared == "image":
+        hint = (f"wrap it to score frames: {{name: per_frame, kwargs: {{reward: {name}, reduction: mean}}}} "
+                "(configs/README.md, Video)")
+    else:
+        hint = "video rewards need a video model (model.family: wan)"
+    return f"{where} {name!r} scores {declared}s but the model makes {modality}s; {hint}"
+
+
 def check_modality(rewards: Sequence[Reward], modality: str, kind: str = "proxy") -> None:
     """Refuse a reward that declares another modality than the model's ("image" / "video"), naming its config
     entry ``rewards.<kind>[i]``: an image reward on a video model must be wrapped by ``per_frame``."""
     for i, r in enumerate(rewards):
         declared = modality_of(r.fn)
-        if declared is None or declared == modality:
-            continue
-        if declared == "image":
-            hint = (f"wrap it to score frames: {{name: per_frame, kwargs: {{reward: {r.name}, reduction: mean}}}} "
-                    "(configs/README.md, Video)")
-        else:
-            hint = "video rewards need a video model (model.family: wan)"
-        raise RewardError(f"rewards.{kind}[{i}] {r.name!r} scores {declared}s but the model makes {modality}s; {hint}")
+        if declared is not None and declared != modality:
+            raise RewardError(mismatch(f"rewards.{kind}[{i}]", r.name, declared, modality))
 
 
 def needs_pixels(rewards: Sequence[Reward]) -> bool:
@@ -221,6 +243,8 @@ def evaluate(rewards: Sequence[Reward], images: Optional[torch.Tensor], prompts:
     for r in rewards:
         if r.name in out:  # values are keyed by name: a second reward of that name would replace the first
             raise RewardError(f"two rewards are named {r.name!r}; proxy and gold rewards need distinct names")
+        if r.name == "proxy" or "/" in r.name:  # reward/proxy_* is the weighted sum; "/" nests metric names
+            raise RewardError(f"reward name {r.name!r} is reserved ('proxy', or a '/'); rename it")
         x = latents if wants_latents(r.fn) else images
         if x is None:
             raise RewardError(f"reward {r.name!r} reads {'latents' if wants_latents(r.fn) else 'pixels'}, which "
@@ -254,4 +278,6 @@ def weighted_sum(values: Dict[str, torch.Tensor], rewards: Sequence[Reward]) -> 
 
 from . import video_rewards as _video  # noqa: E402 (registers the video built-ins; it imports this module lazily)
 
+BUILTIN_MODALITY = {name: "image" for name in BUILTINS}  # what config.validate checks before anything is built
 BUILTINS.update(_video.BUILTINS)
+BUILTIN_MODALITY.update({name: "video" for name in _video.BUILTINS})

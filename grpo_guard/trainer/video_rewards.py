@@ -61,7 +61,7 @@ def frame_indices(num_frames: int, stride: int = 1, frames: int = 0) -> list:
 class PerFrame:
     """An image reward applied to the frames of each video and reduced over them (see the module doc)."""
 
-    modality, input = "video", "pixels"
+    gg_modality, gg_input = "video", "pixels"  # (rewards.declare)
 
     def __init__(self, reward: Union[str, Callable], reduction: str = "mean", stride: int = 1, frames: int = 0,
                  batch_frames: int = 0, kwargs: Dict = None):
@@ -106,7 +106,7 @@ def per_frame(reward, reduction: str = "mean", stride: int = 1, frames: int = 0,
 
 
 def _video(fn):
-    fn.modality, fn.input = "video", "pixels"
+    fn.gg_modality, fn.gg_input = "video", "pixels"  # (rewards.declare)
     return lambda: fn
 
 
