@@ -67,9 +67,9 @@ class Adapter(FlowAdapter):
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((B,), float(guidance_scale), device=latents.device, dtype=torch.float32)
         t = torch.full((B,), sigma, device=latents.device, dtype=latents.dtype)
-        out = model(hidden_states=self.model_input(latents), timestep=t, guidance=guidance, pooled_projections=cond["pooled"],
-                    encoder_hidden_states=cond["prompt_embeds"], txt_ids=cond["txt_ids"], img_ids=img_ids,
-                    return_dict=False)[0]
+        out = model(hidden_states=self.model_input(latents), timestep=t, guidance=guidance,
+                    pooled_projections=cond["pooled"], encoder_hidden_states=cond["prompt_embeds"],
+                    txt_ids=cond["txt_ids"], img_ids=img_ids, return_dict=False)[0]
         return out if self.velocity_dtype is None else out.to(self.velocity_dtype)
 
     def unpack(self, latents):
