@@ -39,6 +39,8 @@ VARIANTS = {
     "zero1-flux-lora-bf16": (1, "bf16", ["train.updates_per_step=2"]),
     # Wan text-to-video, ZeRO-2 + LoRA, float32
     "zero2-wan-lora": (2, "no", ["run.eval_every=0"]),
+    # Wan 2.2 A14B-like, both experts as one engine module: every backward touches one expert's parameters only
+    "zero2-wan-both-experts": (2, "no", ["run.eval_every=0", "model.expert=both"]),
 }
 
 

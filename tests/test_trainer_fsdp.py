@@ -29,6 +29,9 @@ VARIANTS = {
                       "train.gradient_checkpointing=true"],
     # Wan text-to-video: WanTransformerBlock sharded, video rewards, the evaluation's strip written by rank 0
     "wan-lora": ["run.eval_every=0"],
+    # Wan 2.2 A14B-like: both experts trained as one module (each block of both sharded), steps 0-1 on the high-noise
+    # expert and step 2 on the low-noise one, the same on every process
+    "wan-both-experts": ["run.eval_every=0", "model.expert=both"],
 }
 
 

@@ -15,15 +15,17 @@ OVERRIDES = ("train.updates_per_step=2", "train.warmup_steps=3", "train.ema=true
              "train.learning_rate=0.01")
 
 
-@pytest.mark.parametrize("family", ["sd3", "wan"])
-def test_resume_is_bit_exact(family, tmp_path):
-    """(Wan: with its evaluation every 2 steps, strips included.)"""
-    a = Trainer(tiny(family, tmp_path / "a", *OVERRIDES, steps=4))
+@pytest.mark.parametrize("family,extra", [("sd3", ()), ("wan", ()), ("wan", ("model.expert=both",))],
+                         ids=["sd3", "wan", "wan2.2-both-experts"])
+def test_resume_is_bit_exact(family, extra, tmp_path):
+    """(Wan: with its evaluation every 2 steps, strips included; Wan 2.2's two experts trained as one module.)"""
+    sets = OVERRIDES + extra
+    a = Trainer(tiny(family, tmp_path / "a", *sets, steps=4))
     a.train()
 
-    b1 = Trainer(tiny(family, tmp_path / "b", *OVERRIDES, steps=2))
+    b1 = Trainer(tiny(family, tmp_path / "b", *sets, steps=2))
     b1.train()
-    b2 = Trainer(tiny(family, tmp_path / "b", *OVERRIDES, steps=4))
+    b2 = Trainer(tiny(family, tmp_path / "b", *sets, steps=4))
     assert b2.resume() and b2.global_step == 2
     b2.train()
 

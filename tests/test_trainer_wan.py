@@ -336,6 +336,52 @@ def test_wan22_matches_the_pipeline(tmp_path):
                               theirs, rtol=1e-5, atol=1e-6)
 
 
+def test_wan22_trains_both_experts(tmp_path):
+    """model.expert both (the tiny config builds a two-expert pipeline): one module, one optimizer over both LoRA
+    sets; steps 0-1 train the high-noise expert, step 2 the low-noise one; on-policy; export one LoRA per expert."""
+    cfg = tiny("wan", tmp_path / "run", "model.expert=both", "run.save_every=0", "run.eval_every=0",
+               "train.learning_rate=0.05")
+    t = Trainer(cfg)
+    assert isinstance(t.adapter.transformer, wan.Experts) and t.adapter.frozen_expert is None
+    assert {n.split(".")[0] for n in t.named_params} == {"high", "low"}
+    init = {n: p.detach().clone() for n, p in t.named_params.items()}
+    rec = t.step()
+    assert [ts["index"] for ts in rec["updates"][0]["timesteps"]] == [0, 1, 2]
+    assert all(ts["ratio_mean"] == 1.0 for ts in rec["updates"][0]["timesteps"])
+    moved = {n.split(".")[0] for n, p in t.named_params.items() if not torch.equal(p, init[n])}
+    assert moved == {"high", "low"}
+    # export: <dir>/high into transformer, <dir>/low into transformer_2 give the trained velocities
+    t.export_lora(str(tmp_path / "lora"))
+    fresh = build_adapter(cfg.model, seed=cfg.run.seed)
+    fresh.pipe.load_lora_weights(str(tmp_path / "lora" / "high"))
+    fresh.pipe.load_lora_weights(str(tmp_path / "lora" / "low"), load_into_transformer_2=True)
+    x = torch.randn(2, *fresh.latent_shape())
+    cond = fresh.encode_prompts(["a red cat", "digit 7"])
+    sig = fresh.sigmas(4)
+    t.adapter.sigmas(4)
+    for s in (sig[0], sig[2]):  # one high-noise, one low-noise step
+        assert fresh.expert_at(s) == ("high" if s == sig[0] else "low")
+        want = t.adapter.velocity(t.adapter.transformer, x, s, cond, 3.0)
+        torch.testing.assert_close(fresh.velocity(fresh.transformer, x, s, cond, 3.0), want, rtol=1e-5, atol=1e-6)
+
+
+def test_wan22_both_experts_under_sharding_need_aligned_windows(tmp_path):
+    """With per-micro-batch SDE windows across the boundary, two processes could run different experts at the same
+    time (a deadlock under FSDP2 / DeepSpeed): experts_vary says so; shared or one-sided windows are fine."""
+    def vary(*sets):
+        cfg = tiny("wan", tmp_path, "model.expert=both", "sample.sde_window_size=1", *sets)
+        adapter = build_adapter(cfg.model)
+        return adapter.experts_vary(cfg.sample)
+    assert vary("sample.sde_window_range=[0,3]")
+    assert not vary("sample.sde_window_range=[0,3]", "sample.sde_window_per=step")
+    assert not vary("sample.sde_window_range=[0,2]") and not vary("sample.sde_window_range=[2,3]")
+    cfg = tiny("wan", tmp_path, "model.expert=both", "sample.sde_window_size=1", "sample.sde_window_range=[0,3]")
+    adapter = build_adapter(cfg.model)
+    adapter.configure(cfg.sample)  # DDP-style: fine
+    with pytest.raises(ValueError, match=r"model\.expert: both with sample\.sde_window_per: micro_batch .*FSDP2"):
+        adapter.configure(cfg.sample, lockstep=True)
+
+
 def test_wan22_expert_config_errors(tmp_path):
     # before any weights load: from model_index.json
     index = {"transformer_2": ["diffusers", "WanTransformer3DModel"], "boundary_ratio": 0.875}
@@ -347,7 +393,7 @@ def test_wan22_expert_config_errors(tmp_path):
         wan.check_experts({"transformer_2": [None, None]}, "high", "x")
     with pytest.raises(ConfigError, match=r"model\.expert is a video key"):
         tiny("sd3", tmp_path, "model.expert=high")
-    with pytest.raises(ConfigError, match=r"model\.expert must be high, low or null"):
+    with pytest.raises(ConfigError, match=r"model\.expert must be high, low, both or null"):
         tiny("wan", tmp_path, "model.expert=middle")
     with pytest.raises(ConfigError, match=r"sample\.guidance_scale_2 is the low-noise expert's"):
         tiny("sd3", tmp_path, "sample.guidance_scale_2=3")

@@ -74,9 +74,10 @@ class FlowAdapter:
         return self
 
     # --- what subclasses implement ------------------------------------------------------------------
-    def configure(self, sample) -> None:
+    def configure(self, sample, lockstep: bool = False) -> None:
         """Take the sampling options it needs from a :class:`~grpo_guard.trainer.config.SampleConfig` and check
-        them against the loaded pipeline (raise :class:`AdapterConfigError` naming the key). Default: nothing."""
+        them against the loaded pipeline (raise :class:`AdapterConfigError` naming the key). ``lockstep``: every
+        process must run the same modules at the same time (FSDP2, DeepSpeed). Default: nothing."""
 
     def encode_prompts(self, prompts: Sequence[str], negative_prompt: str = "") -> Cond:
         """Prompt embeddings of a batch (and, for CFG, of ``negative_prompt``), detached."""
@@ -155,7 +156,8 @@ def build_adapter(model_cfg, device: Optional[torch.device] = None, seed: int = 
     module = family_module(model_cfg.family)
     dtype = DTYPES[model_cfg.dtype]
     if model_cfg.tiny:
-        pipe = module.tiny_pipeline(seed=seed, dtype=dtype)
+        options = getattr(module, "tiny_options", lambda m: {})(model_cfg)  # (Wan: a second expert)
+        pipe = module.tiny_pipeline(seed=seed, dtype=dtype, **options)
     else:
         if hasattr(module, "check_experts"):  # Wan 2.2 A14B needs model.expert: checked before the weights load
             try:

@@ -16,9 +16,10 @@ and Wan 2.2 TI2V-5B used as text-to-video.
   scheduler's shift.
 - Wan 2.2 TI2V-5B (``expand_timesteps``): the timestep is given per latent token, as the pipeline does.
 - Wan 2.2 A14B (two experts: ``transformer`` for timesteps ``t >= boundary_ratio * 1000``, ``transformer_2``
-  below, with ``guidance_scale_2``): one expert is trained (``model.expert``: high or low) and is
-  :attr:`Adapter.transformer`; the other is frozen and samples its own steps (rollout and evaluation), so every
-  trained step must lie on the trained expert's side (:meth:`Adapter.configure` checks the config).
+  below, with ``guidance_scale_2``), ``model.expert``: ``high`` or ``low`` trains that expert (it is
+  :attr:`Adapter.transformer`) while the other is frozen and samples its own steps (rollout and evaluation), so every
+  trained step must lie on the trained expert's side (:meth:`Adapter.configure` checks the config); ``both`` trains
+  the two as one module (:class:`Experts`), each step routed to its expert.
 """
 from __future__ import annotations
 
@@ -45,7 +46,46 @@ LORA_TARGETS = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
                 "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
                 "ffn.net.0.proj", "ffn.net.2"]
 
-EXPERTS = ("high", "low")
+EXPERTS = ("high", "low", "both")
+
+
+class Experts(torch.nn.Module):
+    """Wan 2.2 A14B's two experts trained together (``model.expert: both``): ``high`` (the pipeline's
+    ``transformer``) and ``low`` (``transformer_2``) as one module, so that accelerate prepares one model (DDP,
+    FSDP2, DeepSpeed), one optimizer holds both LoRA sets (or weights) and one checkpoint both.
+    ``forward(..., expert="high" | "low")`` runs one expert; the diffusers / peft methods the trainer calls apply
+    to both."""
+
+    def __init__(self, high: torch.nn.Module, low: torch.nn.Module):
+        super().__init__()
+        self.high, self.low = high, low
+
+    def forward(self, *args, expert: str, **kwargs):
+        return (self.high if expert == "high" else self.low)(*args, **kwargs)
+
+    def add_adapter(self, config, adapter_name: str = "default"):
+        self.high.add_adapter(config, adapter_name)
+        self.low.add_adapter(copy.deepcopy(config), adapter_name)
+
+    def enable_gradient_checkpointing(self):
+        self.high.enable_gradient_checkpointing()
+        self.low.enable_gradient_checkpointing()
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.high.gradient_checkpointing and self.low.gradient_checkpointing
+
+    def disable_adapters(self):
+        self.high.disable_adapters()
+        self.low.disable_adapters()
+
+    def enable_adapters(self):
+        self.high.enable_adapters()
+        self.low.enable_adapters()
+
+    @property
+    def peft_config(self):
+        return self.high.peft_config
 
 
 def has_two_experts(config: dict) -> bool:
@@ -63,9 +103,9 @@ def check_experts(config: dict, expert: Optional[str], where: str) -> None:
     if has_two_experts(config) and expert is None:
         raise AdapterConfigError(
             f"{where} has two experts (Wan 2.2 A14B: transformer for the steps with timestep >= boundary_ratio x "
-            "1000, transformer_2 below): set model.expert to the one to train, high (transformer) or low "
-            "(transformer_2); the other stays frozen and samples its own steps, and every trained step must be "
-            "one of the trained expert's")
+            "1000, transformer_2 below): set model.expert to both (train the two, each on its own steps), or to "
+            "the one to train, high (transformer) or low (transformer_2), while the other stays frozen and samples "
+            "its own steps (every trained step must then be the trained expert's)")
     if not has_two_experts(config) and expert is not None:
         raise AdapterConfigError(f"model.expert={expert!r} is for two-expert pipelines (Wan 2.2 A14B); {where} "
                                  "has one transformer: remove it")
@@ -78,7 +118,6 @@ class WanCond(Cond):
 class Adapter(FlowAdapter):
     family = "wan"
     default_max_sequence_length = MAX_SEQUENCE_LENGTH
-    input_projection = "patch_embedding"
     modality = "video"
 
     def __init__(self, pipe, resolution: int = 480, max_sequence_length: int = MAX_SEQUENCE_LENGTH,
@@ -86,14 +125,16 @@ class Adapter(FlowAdapter):
                  flow_shift: Optional[float] = None, expert: Optional[str] = None):
         self.expert = expert
         self.two_experts = getattr(pipe, "transformer_2", None) is not None
+        self._experts = Experts(pipe.transformer, pipe.transformer_2) if expert == "both" else None
         check_experts({"transformer_2": getattr(pipe, "transformer_2", None)}, expert, "the pipeline")
         if self.two_experts and pipe.config.get("boundary_ratio") is None:
             raise AdapterConfigError("the pipeline has transformer_2 but no boundary_ratio: which expert samples "
                                      "which step is undefined")
         super().__init__(pipe, resolution, max_sequence_length)
         self.guidance_scale_2: Optional[float] = None  # the low-noise expert's CFG weight (configure())
-        if self.two_experts:
+        if self.frozen_expert is not None:
             self.frozen_expert.requires_grad_(False).eval()
+        if self.two_experts:
             self.boundary = pipe.config.boundary_ratio * pipe.scheduler.config.num_train_timesteps
         self.height = int(height or resolution)
         self.width = int(width or resolution)
@@ -112,15 +153,31 @@ class Adapter(FlowAdapter):
     # --- experts (Wan 2.2 A14B) -----------------------------------------------------------------------------
     @property
     def transformer(self) -> torch.nn.Module:
-        """The trained transformer: the pipeline's, or with two experts ``model.expert``'s."""
+        """The trained transformer: the pipeline's, or with two experts ``model.expert``'s (both: :class:`Experts`)."""
+        if self._experts is not None:
+            return self._experts
         return self.pipe.transformer_2 if self.expert == "low" else self.pipe.transformer
 
     @property
     def frozen_expert(self) -> Optional[torch.nn.Module]:
-        """The expert that is not trained (two-expert pipelines only)."""
-        if not self.two_experts:
+        """The expert that is not trained (two-expert pipelines trained on one expert only)."""
+        if not self.two_experts or self.expert == "both":
             return None
         return self.pipe.transformer if self.expert == "low" else self.pipe.transformer_2
+
+    def model_input(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents.to(self.pipe.transformer.patch_embedding.weight.dtype)  # (both experts have one dtype)
+
+    def experts_vary(self, sample) -> bool:
+        """Whether, with ``model.expert: both``, the same trained position of two micro-batches (or processes) can
+        belong to different experts: SDE windows drawn per micro-batch over a range that spans the boundary. Under
+        FSDP2 / DeepSpeed every process must then run the same expert at the same time (collectives): refused."""
+        if self.expert != "both" or sample.sde_window_size <= 0 or sample.sde_window_per == "step":
+            return False
+        sig = self.sigmas(sample.num_steps)
+        lo, hi = sample.sde_window_range
+        starts = range(lo, hi - sample.sde_window_size + 1)
+        return any(len({self.expert_at(sig[s + p]) for s in starts}) > 1 for p in range(sample.sde_window_size))
 
     def expert_at(self, sigma: float) -> Optional[str]:
         """Which expert the pipeline runs at ``sigma``: "high" if its timestep >= boundary_ratio x 1000, else
@@ -129,13 +186,20 @@ class Adapter(FlowAdapter):
             return None
         return "high" if self._timestep_value(sigma)[0] >= self.boundary else "low"
 
-    def configure(self, sample) -> None:
+    def configure(self, sample, lockstep: bool = False) -> None:
         """Sampling options of a :class:`~grpo_guard.trainer.config.SampleConfig`: ``guidance_scale_2`` (the
         low-noise expert's CFG weight; null = guidance_scale, as the pipeline), and with two experts, that every
         step that can be trained (the first ``int(N * timestep_fraction)``, or all of ``sde_window_range``) is one
-        of the trained expert's."""
+        of the trained expert's; with ``both`` under ``lockstep`` (FSDP2, DeepSpeed), that every process runs the same
+        expert at the same time (:meth:`experts_vary`)."""
         self.guidance_scale_2 = sample.guidance_scale_2
-        if not self.two_experts:
+        if lockstep and self.experts_vary(sample):
+            raise AdapterConfigError(
+                f"model.expert: both with sample.sde_window_per: micro_batch and sample.sde_window_range "
+                f"{sample.sde_window_range} across the expert boundary: under FSDP2 / DeepSpeed every process must run "
+                "the same expert at the same time; set sample.sde_window_per: step, or a window range inside one "
+                "expert's steps")
+        if not self.two_experts or self.expert == "both":
             return
         sig = self.sigmas(sample.num_steps)
         if sample.sde_window_size > 0:
@@ -164,7 +228,7 @@ class Adapter(FlowAdapter):
 
     def check_shape(self) -> None:
         """The frame count and the resolution this VAE and patch size take (the pipeline would round them)."""
-        ft, patch = self.temporal_scale, self.transformer.config.patch_size
+        ft, patch = self.temporal_scale, self.pipe.transformer.config.patch_size
         if self.num_frames < 1 or (self.num_frames - 1) % ft:
             raise AdapterConfigError(f"model.num_frames={self.num_frames}: this VAE needs num_frames = {ft}k + 1 "
                                      f"(e.g. {ft * 8 + 1} or {ft * 20 + 1})")
@@ -177,7 +241,7 @@ class Adapter(FlowAdapter):
     def latent_shape(self) -> Tuple[int, ...]:
         s = self.latent_scale
         frames = (self.num_frames - 1) // self.temporal_scale + 1
-        return (self.transformer.config.in_channels, frames, self.height // s, self.width // s)
+        return (self.pipe.transformer.config.in_channels, frames, self.height // s, self.width // s)
 
     # --- prompts ------------------------------------------------------------------------------------------
     def _encode(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -185,7 +249,7 @@ class Adapter(FlowAdapter):
             pe, _ = self.pipe.encode_prompt(prompt=list(prompts), do_classifier_free_guidance=False,
                                             max_sequence_length=self.max_sequence_length, device=self.device)
         # the pipeline casts the embeddings to the transformer's dtype; its text projection is what reads them
-        return pe.to(self.transformer.condition_embedder.text_embedder.linear_1.weight.dtype)
+        return pe.to(self.pipe.transformer.condition_embedder.text_embedder.linear_1.weight.dtype)
 
     def encode_prompts(self, prompts: Sequence[str], negative_prompt: str = "") -> WanCond:
         cache = self.__dict__.setdefault("_negative", {})
@@ -241,7 +305,7 @@ class Adapter(FlowAdapter):
         if not self.pipe.config.get("expand_timesteps", False):
             return torch.full((batch,), value, dtype=dtype, device=device)
         _, f, h, w = self.latent_shape()
-        p = self.transformer.config.patch_size
+        p = self.pipe.transformer.config.patch_size
         tokens = (f // p[0]) * (h // p[1]) * (w // p[2])
         return torch.full((batch, tokens), value, dtype=torch.float32, device=device)
 
@@ -251,7 +315,10 @@ class Adapter(FlowAdapter):
         frozen expert runs it instead, and a low-noise step uses ``guidance_scale_2`` when set."""
         t = self.timestep(sigma, latents.shape[0], latents.device)
         expert = self.expert_at(sigma)
-        if expert is not None and expert != self.expert:
+        route = {}
+        if self.expert == "both":  # model is Experts (or a wrapper of it): it runs the step's expert
+            route = {"expert": expert}
+        elif expert is not None and expert != self.expert:
             model = self.frozen_expert
         if expert == "low" and self.guidance_scale_2 is not None:
             guidance_scale = self.guidance_scale_2
@@ -259,7 +326,8 @@ class Adapter(FlowAdapter):
         hidden = self.model_input(latents)  # the pipeline's latents.to(transformer_dtype)
 
         def forward(embeds):
-            out = model(hidden_states=hidden, timestep=t, encoder_hidden_states=embeds, return_dict=False)[0]
+            out = model(hidden_states=hidden, timestep=t, encoder_hidden_states=embeds, return_dict=False,
+                        **route)[0]
             return out if self.velocity_dtype is None else out.to(self.velocity_dtype)
         v = forward(cond["prompt_embeds"])
         if not (cfg and guidance_scale > 1.0):
@@ -287,6 +355,14 @@ class Adapter(FlowAdapter):
         x = latents.to(vae.dtype) * std + mean
         video = vae.decode(x, return_dict=False)[0]  # (B, 3, F, H, W) in [-1, 1]
         return (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1)
+
+
+TINY_BOUNDARY = 0.8  # tiny two-expert pipelines: at 4 steps (timesteps 999, 900, 750, 500) steps 0-1 high, 2-3 low
+
+
+def tiny_options(m) -> dict:
+    """tiny_pipeline's options for a model config: a second expert when ``model.expert`` is set."""
+    return {"boundary_ratio": TINY_BOUNDARY} if m.expert is not None else {}
 
 
 def tiny_transformer(seed: int = 0, in_channels: int = 4):

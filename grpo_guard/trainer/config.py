@@ -40,8 +40,9 @@ class ModelConfig:
     height: Optional[int] = None        # wan: frame height in pixels (multiple of 16; None = resolution)
     width: Optional[int] = None         # wan: frame width in pixels (multiple of 16; None = resolution)
     num_frames: Optional[int] = None    # wan: frames per video, 4k + 1 (None = 81, WanPipeline's); images: unset
-    expert: Optional[str] = None        # wan 2.2 A14B (two experts): the one trained, high (transformer, timesteps >=
-                                        # boundary_ratio x 1000) or low (transformer_2); the other is frozen
+    expert: Optional[str] = None        # wan 2.2 A14B (two experts): what is trained: both, or high (transformer,
+                                        # timesteps >= boundary_ratio x 1000) or low (transformer_2) with the other
+                                        # frozen; tiny: true builds a two-expert tiny pipeline when set
     flow_shift: Optional[float] = None  # wan: the schedule's shift (None = the pipeline scheduler's: 3.0 for the
                                         # 480p checkpoints; Wan recommends 5.0 at 720p)
     use_lora: bool = True               # False = full fine-tuning of the transformer
@@ -389,8 +390,8 @@ def _check_video_keys(m: ModelConfig) -> None:
             raise ConfigError(f"model.{video_keys[0]} is a video key (model.family: wan); model.family "
                               f"{m.family!r} makes images of side model.resolution: remove it")
         return
-    if m.expert not in (None, "high", "low"):
-        raise ConfigError(f"model.expert must be high, low or null, got {m.expert!r}")
+    if m.expert not in (None, "high", "low", "both"):
+        raise ConfigError(f"model.expert must be high, low, both or null, got {m.expert!r}")
     if m.num_frames is not None and (m.num_frames - 1) % 4:
         raise ConfigError(f"model.num_frames={m.num_frames}: Wan's VAE needs 4k + 1 frames (e.g. 33 or 81)")
     for key in ("height", "width"):

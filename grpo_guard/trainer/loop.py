@@ -118,7 +118,8 @@ class Trainer:
         rw.check_modality(self.gold, modality, "gold")
         try:
             self.adapter = adapter or build_adapter(cfg.model, seed=cfg.run.seed)
-            self.adapter.configure(cfg.sample)
+            # FSDP2 and DeepSpeed run collectives inside the forward / backward: every process in lockstep
+            self.adapter.configure(cfg.sample, lockstep=self.deepspeed or sharding.is_fsdp2(self.acc))
         except AdapterConfigError as exc:
             raise ConfigError(str(exc)) from None
         self.adapter.to(self.acc.device)
@@ -382,9 +383,10 @@ class Trainer:
                                engine=self.model if self.deepspeed else None)
 
     def export_lora(self, directory: str, use_ema: Optional[bool] = None) -> str:
-        """Write the trained LoRA in diffusers' format (``pipe.load_lora_weights(directory)`` loads it);
-        main process only. ``use_ema`` (default: when ``train.ema``) writes the EMA weights, as flow_grpo saves
-        its LoRA. Returns the directory."""
+        """Write the trained LoRA in diffusers' format (``pipe.load_lora_weights(directory)`` loads it; Wan 2.2's
+        low-noise expert: ``load_lora_weights(directory, load_into_transformer_2=True)``; both experts: one LoRA each
+        in ``directory/high`` and ``directory/low``); main process only. ``use_ema`` (default: when ``train.ema``)
+        writes the EMA weights, as flow_grpo saves its LoRA. Returns the directory."""
         if not self.cfg.model.use_lora:
             raise ValueError("export_lora needs model.use_lora: true (full fine-tuning: save the transformer)")
         if use_ema and self.ema is None:
@@ -393,15 +395,18 @@ class Trainer:
 
         use_ema = self.ema is not None if use_ema is None else use_ema
         model = self.model if self.sharded else None
+        # Wan 2.2 A14B with model.expert both: one LoRA per expert, in <directory>/high and <directory>/low
+        trained = self.adapter.transformer
+        parts = [("high", trained.high), ("low", trained.low)] if hasattr(trained, "high") else [("", trained)]
         sharding.reshard(model)  # the EMA swap writes the sharded parameters
         with self.ema.applied(self.params) if use_ema else contextlib.nullcontext():
-            layers = {n: sharding.full(t).clone() for n, t in
-                      get_peft_model_state_dict(self.adapter.transformer).items()}
+            layers = [{n: sharding.full(t).clone() for n, t in get_peft_model_state_dict(m).items()} for _, m in parts]
             sharding.reshard(model)  # drop gathered copies before the EMA context restores the weights
         if self.acc.is_main_process:  # (the gather above is collective under FSDP2)
-            meta = self.adapter.transformer.peft_config["default"].to_dict()  # keeps alpha (scale = alpha / r)
-            type(self.adapter.pipe).save_lora_weights(directory, transformer_lora_layers=layers,
-                                                      transformer_lora_adapter_metadata=meta)
+            for (sub, m), lay in zip(parts, layers):
+                meta = m.peft_config["default"].to_dict()  # keeps alpha (scale = alpha / r)
+                type(self.adapter.pipe).save_lora_weights(os.path.join(directory, sub), transformer_lora_layers=lay,
+                                                          transformer_lora_adapter_metadata=meta)
         self.acc.wait_for_everyone()
         return directory
 
