@@ -25,9 +25,9 @@
 # STEPS (comma-separated) picks steps by name: tests, cuda, bench, trainer, deepspeed, sweep, compile, ab,
 # sweep_fused, host, fp16, wheel, wan (default: all but ab, sweep_fused, wheel and wan). GRPO_GUARD_TRITON_FUSED=0 runs everything on the
 # split Triton kernels (the single-launch ones are the default since 2026-11-30). The next session should run
-#   STEPS=tests,cuda,bench,compile BUDGET=480 bash benchmarks/gpu_check.sh
-# (the op tests, the cuda backend's compile/opcheck tests that have not run on a GPU yet, the full benchmark table
-# with the single-launch default, the torch.compile baselines).
+#   STEPS=tests,cuda,bench,wan,wheel BUDGET=540 bash benchmarks/gpu_check.sh
+# (the op tests incl. Flow-DPPO, the cuda backend's compile/opcheck tests that have not run on a GPU yet, the full
+# benchmark table with the single-launch default, the Wan 1.3B trainer step (issue 12), the platform wheel).
 set -u
 STEPS=${STEPS:-tests,cuda,bench,trainer,deepspeed,fp16,sweep,compile,host}
 want() { [[ ",$STEPS," == *",$1,"* ]]; }
