@@ -38,7 +38,6 @@ except ImportError:  # pragma: no cover - the train extra is missing
 
 MAX_SEQUENCE_LENGTH = 512  # UMT5 tokens of a prompt (WanPipeline's and flow_grpo's)
 NUM_FRAMES = 81            # WanPipeline's default
-TEMPORAL_FACTOR = 4        # frames per latent frame of every Wan VAE (2.1 and 2.2): num_frames = 4k + 1
 
 # self-attention, cross-attention and the FFN of every block (Flow-Factory's Wan default; flow_grpo's Wan recipe
 # hits the attention projections only)

@@ -353,7 +353,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                           f"(model.family: wan); family {m.family!r} has no second expert: remove it")
     if not cfg.rewards.proxy:
         raise ConfigError("rewards.proxy is empty: list at least one reward to optimize")
-    from .rewards import BUILTIN_MODALITY, mismatch
+    from .rewards import BUILTIN_MODALITY, mismatch, reserved
 
     modality = "video" if m.family in VIDEO_FAMILIES else "image"
     seen = {}
@@ -362,7 +362,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
             if not spec.name:
                 raise ConfigError(f"rewards.{kind}[{i}].name is empty")
             key = spec.label or spec.name
-            if key == "proxy" or "/" in key:  # reward/proxy_* is the weighted sum; "/" nests metric names
+            if reserved(key):
                 raise ConfigError(f"rewards.{kind}[{i}] is keyed {key!r} in the metrics: 'proxy' and names with '/' "
                                   "are reserved; set rewards.<kind>[i].label")
             if spec.name in BUILTIN_MODALITY and BUILTIN_MODALITY[spec.name] != modality:

@@ -210,20 +210,18 @@ class Trainer:
             batch, final = sample_batch(self.adapter, self.adapter.transformer, prompts, self.cfg, self.global_step,
                                         [s.sample_id for s in mb], [s.group_id for s in mb], meta,
                                         autocast=self.updater.autocast)
-            batch.rewards = self._score(final, prompts, meta)
+            batch.rewards, _ = self._score(final, prompts, meta)
             batch.proxy_reward = rw.weighted_sum(batch.rewards, self.proxy)
             batches.append(batch)
         return batches
 
-    def _score(self, final: torch.Tensor, prompts, meta, media: Optional[list] = None) -> Dict[str, torch.Tensor]:
-        """Every proxy and gold reward of final latents ``final``: decoded (images / frames) only if some reward
-        reads pixels. ``media``: a list that receives the decoded pixels."""
+    def _score(self, final: torch.Tensor, prompts, meta, keep_pixels: bool = False):
+        """Every proxy and gold reward of final latents ``final`` (name -> (B,)), and the decoded images / frames
+        (None unless some reward reads pixels or ``keep_pixels``): the decode runs only when needed."""
         rewards = self.proxy + self.gold
-        pixels = self.adapter.decode(final) if rw.needs_pixels(rewards) or media is not None else None
-        if media is not None:
-            media.append(pixels)
-        latents = self.adapter.unpack(final) if any(rw.wants_latents(r.fn) for r in rewards) else None
-        return rw.evaluate(rewards, pixels, prompts, meta, latents=latents)
+        pixels = self.adapter.decode(final) if keep_pixels or rw.needs_pixels(rewards) else None
+        latents = self.adapter.unpack(final) if rw.needs_latents(rewards) else None
+        return rw.evaluate(rewards, pixels, prompts, meta, latents=latents), pixels
 
     def advantages(self, batches: List[RolloutBatch]) -> Dict[str, torch.Tensor]:
         """Group-relative advantages over the rewards gathered from every process (groups span processes)."""
@@ -350,11 +348,10 @@ class Trainer:
                 x = generate(self.adapter, self.adapter.transformer, ps, cfg, chunk, cfg.run.eval_num_steps or None,
                              autocast=self.updater.autocast)
                 keep = weight and r == 0 and len(saved) < cfg.run.eval_media
-                media_now = [] if keep else None
-                vals = self._score(x, ps, [{} for _ in ps], media=media_now)
+                vals, decoded = self._score(x, ps, [{} for _ in ps], keep_pixels=keep)
                 if keep:  # only what is written, on the host (the rest of the evaluation's memory stays free)
                     n = min(len(ps), cfg.run.eval_media - len(saved))
-                    pixels.append(media_now[0][:n].cpu())
+                    pixels.append(decoded[:n].cpu())
                     saved += ps[:n]
                 proxy = rw.weighted_sum(vals, self.proxy)
                 cols = [vals[q.name] for q in self.proxy + self.gold] + [proxy, torch.ones_like(proxy)]

@@ -9,6 +9,8 @@ from typing import Sequence
 
 import torch
 
+from .video_rewards import frame_indices
+
 FRAMES = 8
 FPS = 8
 
@@ -23,9 +25,7 @@ def strip(pixels: torch.Tensor, frames: int = FRAMES) -> torch.Tensor:
     if pixels.dim() == 4:  # images: one column
         cells = pixels.permute(0, 2, 3, 1)[:, None]
     else:
-        F = pixels.shape[1]
-        idx = torch.linspace(0, F - 1, min(frames, F)).round().long()
-        cells = pixels[:, idx]
+        cells = pixels[:, frame_indices(pixels.shape[1], frames=frames)]
     B, n, H, W, _ = cells.shape
     return cells.permute(0, 2, 1, 3, 4).reshape(B * H, n * W, 3)
 

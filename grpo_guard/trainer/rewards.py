@@ -233,6 +233,16 @@ def needs_pixels(rewards: Sequence[Reward]) -> bool:
     return any(not wants_latents(r.fn) for r in rewards)
 
 
+def needs_latents(rewards: Sequence[Reward]) -> bool:
+    """Whether some reward reads the final latents."""
+    return any(wants_latents(r.fn) for r in rewards)
+
+
+def reserved(name: str) -> bool:
+    """Names a reward cannot have in the metrics: reward/proxy_* is the weighted sum, and a '/' nests names."""
+    return name == "proxy" or "/" in name
+
+
 def evaluate(rewards: Sequence[Reward], images: Optional[torch.Tensor], prompts: Sequence[str],
              metadata: Sequence[dict], latents: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     """Every reward on the batch: name -> (B,) float32, checked (shape, finiteness) with clear errors. ``images``:
@@ -243,7 +253,7 @@ def evaluate(rewards: Sequence[Reward], images: Optional[torch.Tensor], prompts:
     for r in rewards:
         if r.name in out:  # values are keyed by name: a second reward of that name would replace the first
             raise RewardError(f"two rewards are named {r.name!r}; proxy and gold rewards need distinct names")
-        if r.name == "proxy" or "/" in r.name:  # reward/proxy_* is the weighted sum; "/" nests metric names
+        if reserved(r.name):
             raise RewardError(f"reward name {r.name!r} is reserved ('proxy', or a '/'); rename it")
         x = latents if wants_latents(r.fn) else images
         if x is None:

@@ -77,8 +77,11 @@ class PerFrame:
             raise ValueError(f"per_frame wraps an image reward of pixels; {reward!r} is a video or latent reward")
         self.name = reward if isinstance(reward, str) else getattr(reward, "__name__", type(reward).__name__)
         self.reduction, self.stride, self.frames, self.batch_frames = reduction, stride, frames, batch_frames
+        self.reward = rw.Reward(self.name, self.fn)
 
     def __call__(self, videos, prompts, metadata):
+        from . import rewards as rw
+
         _check(videos, f"per_frame({self.name})")
         B, F = videos.shape[:2]
         idx = frame_indices(F, self.stride, self.frames)
@@ -87,14 +90,10 @@ class PerFrame:
         ps = [p for p in prompts for _ in range(k)]
         ms = [m for m in metadata for _ in range(k)]
         step = self.batch_frames or B * k
-        scores = []
-        for i in range(0, B * k, step):
-            val = self.fn(images[i:i + step], ps[i:i + step], ms[i:i + step])
-            val = torch.as_tensor(val, dtype=torch.float32, device=videos.device).reshape(-1)
-            if val.numel() != len(ps[i:i + step]):
-                raise ValueError(f"image reward {self.name!r} returned {val.numel()} values for "
-                                 f"{len(ps[i:i + step])} frames")
-            scores.append(val.float())
+        inner = [self.reward]
+        # each call checked as any reward's (one value per frame, finite; errors name the frames' prompts)
+        scores = [rw.evaluate(inner, images[i:i + step], ps[i:i + step], ms[i:i + step])[self.name]
+                  for i in range(0, B * k, step)]
         return REDUCTIONS[self.reduction](torch.cat(scores).view(B, k))
 
 
