@@ -6,8 +6,17 @@
 // autograd.Functions live in Python.
 #include <torch/extension.h>
 
+#ifdef GG_EMULATE  // tests/cuda_emu: the same kernels run on the CPU through an emulator, on CPU tensors
+#define GG_ON_DEVICE(t) ((t).is_cpu())
+#define GG_DEVICE_GUARD(device)
+#define GG_STREAM() nullptr
+#else
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#define GG_ON_DEVICE(t) ((t).is_cuda())
+#define GG_DEVICE_GUARD(device) const c10::cuda::CUDAGuard guard(device)
+#define GG_STREAM() c10::cuda::getCurrentCUDAStream().stream()
+#endif
 
 #include <optional>
 #include <vector>
@@ -49,7 +58,7 @@ int64_t batch_stride(const Tensor& t) { return t.size(0) > 1 ? t.stride(0) : t.n
 int64_t batch_stride(const OptTensor& t) { return t.has_value() && t->defined() ? batch_stride(*t) : 0; }
 
 void check_latent(const char* name, const Tensor& t, const Tensor& like, at::ScalarType dtype) {
-  TORCH_CHECK(t.is_cuda(), "grpo_guard._C: ", name, " must be a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK(GG_ON_DEVICE(t), "grpo_guard._C: ", name, " must be a CUDA tensor, got one on ", t.device());
   TORCH_CHECK(t.device() == like.device(), "grpo_guard._C: ", name, " must be on ", like.device());
   TORCH_CHECK(t.dim() >= 1 && t.size(0) == like.size(0) && samples_contiguous(t), "grpo_guard._C: ", name,
               " must have ", like.size(0), " contiguous samples (any stride over the batch dim)");
@@ -64,7 +73,7 @@ void check_opt(const char* name, const OptTensor& t, const Tensor& like, at::Sca
 
 void check_vector(const char* name, const OptTensor& t, const Tensor& like, int64_t B, at::ScalarType dtype) {
   if (!t.has_value() || !t->defined()) return;
-  TORCH_CHECK(t->is_cuda() && t->device() == like.device() && t->is_contiguous() && t->numel() == B &&
+  TORCH_CHECK(GG_ON_DEVICE(*t) && t->device() == like.device() && t->is_contiguous() && t->numel() == B &&
                   t->scalar_type() == dtype,
               "grpo_guard._C: ", name, " must be a contiguous ", dtype, " tensor of ", B, " elements on ",
               like.device());
@@ -109,7 +118,7 @@ std::vector<Tensor> sde_forward(const Tensor& v, const Tensor& x, const OptTenso
   check_opt("noise", noise, v, TC);
   const bool rollout = !(prev.has_value() && prev->defined());
   TORCH_CHECK(!rollout || (noise.has_value() && noise->defined()), "grpo_guard._C: a rollout needs noise");
-  const c10::cuda::CUDAGuard guard(v.device());
+  GG_DEVICE_GUARD(v.device());
   const gg_schedule sched = make_schedule(v, B, sigma, sigma_next, sigma_value, sigma_next_value, eta,
                                           sin_half_pi_eta, dynamics);
   const auto opts = v.options().dtype(TC);
@@ -134,7 +143,7 @@ std::vector<Tensor> sde_forward(const Tensor& v, const Tensor& x, const OptTenso
   a.s_x = batch_stride(x);
   a.s_prev = batch_stride(prev);
   a.s_noise = batch_stride(noise);
-  check_launch(gg_sde_forward(&a, &sched, c10::cuda::getCurrentCUDAStream().stream()), "sde_step forward");
+  check_launch(gg_sde_forward(&a, &sched, GG_STREAM()), "sde_step forward");
   std::vector<Tensor> out = {log_prob, mean, std_dev_t};
   if (rollout) out.push_back(prev_out);
   return out;
@@ -156,7 +165,7 @@ std::vector<Tensor> sde_backward(const OptTensor& g_mean, const OptTensor& g_pre
                   (!g_prev.has_value() || !g_prev->defined() || g_prev->is_contiguous()),
               "grpo_guard._C: the saved mean and the incoming gradients must be contiguous");
   check_vector("grad log_prob", g_logp, prev, B, TC);
-  const c10::cuda::CUDAGuard guard(prev.device());
+  GG_DEVICE_GUARD(prev.device());
   const gg_schedule sched = make_schedule(prev, B, sigma, sigma_next, sigma_value, sigma_next_value, eta,
                                           sin_half_pi_eta, dynamics);
   Tensor grad_v = need_v ? at::empty(prev.sizes(), prev.options()) : Tensor();
@@ -174,7 +183,7 @@ std::vector<Tensor> sde_backward(const OptTensor& g_mean, const OptTensor& g_pre
   a.grad_x = need_x ? grad_x.data_ptr() : nullptr;
   a.s_prev = batch_stride(prev);
   if (need_v || need_x)
-    check_launch(gg_sde_backward(&a, &sched, c10::cuda::getCurrentCUDAStream().stream()), "sde_step backward");
+    check_launch(gg_sde_backward(&a, &sched, GG_STREAM()), "sde_step backward");
   return {grad_v, grad_x};
 }
 
@@ -213,7 +222,7 @@ std::vector<Tensor> loss_forward(const Tensor& v, const Tensor& x, const Tensor&
   cfg.kl_threshold = kl_threshold;
   TORCH_CHECK(cfg.old_mode != GG_OLD_LOGP || (method == GG_GRPO && old_logp.has_value() && old_logp->defined()),
               "grpo_guard._C: without an old mean or velocity only method grpo with old_log_prob is defined");
-  const c10::cuda::CUDAGuard guard(v.device());
+  GG_DEVICE_GUARD(v.device());
   const gg_schedule sched = make_schedule(v, B, sigma, sigma_next, sigma_value, sigma_next_value, eta,
                                           sin_half_pi_eta, dynamics);
   const auto opts = v.options().dtype(TC);
@@ -244,7 +253,7 @@ std::vector<Tensor> loss_forward(const Tensor& v, const Tensor& x, const Tensor&
   a.s_x = batch_stride(x);
   a.s_prev = batch_stride(prev);
   a.s_old = batch_stride(mu_old) + batch_stride(v_old);  // at most one is given
-  check_launch(gg_loss_forward(&a, &sched, &cfg, c10::cuda::getCurrentCUDAStream().stream()), "policy_loss forward");
+  check_launch(gg_loss_forward(&a, &sched, &cfg, GG_STREAM()), "policy_loss forward");
   return {loss, stats, log_ratio, bias, coefs};
 }
 
@@ -262,7 +271,7 @@ Tensor loss_backward(const Tensor& v, const Tensor& x, const Tensor& prev, const
   check_opt("old_model_output", v_old, v, T);
   check_vector("coefs", coefs, v, 2 * B, TC);
   check_vector("grad loss", grad_loss, v, 1, TC);
-  const c10::cuda::CUDAGuard guard(v.device());
+  GG_DEVICE_GUARD(v.device());
   const gg_schedule sched = make_schedule(v, B, sigma, sigma_next, sigma_value, sigma_next_value, eta,
                                           sin_half_pi_eta, dynamics);
   Tensor grad_v = at::empty(v.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
@@ -283,7 +292,7 @@ Tensor loss_backward(const Tensor& v, const Tensor& x, const Tensor& prev, const
   a.s_x = batch_stride(x);
   a.s_prev = batch_stride(prev);
   a.s_old = batch_stride(mu_old) + batch_stride(v_old);
-  check_launch(gg_loss_backward(&a, &sched, c10::cuda::getCurrentCUDAStream().stream()), "policy_loss backward");
+  check_launch(gg_loss_backward(&a, &sched, GG_STREAM()), "policy_loss backward");
   return grad_v;
 }
 
@@ -341,7 +350,11 @@ TORCH_LIBRARY_FRAGMENT(grpo_guard, m) {
         "float sigma_next_value, float eta, float sin_half_pi_eta, int dynamics) -> Tensor");
 }
 
+#ifdef GG_EMULATE
+TORCH_LIBRARY_IMPL(grpo_guard, CPU, m) {
+#else
 TORCH_LIBRARY_IMPL(grpo_guard, CUDA, m) {
+#endif
   m.impl("sde_step_cuda", &sde_step_cuda);
   m.impl("sde_step_cuda_backward", &sde_step_cuda_backward);
   m.impl("policy_loss_cuda", &policy_loss_cuda);

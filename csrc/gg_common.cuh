@@ -154,6 +154,12 @@ __device__ __forceinline__ TC warp_sum_partials(const TC* p, int n) {
 
 }  // namespace gg
 
+// A kernel launch, `GG_LAUNCH(kernel, grid, block, stream)(args...)`: `kernel<<<grid, block, 0, stream>>>(args...)`.
+// tests/cuda_emu defines it first, to run the same kernels on the CPU.
+#ifndef GG_LAUNCH
+#define GG_LAUNCH(kernel, grid, block, stream) kernel<<<(grid), (block), 0, (stream)>>>
+#endif
+
 // Dispatch a storage dtype code to a template body with `scalar_t` bound.
 #define GG_DISPATCH(code, ...)                                                      \
   switch (code) {                                                                   \

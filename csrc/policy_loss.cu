@@ -249,11 +249,11 @@ extern "C" cudaError_t gg_loss_forward(const gg_loss_fwd_args* p, const gg_sched
   const unsigned int grid = static_cast<unsigned int>(p->B * nchunks);
   GG_DISPATCH(p->dtype, {
     using TC = typename Acc<scalar_t>::type;
-    loss_chunks<scalar_t><<<grid, kBlock, 0, stream>>>(
+    GG_LAUNCH(loss_chunks<scalar_t>, grid, kBlock, stream)(
         static_cast<const scalar_t*>(p->v), static_cast<const scalar_t*>(p->x), static_cast<const scalar_t*>(p->prev),
         static_cast<const TC*>(p->mu_old), static_cast<const scalar_t*>(p->v_old), cfg->old_mode,
         static_cast<TC*>(p->partial), p->D, nchunks, *sched, p->s_v, p->s_x, p->s_prev, p->s_old);
-    loss_finalize<TC><<<1, kBlock, 0, stream>>>(
+    GG_LAUNCH(loss_finalize<TC>, 1, kBlock, stream)(
         static_cast<const TC*>(p->partial), nchunks, p->B, p->D, *sched, *cfg, static_cast<const TC*>(p->adv),
         static_cast<const TC*>(p->old_logp), static_cast<TC*>(p->log_ratio), static_cast<TC*>(p->bias),
         static_cast<TC*>(p->coefs), static_cast<TC*>(p->work), static_cast<TC*>(p->loss), static_cast<TC*>(p->stats));
@@ -267,7 +267,7 @@ extern "C" cudaError_t gg_loss_backward(const gg_loss_bwd_args* p, const gg_sche
   const unsigned int grid = static_cast<unsigned int>(p->B * nchunks);
   GG_DISPATCH(p->dtype, {
     using TC = typename Acc<scalar_t>::type;
-    loss_backward_kernel<scalar_t><<<grid, kBlock, 0, stream>>>(
+    GG_LAUNCH(loss_backward_kernel<scalar_t>, grid, kBlock, stream)(
         static_cast<const scalar_t*>(p->v), static_cast<const scalar_t*>(p->x), static_cast<const scalar_t*>(p->prev),
         static_cast<const TC*>(p->mu_old), static_cast<const scalar_t*>(p->v_old), p->old_mode,
         static_cast<const TC*>(p->coefs), static_cast<const TC*>(p->grad_loss), static_cast<scalar_t*>(p->grad_v), p->D,

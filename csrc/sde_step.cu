@@ -106,14 +106,14 @@ extern "C" cudaError_t gg_sde_forward(const gg_sde_fwd_args* p, const gg_schedul
   const unsigned int fin_blocks = static_cast<unsigned int>((p->B * 32 + kBlock - 1) / kBlock);
   GG_DISPATCH(p->dtype, {
     using TC = typename Acc<scalar_t>::type;
-    sde_forward_chunks<scalar_t><<<chunk_grid(p->B, p->D), kBlock, 0, stream>>>(
+    GG_LAUNCH(sde_forward_chunks<scalar_t>, chunk_grid(p->B, p->D), kBlock, stream)(
         static_cast<const scalar_t*>(p->v), static_cast<const scalar_t*>(p->x),
         static_cast<const scalar_t*>(p->prev_in), static_cast<const TC*>(p->noise),
         static_cast<scalar_t*>(p->prev_out), static_cast<TC*>(p->mean), static_cast<TC*>(p->partial), p->D,
         nchunks, *sched, p->round_mode, p->s_v, p->s_x, p->s_prev, p->s_noise);
-    sde_finalize<TC><<<fin_blocks, kBlock, 0, stream>>>(static_cast<const TC*>(p->partial), nchunks, p->B, p->D,
-                                                        *sched, static_cast<TC*>(p->log_prob),
-                                                        static_cast<TC*>(p->std_dev_t));
+    GG_LAUNCH(sde_finalize<TC>, fin_blocks, kBlock, stream)(
+        static_cast<const TC*>(p->partial), nchunks, p->B, p->D, *sched, static_cast<TC*>(p->log_prob),
+        static_cast<TC*>(p->std_dev_t));
   });
   return cudaGetLastError();
 }
@@ -123,7 +123,7 @@ extern "C" cudaError_t gg_sde_backward(const gg_sde_bwd_args* p, const gg_schedu
   const int nchunks = static_cast<int>(gg_num_chunks(p->D));
   GG_DISPATCH(p->dtype, {
     using TC = typename Acc<scalar_t>::type;
-    sde_backward_kernel<scalar_t><<<chunk_grid(p->B, p->D), kBlock, 0, stream>>>(
+    GG_LAUNCH(sde_backward_kernel<scalar_t>, chunk_grid(p->B, p->D), kBlock, stream)(
         static_cast<const TC*>(p->g_mean), static_cast<const scalar_t*>(p->g_prev),
         static_cast<const TC*>(p->g_logp), static_cast<const scalar_t*>(p->prev), static_cast<const TC*>(p->mean),
         static_cast<scalar_t*>(p->grad_v), static_cast<scalar_t*>(p->grad_x), p->D, nchunks, *sched, p->s_prev);

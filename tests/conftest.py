@@ -2,7 +2,8 @@
 
 TRITON_INTERPRET=1 must be in the environment before any Triton kernel module is imported, so it is set
 here (before the tests import grpo_guard's kernels) whenever no CUDA GPU is present: the Triton backend then
-runs on CPU tensors through the interpreter.
+runs on CPU tensors through the interpreter. Likewise the cuda backend runs csrc's kernels through a CPU
+emulator (tests/_cuda_emu.py; GRPO_GUARD_TEST_CUDA_EMULATOR=0 turns it off).
 """
 import os
 import zlib
@@ -15,7 +16,12 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import grpo_guard as gg  # noqa: E402
+import _cuda_emu  # noqa: E402
 from _backends import backend_params  # noqa: E402
+
+# Without a GPU, the cuda backend runs csrc's kernels through the CPU emulator (tests/_cuda_emu.py), before the
+# backend parameters below are made: "cuda-cpu" then runs wherever "triton-cpu" does.
+_cuda_emu.install()
 
 
 def base_seed() -> int:

@@ -30,7 +30,11 @@ def test_env_var_and_context_manager(monkeypatch):
     assert gg.last_backend() == "torch"
 
 
-def test_explicit_unavailable_backend_raises():
+def test_explicit_unavailable_backend_raises(monkeypatch):
+    from grpo_guard.ops import cuda_backend
+    import _cuda_emu
+    monkeypatch.setattr(cuda_backend, "unsupported_reason",  # the package's own rule, not the emulator's
+                        _cuda_emu.PACKAGE_UNSUPPORTED_REASON or cuda_backend.unsupported_reason)
     reason = dispatch.unsupported_reason("cuda", torch.device("cpu"))
     assert reason  # the CUDA extension never runs on CPU tensors
     with gg.backend("cuda"):
