@@ -21,13 +21,18 @@
 #     budget: GRPO_GUARD_CUDA_ARCHS), installed into a clean folder, and the cuda-backend tests run from it -> wheel.log
 # 13. (wan) trainer step of a Wan 2.1 1.3B-sized transformer at 480p, 33 and 81 frames: s/step, videos/s, the ops'
 #     share, peak memory -> trainer_wan_<frames>.json
+# 14. (ab_cuda) the CUDA fallback's kernel sets side by side: the default vs the second (GRPO_GUARD_CUDA_V2=1: vector
+#     layout with 16-byte accesses, a rollout without the mean, checks in the kernels), GPU time -> ab_cuda_v2_*.csv,
+#     and host time per call -> host_overhead_cuda_v2_*.csv.
+#     Its correctness on the GPU is step 3 (tests/test_cuda_backend.py and the kernel-set tests run both sets).
 #
 # STEPS (comma-separated) picks steps by name: tests, cuda, bench, trainer, deepspeed, sweep, compile, ab,
-# sweep_fused, host, fp16, wheel, wan (default: all but ab, sweep_fused, wheel and wan). GRPO_GUARD_TRITON_FUSED=0 runs everything on the
+# sweep_fused, host, fp16, wheel, wan, ab_cuda (default: all but ab, sweep_fused, wheel, wan and ab_cuda). GRPO_GUARD_TRITON_FUSED=0 runs everything on the
 # split Triton kernels (the single-launch ones are the default since 2026-11-30). The next session should run
-#   STEPS=tests,cuda,bench,wan,wheel BUDGET=540 bash benchmarks/gpu_check.sh
-# (the op tests incl. Flow-DPPO, the cuda backend's compile/opcheck tests that have not run on a GPU yet, the full
-# benchmark table with the single-launch default, the Wan 1.3B trainer step (issue 12), the platform wheel).
+#   STEPS=tests,cuda,ab_cuda,bench,wan,wheel BUDGET=540 bash benchmarks/gpu_check.sh
+# (the op tests incl. Flow-DPPO, the cuda backend's compile/opcheck tests that have not run on a GPU yet and its
+# second kernel set, the two CUDA kernel sets timed, the full benchmark table with the single-launch default, the
+# Wan 1.3B trainer step (issue 12), the platform wheel).
 set -u
 STEPS=${STEPS:-tests,cuda,bench,trainer,deepspeed,fp16,sweep,compile,host}
 want() { [[ ",$STEPS," == *",$1,"* ]]; }
@@ -111,6 +116,18 @@ for fused in 0 1; do
     --shapes sd35_512,flux_1024,wan_480p --dtypes bf16 --modes forward,full,rollout --rep 50 \
     --out "$OUT/ab_fused$fused.csv" > "/tmp/ab_$fused.log" 2>&1
   echo "run_gpu (fused=$fused) exit status $?"; grep -E "copy bandwidth|^(sde_step|policy_loss) " "/tmp/ab_$fused.log"
+done
+fi
+
+if want ab_cuda; then
+step "CUDA fallback kernel sets side by side: default vs GRPO_GUARD_CUDA_V2=1 (bf16, GPU time)"
+for v2 in 0 1; do
+  GRPO_GUARD_CUDA_V2=$v2 timeout "$(cap 90)" python3 benchmarks/run_gpu.py --providers gg-cuda \
+    --shapes sd35_512,flux_1024,wan_480p --dtypes bf16 --modes forward,full,rollout --rep 50 \
+    --out "$OUT/ab_cuda_v2_$v2.csv" > "/tmp/ab_cuda_$v2.log" 2>&1
+  echo "run_gpu (cuda v2=$v2) exit status $?"; grep -E "copy bandwidth|^(sde_step|policy_loss) " "/tmp/ab_cuda_$v2.log"
+  GRPO_GUARD_CUDA_V2=$v2 timeout "$(cap 40)" python3 benchmarks/host_overhead.py --backends cuda \
+    --csv "$OUT/host_overhead_cuda_v2_$v2.csv" 2>&1 | tail -9
 done
 fi
 

@@ -79,9 +79,18 @@ void check_vector(const char* name, const OptTensor& t, const Tensor& like, int6
               like.device());
 }
 
+// `flags` of every function: bit 0 the vector element layout (gg_kernels.h, vec), bit 1 the device-side checks
+// (gg_schedule.check; the forwards then return the failed checks' bits as a last output, int32 (1,)).
+constexpr int64_t kFlagVec = 1, kFlagCheck = 2;
+
+void check_flags(int64_t flags) {
+  TORCH_CHECK(flags >= 0 && flags <= (kFlagVec | kFlagCheck), "grpo_guard._C: bad flags ", flags);
+}
+
 gg_schedule make_schedule(const Tensor& like, int64_t B, const OptTensor& sigma, const OptTensor& sigma_next,
                           double sigma_value, double sigma_next_value, double eta, double sin_half_pi_eta,
-                          int64_t dynamics) {
+                          int64_t dynamics, int64_t flags, bool refuse_zero_next = false) {
+  check_flags(flags);
   check_vector("sigma", sigma, like, B, at::kDouble);
   check_vector("sigma_next", sigma_next, like, B, at::kDouble);
   TORCH_CHECK(dynamics >= GG_FLOW && dynamics <= GG_CPS, "grpo_guard._C: bad dynamics code ", dynamics);
@@ -93,6 +102,8 @@ gg_schedule make_schedule(const Tensor& like, int64_t B, const OptTensor& sigma,
   s.eta = eta;
   s.sin_half_pi_eta = sin_half_pi_eta;
   s.dynamics = static_cast<int>(dynamics);
+  s.check = (flags & kFlagCheck) != 0;
+  s.refuse_zero_next = s.check && refuse_zero_next;
   return s;
 }
 
@@ -104,11 +115,12 @@ void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "grpo_guard._C: ", what, " failed: ", cudaGetErrorString(err));
 }
 
-// -> [log_prob (B,), mean (like v, TC), std_dev_t (B,)] (+ [prev_out (like v, T)] for a rollout)
+// -> [log_prob (B,), mean (like v, TC) or None without need_mean, std_dev_t (B,), prev_out (like v, T) or None
+//     unless a rollout, failed-check bits (int32 (1,)) or None without the checks]
 std::vector<Tensor> sde_forward(const Tensor& v, const Tensor& x, const OptTensor& prev, const OptTensor& noise,
                                 const OptTensor& sigma, const OptTensor& sigma_next, double sigma_value,
                                 double sigma_next_value, double eta, double sin_half_pi_eta, int64_t dynamics,
-                                int64_t round_mode) {
+                                int64_t round_mode, bool need_mean, int64_t flags) {
   const at::ScalarType T = v.scalar_type(), TC = compute_type(T);
   const int64_t B = v.size(0), D = v.numel() / B;
   check_grid(B, D);
@@ -118,16 +130,21 @@ std::vector<Tensor> sde_forward(const Tensor& v, const Tensor& x, const OptTenso
   check_opt("noise", noise, v, TC);
   const bool rollout = !(prev.has_value() && prev->defined());
   TORCH_CHECK(!rollout || (noise.has_value() && noise->defined()), "grpo_guard._C: a rollout needs noise");
+  TORCH_CHECK(need_mean || (flags & kFlagVec), "grpo_guard._C: the strided layout (flags bit 0 unset) always "
+              "writes the mean");
   GG_DEVICE_GUARD(v.device());
   const gg_schedule sched = make_schedule(v, B, sigma, sigma_next, sigma_value, sigma_next_value, eta,
-                                          sin_half_pi_eta, dynamics);
+                                          sin_half_pi_eta, dynamics, flags);
   const auto opts = v.options().dtype(TC);
-  Tensor log_prob = at::empty({B}, opts), mean = at::empty(v.sizes(), opts), std_dev_t = at::empty({B}, opts);
+  Tensor log_prob = at::empty({B}, opts), std_dev_t = at::empty({B}, opts);
+  Tensor mean = need_mean ? at::empty(v.sizes(), opts) : Tensor();
   Tensor partial = at::empty({B * gg_num_chunks(D)}, opts);
   Tensor prev_out = rollout ? at::empty(v.sizes(), v.options()) : Tensor();
+  Tensor err = sched.check ? at::empty({1}, v.options().dtype(at::kInt)) : Tensor();
   gg_sde_fwd_args a;
   a.dtype = dtype_code(T);
   a.round_mode = static_cast<int>(round_mode);
+  a.vec = (flags & kFlagVec) ? 1 : 0;
   a.B = B;
   a.D = D;
   a.v = v.data_ptr();
@@ -135,25 +152,25 @@ std::vector<Tensor> sde_forward(const Tensor& v, const Tensor& x, const OptTenso
   a.prev_in = ptr_or_null(prev);
   a.noise = rollout ? noise->data_ptr() : nullptr;
   a.prev_out = rollout ? prev_out.data_ptr() : nullptr;
-  a.mean = mean.data_ptr();
+  a.mean = need_mean ? mean.data_ptr() : nullptr;
   a.log_prob = log_prob.data_ptr();
   a.std_dev_t = std_dev_t.data_ptr();
   a.partial = partial.data_ptr();
+  a.err = sched.check ? err.data_ptr() : nullptr;
   a.s_v = batch_stride(v);
   a.s_x = batch_stride(x);
   a.s_prev = batch_stride(prev);
   a.s_noise = batch_stride(noise);
   check_launch(gg_sde_forward(&a, &sched, GG_STREAM()), "sde_step forward");
-  std::vector<Tensor> out = {log_prob, mean, std_dev_t};
-  if (rollout) out.push_back(prev_out);
-  return out;
+  return {log_prob, mean, std_dev_t, prev_out, err};
 }
 
 // -> [grad_v or None, grad_x or None]
 std::vector<Tensor> sde_backward(const OptTensor& g_mean, const OptTensor& g_prev, const OptTensor& g_logp,
                                  const Tensor& prev, const Tensor& mean, bool need_v, bool need_x,
                                  const OptTensor& sigma, const OptTensor& sigma_next, double sigma_value,
-                                 double sigma_next_value, double eta, double sin_half_pi_eta, int64_t dynamics) {
+                                 double sigma_next_value, double eta, double sin_half_pi_eta, int64_t dynamics,
+                                 int64_t flags) {
   const at::ScalarType T = prev.scalar_type(), TC = compute_type(T);
   const int64_t B = prev.size(0), D = prev.numel() / B;
   check_grid(B, D);
@@ -167,11 +184,12 @@ std::vector<Tensor> sde_backward(const OptTensor& g_mean, const OptTensor& g_pre
   check_vector("grad log_prob", g_logp, prev, B, TC);
   GG_DEVICE_GUARD(prev.device());
   const gg_schedule sched = make_schedule(prev, B, sigma, sigma_next, sigma_value, sigma_next_value, eta,
-                                          sin_half_pi_eta, dynamics);
+                                          sin_half_pi_eta, dynamics, flags);
   Tensor grad_v = need_v ? at::empty(prev.sizes(), prev.options()) : Tensor();
   Tensor grad_x = need_x ? at::empty(prev.sizes(), prev.options()) : Tensor();
   gg_sde_bwd_args a;
   a.dtype = dtype_code(T);
+  a.vec = (flags & kFlagVec) ? 1 : 0;
   a.B = B;
   a.D = D;
   a.g_mean = ptr_or_null(g_mean);
@@ -193,13 +211,14 @@ int old_mode(const OptTensor& mu_old, const OptTensor& v_old) {
   return GG_OLD_LOGP;
 }
 
-// -> [loss (), stats (4,; dppo 9,), log_ratio (B,), bias (B,) or None, coefs (B, 2)]
+// -> [loss (), stats (4,; dppo 9,), log_ratio (B,), bias (B,) or None, coefs (B, 2), failed-check bits (int32 (1,))
+//     or None without the checks]
 std::vector<Tensor> loss_forward(const Tensor& v, const Tensor& x, const Tensor& prev, const OptTensor& mu_old,
                                  const OptTensor& v_old, const Tensor& adv, const OptTensor& old_logp,
                                  const OptTensor& sigma, const OptTensor& sigma_next, double sigma_value,
                                  double sigma_next_value, double eta, double sin_half_pi_eta, int64_t dynamics,
                                  int64_t method, double clip_lo, double clip_hi, double adv_clip_max,
-                                 int64_t guard_weight, double kl_threshold) {
+                                 int64_t guard_weight, double kl_threshold, int64_t flags) {
   const at::ScalarType T = v.scalar_type(), TC = compute_type(T);
   const int64_t B = v.size(0), D = v.numel() / B;
   check_grid(B, D);
@@ -223,9 +242,11 @@ std::vector<Tensor> loss_forward(const Tensor& v, const Tensor& x, const Tensor&
   TORCH_CHECK(cfg.old_mode != GG_OLD_LOGP || (method == GG_GRPO && old_logp.has_value() && old_logp->defined()),
               "grpo_guard._C: without an old mean or velocity only method grpo with old_log_prob is defined");
   GG_DEVICE_GUARD(v.device());
+  const bool divides_by_std = method == GG_RATIO_NORM || method == GG_GUARD || method == GG_DPPO;
   const gg_schedule sched = make_schedule(v, B, sigma, sigma_next, sigma_value, sigma_next_value, eta,
-                                          sin_half_pi_eta, dynamics);
+                                          sin_half_pi_eta, dynamics, flags, dynamics == GG_CPS && divides_by_std);
   const auto opts = v.options().dtype(TC);
+  Tensor err = sched.check ? at::empty({1}, v.options().dtype(at::kInt)) : Tensor();
   Tensor loss = at::empty({}, opts), stats = at::empty({method == GG_DPPO ? 9 : 4}, opts);
   Tensor log_ratio = at::empty({B}, opts);
   Tensor bias = cfg.old_mode == GG_OLD_LOGP ? Tensor() : at::empty({B}, opts);
@@ -233,6 +254,7 @@ std::vector<Tensor> loss_forward(const Tensor& v, const Tensor& x, const Tensor&
   Tensor partial = at::empty({B * 2 * gg_num_chunks(D)}, opts);
   gg_loss_fwd_args a;
   a.dtype = dtype_code(T);
+  a.vec = (flags & kFlagVec) ? 1 : 0;
   a.B = B;
   a.D = D;
   a.v = v.data_ptr();
@@ -249,18 +271,19 @@ std::vector<Tensor> loss_forward(const Tensor& v, const Tensor& x, const Tensor&
   a.coefs = coefs.data_ptr();
   a.partial = partial.data_ptr();
   a.work = work.data_ptr();
+  a.err = sched.check ? err.data_ptr() : nullptr;
   a.s_v = batch_stride(v);
   a.s_x = batch_stride(x);
   a.s_prev = batch_stride(prev);
   a.s_old = batch_stride(mu_old) + batch_stride(v_old);  // at most one is given
   check_launch(gg_loss_forward(&a, &sched, &cfg, GG_STREAM()), "policy_loss forward");
-  return {loss, stats, log_ratio, bias, coefs};
+  return {loss, stats, log_ratio, bias, coefs, err};
 }
 
 Tensor loss_backward(const Tensor& v, const Tensor& x, const Tensor& prev, const OptTensor& mu_old,
                      const OptTensor& v_old, const Tensor& coefs, const Tensor& grad_loss, const OptTensor& sigma,
                      const OptTensor& sigma_next, double sigma_value, double sigma_next_value, double eta,
-                     double sin_half_pi_eta, int64_t dynamics) {
+                     double sin_half_pi_eta, int64_t dynamics, int64_t flags) {
   const at::ScalarType T = v.scalar_type(), TC = compute_type(T);
   const int64_t B = v.size(0), D = v.numel() / B;
   check_grid(B, D);
@@ -273,11 +296,12 @@ Tensor loss_backward(const Tensor& v, const Tensor& x, const Tensor& prev, const
   check_vector("grad loss", grad_loss, v, 1, TC);
   GG_DEVICE_GUARD(v.device());
   const gg_schedule sched = make_schedule(v, B, sigma, sigma_next, sigma_value, sigma_next_value, eta,
-                                          sin_half_pi_eta, dynamics);
+                                          sin_half_pi_eta, dynamics, flags);
   Tensor grad_v = at::empty(v.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
   gg_loss_bwd_args a;
   a.dtype = dtype_code(T);
   a.old_mode = old_mode(mu_old, v_old);
+  a.vec = (flags & kFlagVec) ? 1 : 0;
   a.B = B;
   a.D = D;
   a.v = v.data_ptr();
@@ -299,35 +323,38 @@ Tensor loss_backward(const Tensor& v, const Tensor& x, const Tensor& prev, const
 // ---- torch.library operators (torch.compile, export, CUDA graphs): fixed outputs, empty tensors for absent ones --
 
 Tensor or_empty(const Tensor& t, const Tensor& like) { return t.defined() ? t : at::empty({0}, like.options()); }
+Tensor or_empty_bits(const Tensor& t, const Tensor& like) {
+  return t.defined() ? t : at::empty({0}, like.options().dtype(at::kInt));
+}
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> sde_step_cuda(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sde_step_cuda(
     const Tensor& v, const Tensor& x, const OptTensor& prev, const OptTensor& noise, const OptTensor& sigma,
     const OptTensor& sigma_next, double sigma_value, double sigma_next_value, double eta, double sin_half_pi_eta,
-    int64_t dynamics, int64_t round_mode) {
+    int64_t dynamics, int64_t round_mode, bool need_mean, int64_t flags) {
   auto out = sde_forward(v, x, prev, noise, sigma, sigma_next, sigma_value, sigma_next_value, eta, sin_half_pi_eta,
-                         dynamics, round_mode);
-  return {out[0], out[1], out[2], out.size() > 3 ? out[3] : at::empty({0}, v.options())};
+                         dynamics, round_mode, need_mean, flags);
+  return {out[0], or_empty(out[1], out[0]), out[2], or_empty(out[3], v), or_empty_bits(out[4], v)};
 }
 
 std::tuple<Tensor, Tensor> sde_step_cuda_backward(
     const OptTensor& g_mean, const OptTensor& g_prev, const OptTensor& g_logp, const Tensor& prev, const Tensor& mean,
     bool need_v, bool need_x, const OptTensor& sigma, const OptTensor& sigma_next, double sigma_value,
-    double sigma_next_value, double eta, double sin_half_pi_eta, int64_t dynamics) {
+    double sigma_next_value, double eta, double sin_half_pi_eta, int64_t dynamics, int64_t flags) {
   auto g = sde_backward(g_mean, g_prev, g_logp, prev, mean, need_v, need_x, sigma, sigma_next, sigma_value,
-                        sigma_next_value, eta, sin_half_pi_eta, dynamics);
+                        sigma_next_value, eta, sin_half_pi_eta, dynamics, flags);
   return {or_empty(g[0], prev), or_empty(g[1], prev)};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> policy_loss_cuda(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> policy_loss_cuda(
     const Tensor& v, const Tensor& x, const Tensor& prev, const OptTensor& mu_old, const OptTensor& v_old,
     const Tensor& adv, const OptTensor& old_logp, const OptTensor& sigma, const OptTensor& sigma_next,
     double sigma_value, double sigma_next_value, double eta, double sin_half_pi_eta, int64_t dynamics,
     int64_t method, double clip_lo, double clip_hi, double adv_clip_max, int64_t guard_weight,
-    double kl_threshold) {
+    double kl_threshold, int64_t flags) {
   auto out = loss_forward(v, x, prev, mu_old, v_old, adv, old_logp, sigma, sigma_next, sigma_value,
                           sigma_next_value, eta, sin_half_pi_eta, dynamics, method, clip_lo, clip_hi, adv_clip_max,
-                          guard_weight, kl_threshold);
-  return {out[0], out[1], out[2], or_empty(out[3], out[2]), out[4]};
+                          guard_weight, kl_threshold, flags);
+  return {out[0], out[1], out[2], or_empty(out[3], out[2]), out[4], or_empty_bits(out[5], v)};
 }
 
 }  // namespace
@@ -336,18 +363,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> policy_loss_cuda(
 // grpo_guard/ops/library.py). FRAGMENT: the Python side defines other operators of the namespace.
 TORCH_LIBRARY_FRAGMENT(grpo_guard, m) {
   m.def("sde_step_cuda(Tensor v, Tensor x, Tensor? prev_sample, Tensor? noise, Tensor? sigma, Tensor? sigma_next, "
-        "float sigma_value, float sigma_next_value, float eta, float sin_half_pi_eta, int dynamics, int round_mode) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
+        "float sigma_value, float sigma_next_value, float eta, float sin_half_pi_eta, int dynamics, int round_mode, "
+        "bool need_mean=True, int flags=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("sde_step_cuda_backward(Tensor? g_mean, Tensor? g_prev, Tensor? g_logp, Tensor prev_sample, Tensor mean, "
         "bool need_v, bool need_x, Tensor? sigma, Tensor? sigma_next, float sigma_value, float sigma_next_value, "
-        "float eta, float sin_half_pi_eta, int dynamics) -> (Tensor, Tensor)");
+        "float eta, float sin_half_pi_eta, int dynamics, int flags=0) -> (Tensor, Tensor)");
   m.def("policy_loss_cuda(Tensor v, Tensor x, Tensor prev_sample, Tensor? mu_old, Tensor? v_old, Tensor advantages, "
         "Tensor? old_log_prob, Tensor? sigma, Tensor? sigma_next, float sigma_value, float sigma_next_value, "
         "float eta, float sin_half_pi_eta, int dynamics, int method, float clip_lo, float clip_hi, "
-        "float adv_clip_max, int guard_weight, float kl_threshold) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "float adv_clip_max, int guard_weight, float kl_threshold, int flags=0) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("policy_loss_cuda_backward(Tensor v, Tensor x, Tensor prev_sample, Tensor? mu_old, Tensor? v_old, "
         "Tensor coefs, Tensor grad_loss, Tensor? sigma, Tensor? sigma_next, float sigma_value, "
-        "float sigma_next_value, float eta, float sin_half_pi_eta, int dynamics) -> Tensor");
+        "float sigma_next_value, float eta, float sin_half_pi_eta, int dynamics, int flags=0) -> Tensor");
 }
 
 #ifdef GG_EMULATE

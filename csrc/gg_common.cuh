@@ -66,10 +66,23 @@ struct Coef {
   double std_dev_t, std, a, b, beta, dt;  // mu = a*x + b*v, x' = mu + std*z, b = beta*dt
 };
 
+// The failed sigma checks of sample i (gg_kernels.h), as bits 0 sigma, 1 sigma_next, 2 sigma_next == 0 refused;
+// 0 when valid (NaN fails every comparison).
+__device__ __forceinline__ int sigma_error_bits(const gg_schedule& s, int64_t i) {
+  const double sig = s.sigma ? s.sigma[i] : s.sigma_value;
+  const double nxt = s.sigma_next ? s.sigma_next[i] : s.sigma_next_value;
+  return ((sig > 0.0 && sig <= 1.0) ? 0 : 1) | ((nxt >= 0.0 && nxt < sig) ? 0 : 2) |
+         ((s.refuse_zero_next && nxt == 0.0) ? 4 : 0);
+}
+
 __device__ __forceinline__ Coef step_coef(const gg_schedule& s, int64_t i) {
   const double sig = s.sigma ? s.sigma[i] : s.sigma_value;
   const double nxt = s.sigma_next ? s.sigma_next[i] : s.sigma_next_value;
   Coef c;
+  if (s.check && sigma_error_bits(s, i) != 0) {  // a failed sample: NaN everywhere it goes
+    c.std_dev_t = c.std = c.a = c.b = c.beta = c.dt = __longlong_as_double(0x7ff8000000000000LL);
+    return c;
+  }
   c.dt = sub(nxt, sig);
   if (s.dynamics == GG_CPS) {  // s = sigma' sin(eta pi/2), c = sqrt(sigma'^2 - s^2)
     c.std = mul(nxt, s.sin_half_pi_eta);
@@ -115,6 +128,70 @@ __device__ __forceinline__ ChunkPos chunk_pos(int nchunks) {
 __device__ __forceinline__ int64_t elem_in_sample(int chunk, int k) {
   return static_cast<int64_t>(chunk) * kChunk + k * kBlock + threadIdx.x;
 }
+
+// ---- vector layout (args.vec = 1): thread t of block (i, c) owns the kItems contiguous elements from
+// c*kChunk + t*kItems, moved in 16-byte accesses where every row of the call is 16-byte aligned (GG_ALIGNED) and
+// element by element otherwise (a ragged last chunk, a misaligned row): the same elements in the same order
+// either way, so the sums and log p do not depend on alignment. The strided layout (vec = 0) above stays the
+// default until the GPU test suite has passed with this one.
+__device__ __forceinline__ int64_t vec_first(int chunk) {
+  return static_cast<int64_t>(chunk) * kChunk + static_cast<int64_t>(threadIdx.x) * kItems;
+}
+
+// n = how many of the kItems elements from p exist; out[j] = p[j] (compute type) for j < n, 0 beyond.
+template <typename X, typename TC>
+__device__ __forceinline__ void load_items(const X* p, int n, bool wide, TC (&out)[kItems]) {
+  if (wide && n == kItems) {
+    constexpr int per = 16 / sizeof(X);
+#pragma unroll
+    for (int q = 0; q < kItems / per; ++q) {
+      const uint4 raw = reinterpret_cast<const uint4*>(p)[q];
+      const X* e = reinterpret_cast<const X*>(&raw);
+#pragma unroll
+      for (int j = 0; j < per; ++j) out[q * per + j] = load(e + j);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) out[j] = j < n ? load(p + j) : TC(0);
+  }
+}
+
+// p[j] = v[j] rounded to X, for j < n.
+template <typename X, typename TC>
+__device__ __forceinline__ void store_items(X* p, int n, bool wide, const TC (&v)[kItems]) {
+  if (wide && n == kItems) {
+    constexpr int per = 16 / sizeof(X);
+#pragma unroll
+    for (int q = 0; q < kItems / per; ++q) {
+      uint4 raw;
+      X* e = reinterpret_cast<X*>(&raw);
+#pragma unroll
+      for (int j = 0; j < per; ++j) store(e + j, v[q * per + j]);
+      reinterpret_cast<uint4*>(p)[q] = raw;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kItems; ++j)
+      if (j < n) store(p + j, v[j]);
+  }
+}
+
+// How many of a thread's kItems elements from first exist in a row of D.
+__device__ __forceinline__ int items_in_row(int64_t first, int64_t D) {
+  const int64_t n = D - first;
+  return n <= 0 ? 0 : (n >= kItems ? kItems : static_cast<int>(n));
+}
+
+}  // namespace gg
+
+// Host side: true if every row of a (B, D) array at p with the given batch stride (elements of elem_size
+// bytes) starts on a 16-byte boundary (p == nullptr: not used, true).
+inline bool gg_rows_aligned(const void* p, int64_t row_stride, size_t elem_size) {
+  return p == nullptr ||
+         (reinterpret_cast<uintptr_t>(p) % 16 == 0 && (static_cast<uint64_t>(row_stride) * elem_size) % 16 == 0);
+}
+
+namespace gg {
 
 // ---- deterministic reductions -------------------------------------------------------------------------
 // Block sum of two values (fixed shuffle tree, then warp 0 over the warp sums); result valid in thread 0.

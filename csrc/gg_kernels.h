@@ -37,6 +37,14 @@ enum { GG_OLD_MEAN = 0,  /* old_prev_sample_mean mu_old (TC): Delta = mu_theta -
 /* sde_step rollout: extra rounding of x' when T = float but the sample dtype is narrower (mixed dtypes) */
 enum { GG_ROUND_NONE = 0, GG_ROUND_F16 = 2, GG_ROUND_BF16 = 3 };
 
+/* Device-side checks (check = 1; grpo_guard/ops/errors.py): a sample whose sigmas break SPEC §2 (0 < sigma <= 1,
+ * 0 <= sigma_next < sigma; with refuse_zero_next also sigma_next != 0) gets NaN step coefficients, so all its
+ * outputs and gradients are NaN; policy_loss also makes a non-finite advantage or old log-prob NaN. The forward's
+ * finish writes the failed checks' bits (int32, `err` of the argument structs) in the error word's layout:
+ * sde_step bits 0 sigma, 1 sigma_next; policy_loss bits 2 sigma, 3 sigma_next, 4 sigma_next == 0 refused,
+ * 5 advantages, 6 old_log_prob. */
+enum { GG_ERR_SDE_STEP = 0, GG_ERR_POLICY_LOSS = 2 };
+
 /* The step's sigmas, per sample (device float64 arrays of length B) or shared (the *_value fields). */
 typedef struct {
   const double* sigma;       /* (B,) device, or NULL: sigma_value for every sample */
@@ -45,17 +53,27 @@ typedef struct {
   double eta;                /* noise_level */
   double sin_half_pi_eta;    /* sin(eta*pi/2), computed on the host as reference.step_coefficients does */
   int dynamics;              /* GG_FLOW / GG_DANCE / GG_CPS */
+  int check;                 /* device-side checks (above) */
+  int refuse_zero_next;      /* with check: sigma_next == 0 fails too (cps with a loss that divides by s) */
 } gg_schedule;
 
 int64_t gg_num_chunks(int64_t D);
 
+/* Element layout of the chunk kernels (the `vec` field of the argument structs):
+ *   0 (default): thread t of block (i, c) takes elements c*GG_CHUNK + k*GG_BLOCK + t, k < GG_ITEMS (one load each);
+ *   1 (opt-in, GRPO_GUARD_CUDA_V2=1 until the GPU test suite has passed with it): thread t takes the GG_ITEMS
+ *     contiguous elements from c*GG_CHUNK + t*GG_ITEMS, in 16-byte loads and stores where every row is 16-byte
+ *     aligned. The layout fixes the order of the sums: sde_step and policy_loss must use the same one for the
+ *     on-policy log-ratio from old_log_prob to be exactly 0. */
+
 /* sde_step forward. Rollout: prev_in NULL, noise (TC) given, prev_out (T) written with x' = mu + s*noise
- * rounded to T (and round_mode). Training: prev_in (T) given. Always writes mean (TC, (B, D)), log_prob and
- * std_dev_t (TC, (B,)). partial: TC scratch of B * gg_num_chunks(D). */
+ * rounded to T (and round_mode). Training: prev_in (T) given. Writes log_prob and std_dev_t (TC, (B,)) and,
+ * unless mean is NULL, mean (TC, (B, D)). partial: TC scratch of B * gg_num_chunks(D). */
 typedef struct {
-  int dtype; int round_mode; int64_t B, D;
+  int dtype; int round_mode; int vec; int64_t B, D;
   const void* v; const void* x; const void* prev_in; const void* noise;
   void* prev_out; void* mean; void* log_prob; void* std_dev_t; void* partial;
+  void* err;                          /* int32 (1,): the failed checks' bits, written iff sched->check */
   int64_t s_v, s_x, s_prev, s_noise;  /* batch strides of the inputs (elements) */
 } gg_sde_fwd_args;
 cudaError_t gg_sde_forward(const gg_sde_fwd_args* args, const gg_schedule* sched, cudaStream_t stream);
@@ -63,7 +81,7 @@ cudaError_t gg_sde_forward(const gg_sde_fwd_args* args, const gg_schedule* sched
 /* sde_step backward: g = g_mean + g_prev + g_logp_i * dlogp/dmu (any of the three may be NULL);
  * grad_v = b*g, grad_x = a*g (T; either may be NULL). prev (T) and mean (TC) are needed iff g_logp. */
 typedef struct {
-  int dtype; int64_t B, D;
+  int dtype; int vec; int64_t B, D;
   const void* g_mean; const void* g_prev; const void* g_logp; const void* prev; const void* mean;
   void* grad_v; void* grad_x;
   int64_t s_prev;  /* batch stride of prev (elements); g_mean, g_prev, mean are contiguous */
@@ -83,10 +101,11 @@ typedef struct {
  * for GG_OLD_LOGP), coefs (B, 2: per-sample backward coefficients).
  * Scratch (TC): partial (B * 2 * gg_num_chunks(D)), work (4B). */
 typedef struct {
-  int dtype; int64_t B, D;
+  int dtype; int vec; int64_t B, D;
   const void* v; const void* x; const void* prev; const void* mu_old; const void* v_old;
   const void* adv; const void* old_logp;
   void* loss; void* stats; void* log_ratio; void* bias; void* coefs; void* partial; void* work;
+  void* err;                        /* int32 (1,): the failed checks' bits, written iff sched->check */
   int64_t s_v, s_x, s_prev, s_old;  /* batch strides of v, x, prev and of mu_old / v_old (elements) */
 } gg_loss_fwd_args;
 cudaError_t gg_loss_forward(const gg_loss_fwd_args* args, const gg_schedule* sched, const gg_loss_config* cfg,
@@ -95,7 +114,7 @@ cudaError_t gg_loss_forward(const gg_loss_fwd_args* args, const gg_schedule* sch
 /* policy_loss backward: grad_v = grad_loss * (coefs[i,0] * u + coefs[i,1] * Delta), u = x' - mu_old
  * (GG_OLD_LOGP: u = x' - mu_theta, Delta unused). grad_loss: device pointer to one TC. */
 typedef struct {
-  int dtype; int old_mode; int64_t B, D;
+  int dtype; int old_mode; int vec; int64_t B, D;
   const void* v; const void* x; const void* prev; const void* mu_old; const void* v_old;
   const void* coefs; const void* grad_loss; void* grad_v;
   int64_t s_v, s_x, s_prev, s_old;  /* batch strides of the inputs (elements); grad_v is contiguous */

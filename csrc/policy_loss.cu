@@ -89,6 +89,80 @@ loss_chunks(const T* __restrict__ v, const T* __restrict__ x, const T* __restric
   }
 }
 
+// (u, Delta) of a thread's kItems elements in the vector layout (gg_kernels.h, vec = 1): policy_terms element by
+// element, the inputs moved in 16-byte accesses where every row is aligned.
+template <typename T>
+__device__ __forceinline__ void policy_terms_vec(int mode, typename Acc<T>::type a, typename Acc<T>::type b,
+                                                 const Rows<T>& r, int64_t first, int n, bool wide,
+                                                 typename Acc<T>::type (&u)[kItems],
+                                                 typename Acc<T>::type (&delta)[kItems]) {
+  using TC = typename Acc<T>::type;
+  TC xv[kItems], vv[kItems], xp[kItems];
+  load_items(r.x + first, n, wide, xv);
+  load_items(r.v + first, n, wide, vv);
+  load_items(r.prev + first, n, wide, xp);
+  if (mode == GG_OLD_LOGP) {
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      u[j] = sub(xp[j], transition_mean(a, b, xv[j], vv[j]));
+      delta[j] = TC(0);
+    }
+  } else if (mode == GG_OLD_MEAN) {
+    TC mo[kItems];
+    load_items(r.mu_old + first, n, wide, mo);
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      u[j] = sub(xp[j], mo[j]);
+      delta[j] = sub(transition_mean(a, b, xv[j], vv[j]), mo[j]);
+    }
+  } else {
+    TC vo[kItems];
+    load_items(r.v_old + first, n, wide, vo);
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      u[j] = sub(xp[j], transition_mean(a, b, xv[j], vo[j]));
+      delta[j] = mul(b, sub(vv[j], vo[j]));
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kBlock)
+loss_chunks_vec(const T* __restrict__ v, const T* __restrict__ x, const T* __restrict__ prev,
+                const typename Acc<T>::type* __restrict__ mu_old, const T* __restrict__ v_old, int mode,
+                typename Acc<T>::type* __restrict__ partial, int64_t D, int nchunks, gg_schedule sched, int64_t s_v,
+                int64_t s_x, int64_t s_prev, int64_t s_old, bool wide) {
+  using TC = typename Acc<T>::type;
+  const ChunkPos pos = chunk_pos(nchunks);
+  const int64_t first = vec_first(pos.chunk);
+  const int n = items_in_row(first, D);
+  TC s1 = TC(0), s2 = TC(0);
+  if (n > 0) {
+    const Coef c = step_coef(sched, pos.sample);
+    const TC a = static_cast<TC>(c.a), b = static_cast<TC>(c.b);
+    const Rows<T> r = rows_of(pos.sample, v, x, prev, mu_old, v_old, s_v, s_x, s_prev, s_old);
+    TC u[kItems], delta[kItems];
+    policy_terms_vec<T>(mode, a, b, r, first, n, wide, u, delta);
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      if (j < n) {
+        if (mode == GG_OLD_LOGP) {
+          s1 = fma(u[j], u[j], s1);  // = sde_forward_chunks_vec's accumulation of (x'-mu)^2
+        } else {
+          s1 = fma(u[j], delta[j], s1);
+          s2 = fma(delta[j], delta[j], s2);
+        }
+      }
+    }
+  }
+  block_sum2(s1, s2);
+  if (threadIdx.x == 0) {
+    TC* out = partial + pos.sample * 2 * nchunks;
+    out[pos.chunk] = s1;
+    out[nchunks + pos.chunk] = s2;
+  }
+}
+
 // One sample of kernel 2 (run by one thread): log-ratio, bias, surrogate, and the backward coefficients
 // dloss/dv_k = c1 u_k + c2 Delta_k. work: r - 1 (B), clipped / dppo's masked (B), per-sample loss (B), dppo's K (B).
 template <typename TC>
@@ -102,7 +176,8 @@ __device__ void finalize_sample(int64_t i, TC s1, TC s2, int64_t D, int64_t B, c
   TC lr, k1, k2 = TC(0);
   const TC k_plain = cps ? TC(2) * b / Dt : b / (Dt * var);
   if (cfg.old_mode == GG_OLD_LOGP) {
-    lr = log_prob_from_sum(s1, D, s, sched.dynamics) - old_logp[i];  // = sde_step's log p on-policy
+    const TC olp = (sched.check && isinf(old_logp[i])) ? TC(NAN) : old_logp[i];
+    lr = log_prob_from_sum(s1, D, s, sched.dynamics) - olp;  // = sde_step's log p on-policy
     k1 = k_plain;
   } else {
     const TC m1 = s1 / Dt, m2 = s2 / Dt;
@@ -128,7 +203,8 @@ __device__ void finalize_sample(int64_t i, TC s1, TC s2, int64_t D, int64_t B, c
   const TC m = static_cast<TC>(cfg.adv_clip_max);
   // torch.clamp and torch.maximum keep NaN; fmin/fmax would drop it (a NaN advantage or log-ratio must give a
   // NaN loss, never a finite one)
-  const TC A = isnan(adv[i]) ? adv[i] : fmin(fmax(adv[i], -m), m);
+  // with the device-side checks a non-finite advantage is NaN (the clamp would make inf finite)
+  const TC A = (isnan(adv[i]) || (sched.check && isinf(adv[i]))) ? TC(NAN) : fmin(fmax(adv[i], -m), m);
   const TC r = exp_(lr), rc = exp_(fmin(fmax(lr, lo), hi));
   const TC cand = -A * r, cand_c = -A * rc;
   work[i] = expm1_(lr);  // r - 1 without float32's 6e-8 resolution near 1 (reference.summarize)
@@ -168,7 +244,7 @@ __global__ void __launch_bounds__(kBlock)
 loss_finalize(const TC* __restrict__ partial, int nchunks, int64_t B, int64_t D, gg_schedule sched,
               gg_loss_config cfg, const TC* __restrict__ adv, const TC* __restrict__ old_logp,
               TC* __restrict__ log_ratio, TC* __restrict__ bias, TC* __restrict__ coefs, TC* __restrict__ work,
-              TC* __restrict__ loss, TC* __restrict__ stats) {
+              TC* __restrict__ loss, TC* __restrict__ stats, int* __restrict__ err) {
   for (int64_t i = threadIdx.x >> 5; i < B; i += kWarps) {
     const TC* p = partial + i * 2 * nchunks;
     const TC s1 = warp_sum_partials(p, nchunks);
@@ -178,6 +254,15 @@ loss_finalize(const TC* __restrict__ partial, int nchunks, int64_t B, int64_t D,
   }
   __syncthreads();
   if (threadIdx.x != 0) return;
+  if (sched.check) {  // the failed checks of the batch (gg_kernels.h)
+    int bits = 0;
+    for (int64_t i = 0; i < B; ++i) {
+      bits |= sigma_error_bits(sched, i);
+      bits |= isfinite(adv[i]) ? 0 : 8;
+      if (cfg.old_mode == GG_OLD_LOGP) bits |= isfinite(old_logp[i]) ? 0 : 16;
+    }
+    err[0] = bits << GG_ERR_POLICY_LOSS;
+  }
   const TC Bt = static_cast<TC>(B);
   TC sum_loss = 0, sum_r = 0, sum_clip = 0, sum_kl = 0;
   for (int64_t i = 0; i < B; ++i) {
@@ -239,6 +324,40 @@ loss_backward_kernel(const T* __restrict__ v, const T* __restrict__ x, const T* 
   }
 }
 
+template <typename T>
+__global__ void __launch_bounds__(kBlock)
+loss_backward_kernel_vec(const T* __restrict__ v, const T* __restrict__ x, const T* __restrict__ prev,
+                         const typename Acc<T>::type* __restrict__ mu_old, const T* __restrict__ v_old, int mode,
+                         const typename Acc<T>::type* __restrict__ coefs,
+                         const typename Acc<T>::type* __restrict__ grad_loss, T* __restrict__ grad_v, int64_t D,
+                         int nchunks, gg_schedule sched, int64_t s_v, int64_t s_x, int64_t s_prev, int64_t s_old,
+                         bool wide) {
+  using TC = typename Acc<T>::type;
+  const ChunkPos pos = chunk_pos(nchunks);
+  const int64_t first = vec_first(pos.chunk);
+  const int n = items_in_row(first, D);
+  if (n == 0) return;
+  const Coef c = step_coef(sched, pos.sample);
+  const TC a = static_cast<TC>(c.a), b = static_cast<TC>(c.b);
+  const TC g = grad_loss[0];
+  const TC c1 = g * coefs[2 * pos.sample], c2 = g * coefs[2 * pos.sample + 1];
+  const Rows<T> r = rows_of(pos.sample, v, x, prev, mu_old, v_old, s_v, s_x, s_prev, s_old);
+  TC u[kItems], delta[kItems], out[kItems];
+  policy_terms_vec<T>(mode, a, b, r, first, n, wide, u, delta);
+#pragma unroll
+  for (int j = 0; j < kItems; ++j) out[j] = c1 * u[j] + c2 * delta[j];
+  store_items(grad_v + pos.sample * D + first, n, wide, out);  // grad_v is contiguous
+}
+
+// Every row of the call's latent arrays 16-byte aligned (the vector layout's wide accesses).
+template <typename T, typename Args>
+bool loss_rows_aligned(const Args* p) {
+  using TC = typename Acc<T>::type;
+  return gg_rows_aligned(p->v, p->s_v, sizeof(T)) && gg_rows_aligned(p->x, p->s_x, sizeof(T)) &&
+         gg_rows_aligned(p->prev, p->s_prev, sizeof(T)) && gg_rows_aligned(p->mu_old, p->s_old, sizeof(TC)) &&
+         gg_rows_aligned(p->v_old, p->s_old, sizeof(T));
+}
+
 }  // namespace
 }  // namespace gg
 
@@ -249,14 +368,24 @@ extern "C" cudaError_t gg_loss_forward(const gg_loss_fwd_args* p, const gg_sched
   const unsigned int grid = static_cast<unsigned int>(p->B * nchunks);
   GG_DISPATCH(p->dtype, {
     using TC = typename Acc<scalar_t>::type;
-    GG_LAUNCH(loss_chunks<scalar_t>, grid, kBlock, stream)(
-        static_cast<const scalar_t*>(p->v), static_cast<const scalar_t*>(p->x), static_cast<const scalar_t*>(p->prev),
-        static_cast<const TC*>(p->mu_old), static_cast<const scalar_t*>(p->v_old), cfg->old_mode,
-        static_cast<TC*>(p->partial), p->D, nchunks, *sched, p->s_v, p->s_x, p->s_prev, p->s_old);
+    if (p->vec) {
+      GG_LAUNCH(loss_chunks_vec<scalar_t>, grid, kBlock, stream)(
+          static_cast<const scalar_t*>(p->v), static_cast<const scalar_t*>(p->x),
+          static_cast<const scalar_t*>(p->prev), static_cast<const TC*>(p->mu_old),
+          static_cast<const scalar_t*>(p->v_old), cfg->old_mode, static_cast<TC*>(p->partial), p->D, nchunks, *sched,
+          p->s_v, p->s_x, p->s_prev, p->s_old, loss_rows_aligned<scalar_t>(p));
+    } else {
+      GG_LAUNCH(loss_chunks<scalar_t>, grid, kBlock, stream)(
+          static_cast<const scalar_t*>(p->v), static_cast<const scalar_t*>(p->x),
+          static_cast<const scalar_t*>(p->prev), static_cast<const TC*>(p->mu_old),
+          static_cast<const scalar_t*>(p->v_old), cfg->old_mode, static_cast<TC*>(p->partial), p->D, nchunks, *sched,
+          p->s_v, p->s_x, p->s_prev, p->s_old);
+    }
     GG_LAUNCH(loss_finalize<TC>, 1, kBlock, stream)(
         static_cast<const TC*>(p->partial), nchunks, p->B, p->D, *sched, *cfg, static_cast<const TC*>(p->adv),
         static_cast<const TC*>(p->old_logp), static_cast<TC*>(p->log_ratio), static_cast<TC*>(p->bias),
-        static_cast<TC*>(p->coefs), static_cast<TC*>(p->work), static_cast<TC*>(p->loss), static_cast<TC*>(p->stats));
+        static_cast<TC*>(p->coefs), static_cast<TC*>(p->work), static_cast<TC*>(p->loss), static_cast<TC*>(p->stats),
+        static_cast<int*>(p->err));
   });
   return cudaGetLastError();
 }
@@ -267,11 +396,22 @@ extern "C" cudaError_t gg_loss_backward(const gg_loss_bwd_args* p, const gg_sche
   const unsigned int grid = static_cast<unsigned int>(p->B * nchunks);
   GG_DISPATCH(p->dtype, {
     using TC = typename Acc<scalar_t>::type;
-    GG_LAUNCH(loss_backward_kernel<scalar_t>, grid, kBlock, stream)(
-        static_cast<const scalar_t*>(p->v), static_cast<const scalar_t*>(p->x), static_cast<const scalar_t*>(p->prev),
-        static_cast<const TC*>(p->mu_old), static_cast<const scalar_t*>(p->v_old), p->old_mode,
-        static_cast<const TC*>(p->coefs), static_cast<const TC*>(p->grad_loss), static_cast<scalar_t*>(p->grad_v), p->D,
-        nchunks, *sched, p->s_v, p->s_x, p->s_prev, p->s_old);
+    if (p->vec) {
+      GG_LAUNCH(loss_backward_kernel_vec<scalar_t>, grid, kBlock, stream)(
+          static_cast<const scalar_t*>(p->v), static_cast<const scalar_t*>(p->x),
+          static_cast<const scalar_t*>(p->prev), static_cast<const TC*>(p->mu_old),
+          static_cast<const scalar_t*>(p->v_old), p->old_mode, static_cast<const TC*>(p->coefs),
+          static_cast<const TC*>(p->grad_loss), static_cast<scalar_t*>(p->grad_v), p->D, nchunks, *sched, p->s_v,
+          p->s_x, p->s_prev, p->s_old,
+          loss_rows_aligned<scalar_t>(p) && gg_rows_aligned(p->grad_v, p->D, sizeof(scalar_t)));
+    } else {
+      GG_LAUNCH(loss_backward_kernel<scalar_t>, grid, kBlock, stream)(
+          static_cast<const scalar_t*>(p->v), static_cast<const scalar_t*>(p->x),
+          static_cast<const scalar_t*>(p->prev), static_cast<const TC*>(p->mu_old),
+          static_cast<const scalar_t*>(p->v_old), p->old_mode, static_cast<const TC*>(p->coefs),
+          static_cast<const TC*>(p->grad_loss), static_cast<scalar_t*>(p->grad_v), p->D, nchunks, *sched, p->s_v,
+          p->s_x, p->s_prev, p->s_old);
+    }
   });
   return cudaGetLastError();
 }

@@ -49,9 +49,63 @@ sde_forward_chunks(const T* __restrict__ v, const T* __restrict__ x, const T* __
   if (threadIdx.x == 0) partial[pos.sample * nchunks + pos.chunk] = acc;
 }
 
+// The vector layout (gg_kernels.h, vec = 1): the same per-element arithmetic in the same order per thread; mean is
+// written only when asked for (a rollout that keeps x' and log p skips a latent-sized TC write).
+template <typename T>
+__global__ void __launch_bounds__(kBlock)
+sde_forward_chunks_vec(const T* __restrict__ v, const T* __restrict__ x, const T* __restrict__ prev_in,
+                       const typename Acc<T>::type* __restrict__ noise, T* __restrict__ prev_out,
+                       typename Acc<T>::type* __restrict__ mean, typename Acc<T>::type* __restrict__ partial,
+                       int64_t D, int nchunks, gg_schedule sched, int round_mode, int64_t s_v, int64_t s_x,
+                       int64_t s_prev, int64_t s_noise, bool wide) {
+  using TC = typename Acc<T>::type;
+  const ChunkPos pos = chunk_pos(nchunks);
+  const Coef c = step_coef(sched, pos.sample);
+  const TC a = static_cast<TC>(c.a), b = static_cast<TC>(c.b), s = static_cast<TC>(c.std);
+  const int64_t first = vec_first(pos.chunk);
+  const int n = items_in_row(first, D);
+  TC acc = TC(0), unused = TC(0);
+  if (n > 0) {
+    const int64_t e = pos.sample * D + first;  // outputs; inputs start at sample * their batch stride
+    TC xv[kItems], vv[kItems], mu[kItems], xp[kItems];
+    load_items(x + pos.sample * s_x + first, n, wide, xv);
+    load_items(v + pos.sample * s_v + first, n, wide, vv);
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) mu[j] = transition_mean(a, b, xv[j], vv[j]);
+    if (mean != nullptr) store_items(mean + e, n, wide, mu);
+    if (prev_in != nullptr) {
+      load_items(prev_in + pos.sample * s_prev + first, n, wide, xp);
+    } else {  // log p is that of the stored (rounded) x'
+      load_items(noise + pos.sample * s_noise + first, n, wide, xp);
+#pragma unroll
+      for (int j = 0; j < kItems; ++j) {
+        xp[j] = rounded<T>(add(mu[j], mul(s, xp[j])));
+        if (round_mode == GG_ROUND_BF16) xp[j] = rounded<__nv_bfloat16>(xp[j]);
+        if (round_mode == GG_ROUND_F16) xp[j] = rounded<__half>(xp[j]);
+      }
+      store_items(prev_out + e, n, wide, xp);
+    }
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      if (j < n) {
+        const TC diff = sub(xp[j], mu[j]);
+        acc = fma(diff, diff, acc);  // must match loss_chunks_vec's GG_OLD_LOGP accumulation exactly
+      }
+    }
+  }
+  block_sum2(acc, unused);
+  if (threadIdx.x == 0) partial[pos.sample * nchunks + pos.chunk] = acc;
+}
+
 template <typename TC>
 __global__ void sde_finalize(const TC* __restrict__ partial, int nchunks, int64_t B, int64_t D,
-                             gg_schedule sched, TC* __restrict__ log_prob, TC* __restrict__ std_dev_t) {
+                             gg_schedule sched, TC* __restrict__ log_prob, TC* __restrict__ std_dev_t,
+                             int* __restrict__ err) {
+  if (sched.check && blockIdx.x == 0 && threadIdx.x == 0) {  // the failed checks of the batch (gg_kernels.h)
+    int bits = 0;
+    for (int64_t i = 0; i < B; ++i) bits |= sigma_error_bits(sched, i) & 3;
+    err[0] = bits << GG_ERR_SDE_STEP;
+  }
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
   for (int64_t i = warp; i < B; i += nwarps) {
@@ -93,6 +147,56 @@ sde_backward_kernel(const typename Acc<T>::type* __restrict__ g_mean, const T* _
   }
 }
 
+template <typename T>
+__global__ void __launch_bounds__(kBlock)
+sde_backward_kernel_vec(const typename Acc<T>::type* __restrict__ g_mean, const T* __restrict__ g_prev,
+                        const typename Acc<T>::type* __restrict__ g_logp, const T* __restrict__ prev,
+                        const typename Acc<T>::type* __restrict__ mean, T* __restrict__ grad_v,
+                        T* __restrict__ grad_x, int64_t D, int nchunks, gg_schedule sched, int64_t s_prev,
+                        bool wide) {
+  using TC = typename Acc<T>::type;
+  const ChunkPos pos = chunk_pos(nchunks);
+  const int64_t first = vec_first(pos.chunk);
+  const int n = items_in_row(first, D);
+  if (n == 0) return;
+  const Coef c = step_coef(sched, pos.sample);
+  const TC a = static_cast<TC>(c.a), b = static_cast<TC>(c.b), s = static_cast<TC>(c.std);
+  const TC dlogp = sched.dynamics == GG_CPS ? TC(2) / static_cast<TC>(D)
+                                            : TC(1) / (static_cast<TC>(D) * s * s);
+  const int64_t e = pos.sample * D + first;
+  TC g[kItems], t[kItems];
+#pragma unroll
+  for (int j = 0; j < kItems; ++j) g[j] = TC(0);
+  if (g_mean != nullptr) {
+    load_items(g_mean + e, n, wide, t);
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) g[j] += t[j];
+  }
+  if (g_prev != nullptr) {
+    load_items(g_prev + e, n, wide, t);
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) g[j] += t[j];
+  }
+  if (g_logp != nullptr) {
+    const TC gl = g_logp[pos.sample] * dlogp;
+    TC mu[kItems];
+    load_items(prev + pos.sample * s_prev + first, n, wide, t);
+    load_items(mean + e, n, wide, mu);
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) g[j] += gl * (t[j] - mu[j]);
+  }
+  if (grad_v != nullptr) {
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) t[j] = b * g[j];
+    store_items(grad_v + e, n, wide, t);
+  }
+  if (grad_x != nullptr) {
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) t[j] = a * g[j];
+    store_items(grad_x + e, n, wide, t);
+  }
+}
+
 unsigned int chunk_grid(int64_t B, int64_t D) { return static_cast<unsigned int>(B * gg_num_chunks(D)); }
 
 }  // namespace
@@ -106,14 +210,28 @@ extern "C" cudaError_t gg_sde_forward(const gg_sde_fwd_args* p, const gg_schedul
   const unsigned int fin_blocks = static_cast<unsigned int>((p->B * 32 + kBlock - 1) / kBlock);
   GG_DISPATCH(p->dtype, {
     using TC = typename Acc<scalar_t>::type;
-    GG_LAUNCH(sde_forward_chunks<scalar_t>, chunk_grid(p->B, p->D), kBlock, stream)(
-        static_cast<const scalar_t*>(p->v), static_cast<const scalar_t*>(p->x),
-        static_cast<const scalar_t*>(p->prev_in), static_cast<const TC*>(p->noise),
-        static_cast<scalar_t*>(p->prev_out), static_cast<TC*>(p->mean), static_cast<TC*>(p->partial), p->D,
-        nchunks, *sched, p->round_mode, p->s_v, p->s_x, p->s_prev, p->s_noise);
+    if (p->vec) {
+      const bool wide = gg_rows_aligned(p->v, p->s_v, sizeof(scalar_t)) &&
+                        gg_rows_aligned(p->x, p->s_x, sizeof(scalar_t)) &&
+                        gg_rows_aligned(p->prev_in, p->s_prev, sizeof(scalar_t)) &&
+                        gg_rows_aligned(p->noise, p->s_noise, sizeof(TC)) &&
+                        gg_rows_aligned(p->prev_out, p->D, sizeof(scalar_t)) &&
+                        gg_rows_aligned(p->mean, p->D, sizeof(TC));
+      GG_LAUNCH(sde_forward_chunks_vec<scalar_t>, chunk_grid(p->B, p->D), kBlock, stream)(
+          static_cast<const scalar_t*>(p->v), static_cast<const scalar_t*>(p->x),
+          static_cast<const scalar_t*>(p->prev_in), static_cast<const TC*>(p->noise),
+          static_cast<scalar_t*>(p->prev_out), static_cast<TC*>(p->mean), static_cast<TC*>(p->partial), p->D,
+          nchunks, *sched, p->round_mode, p->s_v, p->s_x, p->s_prev, p->s_noise, wide);
+    } else {
+      GG_LAUNCH(sde_forward_chunks<scalar_t>, chunk_grid(p->B, p->D), kBlock, stream)(
+          static_cast<const scalar_t*>(p->v), static_cast<const scalar_t*>(p->x),
+          static_cast<const scalar_t*>(p->prev_in), static_cast<const TC*>(p->noise),
+          static_cast<scalar_t*>(p->prev_out), static_cast<TC*>(p->mean), static_cast<TC*>(p->partial), p->D,
+          nchunks, *sched, p->round_mode, p->s_v, p->s_x, p->s_prev, p->s_noise);
+    }
     GG_LAUNCH(sde_finalize<TC>, fin_blocks, kBlock, stream)(
         static_cast<const TC*>(p->partial), nchunks, p->B, p->D, *sched, static_cast<TC*>(p->log_prob),
-        static_cast<TC*>(p->std_dev_t));
+        static_cast<TC*>(p->std_dev_t), static_cast<int*>(p->err));
   });
   return cudaGetLastError();
 }
@@ -123,10 +241,24 @@ extern "C" cudaError_t gg_sde_backward(const gg_sde_bwd_args* p, const gg_schedu
   const int nchunks = static_cast<int>(gg_num_chunks(p->D));
   GG_DISPATCH(p->dtype, {
     using TC = typename Acc<scalar_t>::type;
-    GG_LAUNCH(sde_backward_kernel<scalar_t>, chunk_grid(p->B, p->D), kBlock, stream)(
-        static_cast<const TC*>(p->g_mean), static_cast<const scalar_t*>(p->g_prev),
-        static_cast<const TC*>(p->g_logp), static_cast<const scalar_t*>(p->prev), static_cast<const TC*>(p->mean),
-        static_cast<scalar_t*>(p->grad_v), static_cast<scalar_t*>(p->grad_x), p->D, nchunks, *sched, p->s_prev);
+    if (p->vec) {
+      const bool wide = gg_rows_aligned(p->g_mean, p->D, sizeof(TC)) &&
+                        gg_rows_aligned(p->g_prev, p->D, sizeof(scalar_t)) &&
+                        gg_rows_aligned(p->prev, p->s_prev, sizeof(scalar_t)) &&
+                        gg_rows_aligned(p->mean, p->D, sizeof(TC)) &&
+                        gg_rows_aligned(p->grad_v, p->D, sizeof(scalar_t)) &&
+                        gg_rows_aligned(p->grad_x, p->D, sizeof(scalar_t));
+      GG_LAUNCH(sde_backward_kernel_vec<scalar_t>, chunk_grid(p->B, p->D), kBlock, stream)(
+          static_cast<const TC*>(p->g_mean), static_cast<const scalar_t*>(p->g_prev),
+          static_cast<const TC*>(p->g_logp), static_cast<const scalar_t*>(p->prev), static_cast<const TC*>(p->mean),
+          static_cast<scalar_t*>(p->grad_v), static_cast<scalar_t*>(p->grad_x), p->D, nchunks, *sched, p->s_prev,
+          wide);
+    } else {
+      GG_LAUNCH(sde_backward_kernel<scalar_t>, chunk_grid(p->B, p->D), kBlock, stream)(
+          static_cast<const TC*>(p->g_mean), static_cast<const scalar_t*>(p->g_prev),
+          static_cast<const TC*>(p->g_logp), static_cast<const scalar_t*>(p->prev), static_cast<const TC*>(p->mean),
+          static_cast<scalar_t*>(p->grad_v), static_cast<scalar_t*>(p->grad_x), p->D, nchunks, *sched, p->s_prev);
+    }
   });
   return cudaGetLastError();
 }

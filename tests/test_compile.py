@@ -15,6 +15,7 @@ from grpo_guard import reference as ref
 from grpo_guard.ops import library
 
 from _cases import latents, sd35_sigmas
+from _backends import KERNEL_SET_BACKENDS, OTHER_KERNEL_SET, select_kernel_set
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -29,9 +30,7 @@ OLD_KIND = {"old_log_prob": 0, "old_prev_sample_mean": 1, "old_model_output": 2}
 
 @pytest.fixture(params=["split", "fused"])
 def kernel_set(request, monkeypatch):
-    if "triton" in BACKENDS:
-        from grpo_guard.ops import triton_launch
-        monkeypatch.setattr(triton_launch, "FUSED", request.param == "fused")
+    select_kernel_set(monkeypatch, request.param == "fused")
     return request.param == "fused"
 
 
@@ -56,8 +55,8 @@ def _policy_case(dtype, dynamics, kind, B=3, shape=(4, 16)):
                                                    enumerate(itertools.product(METHOD_KINDS, DTYPES))])
 def test_opcheck_policy_loss(backend, kernel_set, i, method_kind, dtype):
     """Every method x old input x dtype (dynamics and float/tensor sigmas cycle through the cases)."""
-    if backend != "triton" and kernel_set:
-        pytest.skip("the kernel set is the triton backend's")
+    if backend not in KERNEL_SET_BACKENDS and kernel_set:
+        pytest.skip(OTHER_KERNEL_SET)
     method, kind = method_kind
     dynamics = ("flow", "dance", "cps")[i % 3]
     v, x, xp, old, adv, sig, nxt = _policy_case(dtype, dynamics, kind)
@@ -89,8 +88,8 @@ def test_opcheck_policy_loss(backend, kernel_set, i, method_kind, dtype):
 @pytest.mark.parametrize("dynamics", ["flow", "dance", "cps"])
 def test_opcheck_sde_step(backend, kernel_set, dtype, dynamics):
     """Rollout and scoring, with and without the mean, float and tensor sigmas (cycling through the cases)."""
-    if backend != "triton" and kernel_set:
-        pytest.skip("the kernel set is the triton backend's")
+    if backend not in KERNEL_SET_BACKENDS and kernel_set:
+        pytest.skip(OTHER_KERNEL_SET)
     B = 3
     v, x = latents(B, (4, 16), dtype, DEVICE)
     v.requires_grad_(True)
@@ -108,9 +107,10 @@ def test_opcheck_sde_step(backend, kernel_set, dtype, dynamics):
         from grpo_guard.ops import cuda_backend, requests
         req = requests.sde_request(v, x, sig if tensor_sigmas else 0.9, nxt if tensor_sigmas else 0.8,
                                    noise_level=0.7, dynamics=dynamics, prev_sample=prev, generator=None, noise=noise,
-                                   validate=True)
-        v_, x_, p_, noise_, sched, round_mode = cuda_backend._sde_inputs(req)
-        torch.library.opcheck(torch.ops.grpo_guard.sde_step_cuda.default, (v_, x_, p_, noise_, *sched, round_mode))
+                                   validate=True, return_mean=return_mean)
+        v_, x_, p_, noise_, sched, round_mode, need_mean, vec = cuda_backend._sde_inputs(req)
+        torch.library.opcheck(torch.ops.grpo_guard.sde_step_cuda.default,
+                              (v_, x_, p_, noise_, *sched, round_mode, need_mean, vec))
     else:
         torch.library.opcheck(torch.ops.grpo_guard.sde_step_torch.default, args)
 
@@ -140,8 +140,8 @@ def test_compiled_training_step_over_the_schedule(backend, kernel_set, sigmas_as
     stored mean and the stored log-prob); eager's loss, x', log-ratios and gradient: bit for bit on the Triton
     operators under the interpreter, within 1e-5 relative under inductor (which may fuse the reference's torch
     ops, reordering sums, and compiles user Triton kernels with FMA contraction on)."""
-    if backend != "triton" and kernel_set:
-        pytest.skip("the kernel set is the triton backend's")
+    if backend not in KERNEL_SET_BACKENDS and kernel_set:
+        pytest.skip(OTHER_KERNEL_SET)
     import torch._dynamo as dynamo
     from torch._dynamo.utils import counters
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ import torch
 
 import grpo_guard as gg
 from grpo_guard import reference as ref
-from grpo_guard.ops import cuda_backend
+from grpo_guard.ops import cuda_backend, requests
 
 import _cuda_emu
 
@@ -28,9 +28,16 @@ FUSED_METHODS = [m for m in ref.METHODS if m != "dppo"]  # dppo runs on the torc
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
+@pytest.fixture(autouse=True, params=["strided", "vec"])
+def layout(request, monkeypatch):
+    """Every test in both element layouts of the chunk kernels (cuda_backend.V2, csrc/gg_kernels.h)."""
+    monkeypatch.setattr(cuda_backend, "V2", request.param == "vec")
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _need_extension(request):
-    if request.node.name != "test_extension_is_built" and cuda_backend.unsupported_reason(DEV) is not None:
+    if request.node.originalname != "test_extension_is_built" and cuda_backend.unsupported_reason(DEV) is not None:
         pytest.skip(cuda_backend.unsupported_reason(DEV))
 
 
@@ -248,3 +255,48 @@ def test_mixed_dtypes_and_non_contiguous(seed):
                        old_prev_sample_mean=got.prev_sample_mean.transpose(1, 2).contiguous().transpose(1, 2))
     assert torch.all(stats["log_ratio"] == 0)
     assert math.isclose(loss.item(), -1.0 / 0.1, rel_tol=1e-6)  # guard: mean_i w A r = -1/|dt|
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_vector_layout_sums_do_not_depend_on_alignment(layout, dtype, seed):
+    """The vector layout moves 16 bytes at a time only where every row is aligned, element by element otherwise;
+    the same elements in the same order either way: log p and the policy-loss sums are bit-identical for a batch
+    whose rows are misaligned (an odd batch stride) and for its contiguous copy, and a ragged last chunk works."""
+    if layout != "vec":
+        pytest.skip("the vector layout's property")
+    B, D = 3, 4104  # several chunks; D a multiple of 8, so a contiguous copy has aligned rows
+    big_v = torch.randn(B, D + 1, device=DEV).to(dtype)
+    big_x = torch.randn(B, D + 1, device=DEV).to(dtype)
+    v, x = big_v[:, 1:], big_x[:, 1:]  # rows start 1 element late: misaligned
+    noise = torch.randn(B, D, device=DEV, dtype=ref.compute_dtype(x))
+    adv = torch.randn(B, device=DEV)
+    results = []
+    for vv, xx in ((v, x), (v.contiguous(), x.contiguous())):
+        roll = _run("cuda", gg.sde_step, vv, xx, 0.8, 0.7, noise=noise)
+        loss, st = _run("cuda", gg.policy_loss, vv, xx, roll.prev_sample, 0.8, 0.7, adv, method="grpo",
+                        old_log_prob=roll.log_prob + 1e-4)
+        results.append((roll.prev_sample, roll.log_prob, loss, st["log_ratio"]))
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+    ragged = _run("cuda", gg.sde_step, v[:, :-3], x[:, :-3], 0.8, 0.7, noise=noise[:, :-3])
+    want = _run("torch", gg.sde_step, v[:, :-3], x[:, :-3], 0.8, 0.7, noise=noise[:, :-3])
+    assert torch.equal(ragged.prev_sample, want.prev_sample)
+    rtol = 1e-12 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(ragged.log_prob, want.log_prob, rtol=rtol, atol=rtol)
+
+
+def test_rollout_without_mean_skips_it(layout, seed):
+    """return_mean=False in a rollout without gradients: the vector layout does not write the mean (the kernel's
+    only latent-sized float32 output), and x' and log p are those of the call that does."""
+    v, x = torch.randn(2, 4, 64, device=DEV).bfloat16(), torch.randn(2, 4, 64, device=DEV).bfloat16()
+    noise = torch.randn(v.shape, device=DEV)
+    with torch.no_grad():
+        a = _run("cuda", gg.sde_step, v, x, 0.8, 0.7, noise=noise, return_mean=False)
+        b = _run("cuda", gg.sde_step, v, x, 0.8, 0.7, noise=noise)
+        req = requests.sde_request(v, x, 0.8, 0.7, noise_level=0.7, dynamics="flow", prev_sample=None,
+                                   generator=None, noise=noise, validate=True, return_mean=False)
+        v_, x_, p_, noise_, sched, round_mode, need_mean, vec = cuda_backend._sde_inputs(req)
+        outs = cuda_backend._ext.sde_forward(v_, x_, p_, noise_, *sched, round_mode, need_mean, vec)
+    assert a.prev_sample_mean is None and b.prev_sample_mean is not None
+    assert torch.equal(a.prev_sample, b.prev_sample) and torch.equal(a.log_prob, b.log_prob)
+    assert (outs[1] is None) == (layout == "vec")

@@ -32,9 +32,11 @@ def test_emulated_backend_runs_the_binding_checks():
     if _cuda_emu.module() is None:
         pytest.skip(_cuda_emu.reason())
     v = torch.randn(2, 8)
+    sched = (None, None, 0.7, 0.6, 0.7, 0.0, 0)
     with pytest.raises(RuntimeError, match="contiguous samples"):
-        _cuda_emu.module().sde_forward(v, v[:, ::2].repeat(1, 2)[:, ::2], None, torch.randn(2, 8), None, None, 0.7,
-                                       0.6, 0.7, 0.0, 0, 0)
+        _cuda_emu.module().sde_forward(v, v[:, ::2].repeat(1, 2)[:, ::2], None, torch.randn(2, 8), *sched, 0, True, 0)
+    with pytest.raises(RuntimeError, match="always writes the mean"):
+        _cuda_emu.module().sde_forward(v, v, None, torch.randn(2, 8), *sched, 0, False, 0)
 
 
 @pytest.fixture(scope="module")

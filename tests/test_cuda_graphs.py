@@ -9,6 +9,7 @@ import grpo_guard as gg
 from grpo_guard import dispatch
 
 from _cases import latents, sd35_sigmas
+from _backends import KERNEL_SET_BACKENDS, OTHER_KERNEL_SET, select_kernel_set
 
 pytestmark = pytest.mark.gpu
 
@@ -18,8 +19,7 @@ GPU_BACKENDS = [b for b in ("triton", "cuda", "torch")
 
 @pytest.fixture(params=["split", "fused"])
 def kernel_set(request, monkeypatch):
-    from grpo_guard.ops import triton_launch
-    monkeypatch.setattr(triton_launch, "FUSED", request.param == "fused")
+    select_kernel_set(monkeypatch, request.param == "fused")
     return request.param
 
 
@@ -34,8 +34,8 @@ def _step(v_old, x, noise, sig, nxt, adv, v):
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_replay_after_writing_new_values(backend, kernel_set):
-    if backend != "triton" and kernel_set == "fused":
-        pytest.skip("the kernel set is the triton backend's")
+    if backend not in KERNEL_SET_BACKENDS and kernel_set == "fused":
+        pytest.skip(OTHER_KERNEL_SET)
     torch.manual_seed(0)
     B, dev = 3, torch.device("cuda")
     v_old, x = latents(B, (16, 32, 32), torch.bfloat16, dev)

@@ -9,6 +9,7 @@ import _oracle as O
 
 import grpo_guard as gg
 from grpo_guard import reference as ref
+from _backends import KERNEL_SET_BACKENDS, OTHER_KERNEL_SET, select_kernel_set
 
 DYNAMICS = ["flow", "dance", "cps"]
 B = 8
@@ -16,13 +17,12 @@ B = 8
 
 @pytest.fixture(params=["fused", "split"])
 def kb(request, bk, monkeypatch):
-    """(backend, device) as ``bk``; the Triton backend once per kernel set (single-launch and split forward)."""
+    """(backend, device) as ``bk``; the triton and cuda backends once per kernel set (Triton: single-launch and
+    split forward; CUDA: vector and strided layout)."""
     name, device = bk
-    if name != "triton" and request.param == "split":
-        pytest.skip("the split kernel set is the triton backend's")
-    if name == "triton":
-        from grpo_guard.ops import triton_launch
-        monkeypatch.setattr(triton_launch, "FUSED", request.param == "fused")
+    if name not in KERNEL_SET_BACKENDS and request.param == "split":
+        pytest.skip(OTHER_KERNEL_SET)
+    select_kernel_set(monkeypatch, request.param == "fused")
     return name, device
 
 

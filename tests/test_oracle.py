@@ -16,6 +16,7 @@ from grpo_guard import reference as ref
 
 import _oracle as O
 from _cases import latents
+from _backends import KERNEL_SET_BACKENDS, OTHER_KERNEL_SET, select_kernel_set
 
 METHOD_KINDS = [("grpo", "old_log_prob"), ("grpo", "old_model_output"), ("grpo", "old_prev_sample_mean"),
                 ("mean_revised", "old_model_output"), ("mean_revised", "old_prev_sample_mean"),
@@ -29,12 +30,8 @@ SIGMA_NEXT = SIGMA - torch.tensor([0.04, 0.1, 0.12, 0.1, 0.15, 0.1], dtype=torch
 
 @pytest.fixture(params=["split", "fused"])
 def kernel_set(request, monkeypatch):
-    """Both Triton kernel sets (the other backends ignore it)."""
-    try:
-        from grpo_guard.ops import triton_launch
-        monkeypatch.setattr(triton_launch, "FUSED", request.param == "fused")
-    except Exception:  # noqa: BLE001
-        pass
+    """Both kernel sets of the triton and cuda backends (the torch backend ignores it)."""
+    select_kernel_set(monkeypatch, request.param == "fused")
     return request.param
 
 
@@ -116,8 +113,8 @@ def test_reference_matches_the_oracle(dynamics, method, kind, guard_weight, seed
 @pytest.mark.parametrize("method, kind", METHOD_KINDS)
 def test_every_backend_matches_the_oracle(bk, kernel_set, dynamics, method, kind, seed):
     name, device = bk
-    if name != "triton" and kernel_set == "fused":
-        pytest.skip("the kernel set is the triton backend's")
+    if name not in KERNEL_SET_BACKENDS and kernel_set == "fused":
+        pytest.skip(OTHER_KERNEL_SET)
     for gw in (("dt", "beta_dt") if method == "guard" else ("dt",)):
         case, olds, eps = clipped_case(method, kind, dynamics, seed)
         kw = dict(dynamics=dynamics, method=method, guard_weight=gw)
@@ -134,8 +131,8 @@ def test_every_backend_matches_the_oracle(bk, kernel_set, dynamics, method, kind
 @pytest.mark.parametrize("dynamics", ["flow", "dance", "cps"])
 def test_sde_step_log_prob_is_the_direct_log_density(bk, kernel_set, dynamics, seed):
     name, device = bk
-    if name != "triton" and kernel_set == "fused":
-        pytest.skip("the kernel set is the triton backend's")
+    if name not in KERNEL_SET_BACKENDS and kernel_set == "fused":
+        pytest.skip(OTHER_KERNEL_SET)
     v, x = latents(6, (4, 16), torch.float64, device)
     noise = torch.randn(x.shape, dtype=torch.float64, device=device)
     out = gg.sde_step(v, x, SIGMA.to(device), SIGMA_NEXT.to(device), dynamics=dynamics, noise=noise)

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 
 from .. import reference as ref
 from . import cuda_build
+from . import errors
 from .layout import samples_contiguous
 from .requests import LossRequest, SDERequest, record_checked
 
@@ -28,6 +30,30 @@ _ROUND = {torch.float16: 2, torch.bfloat16: 3}  # gg_kernels.h GG_ROUND_*
 
 _ext = None
 _ext_error = None
+
+# The second kernel set (csrc/gg_kernels.h): the vector element layout (each thread's elements contiguous, moved in
+# 16-byte accesses), a rollout with return_mean=False that does not write the mean, and the device-side checks of
+# validate=True made inside the kernels (errors.py; no torch ops around the launch). Opt-in with
+# GRPO_GUARD_CUDA_V2=1 (or V2 = True) until the GPU test suite has passed with it; tested on the CPU through
+# tests/cuda_emu. Read at each call (traced once under torch.compile). sde_step and policy_loss must run with the
+# same setting for the on-policy log-ratio from old_log_prob to be exactly 0 (the layout fixes the order of sums).
+V2 = os.environ.get("GRPO_GUARD_CUDA_V2", "0").strip() == "1"
+FLAG_VEC, FLAG_CHECK = 1, 2  # csrc/binding.cpp: the `flags` argument
+
+
+def _flags(req) -> int:
+    return (FLAG_VEC | (FLAG_CHECK if req.check else 0)) if V2 else 0
+
+
+def _prepare(req):
+    """The device-side checks (validate=True): inside the kernels with V2, else torch ops before the launch."""
+    return req if V2 else record_checked(req)
+
+
+def _record(err, req) -> None:
+    """Record the kernels' failed-check bits (V2) in the error word."""
+    if err is not None and err.numel():
+        errors.record(err, req.model_output.device)
 
 
 def _load():
@@ -111,70 +137,79 @@ def _c(t):
     return None if t is None else t.contiguous()
 
 
+def _need_mean(req: SDERequest, flags: int) -> bool:
+    """The strided layout always writes the mean; the vector one only when it is returned or a backward may need
+    it (its gradient of log p reads the mean)."""
+    grad = torch.is_grad_enabled() and (req.model_output.requires_grad or req.sample.requires_grad)
+    return not flags & FLAG_VEC or req.return_mean or grad
+
+
 class _SDEStepFn(torch.autograd.Function):
-    """(v, x, prev|None, noise|None) -> (log_prob, mean, std_dev_t[, prev_out]); see csrc/sde_step.cu."""
+    """(v, x, prev|None, noise|None) -> (log_prob, mean|None, std_dev_t, prev_out|None, error bits|None); see
+    csrc/sde_step.cu."""
 
     @staticmethod
-    def forward(ctx, v, x, prev, noise, sched, round_mode):
-        outs = _ext.sde_forward(v, x, prev, noise, *sched, round_mode)
-        log_prob, mean, std_dev_t = outs[:3]
+    def forward(ctx, v, x, prev, noise, sched, round_mode, need_mean, flags):
+        log_prob, mean, std_dev_t, prev_out, err = _ext.sde_forward(v, x, prev, noise, *sched, round_mode,
+                                                                    need_mean, flags)
         ctx.set_materialize_grads(False)
-        ctx.sched = sched
-        ctx.save_for_backward(prev if prev is not None else outs[3], mean)
-        ctx.mark_non_differentiable(std_dev_t)
-        return tuple(outs)
+        ctx.sched, ctx.flags = sched, flags
+        ctx.save_for_backward(prev if prev is not None else prev_out, mean)
+        ctx.mark_non_differentiable(*(t for t in (std_dev_t, err) if t is not None))
+        return log_prob, mean, std_dev_t, prev_out, err
 
     @staticmethod
-    def backward(ctx, g_logp, g_mean, _g_std, *g_prev):
+    def backward(ctx, g_logp, g_mean, _g_std, g_prev, _g_err):
         xp, mean = ctx.saved_tensors
         need_v, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        g_prev = g_prev[0] if g_prev else None
         if not (need_v or need_x) or (g_logp is None and g_mean is None and g_prev is None):
-            return None, None, None, None, None, None
-        gv, gx = _ext.sde_backward(_c(g_mean), _c(g_prev), _c(g_logp), xp, mean, need_v, need_x, *ctx.sched)
-        return gv, gx, None, None, None, None
+            return (None,) * 8
+        gv, gx = _ext.sde_backward(_c(g_mean), _c(g_prev), _c(g_logp), xp, mean, need_v, need_x, *ctx.sched,
+                                   ctx.flags)
+        return (gv, gx) + (None,) * 6
 
 
 def _sde_inputs(req: SDERequest):
-    """(v, x, prev | None, noise | None, schedule, round_mode) as the kernels take them."""
+    """(v, x, prev | None, noise | None, schedule, round_mode, need_mean, flags) as the kernels take them."""
     sample, prev = req.sample, req.prev_sample
     cd = ref.compute_dtype(req.model_output, sample, prev)
     (v, x, p), storage = _storage(req.model_output, sample, prev)
     rollout = prev is None
     round_mode = _ROUND.get(sample.dtype, 0) if rollout and storage != sample.dtype else 0
     noise = _rows(req.noise.to(cd)) if rollout else None
-    return v, x, p, noise, _schedule(req), round_mode
+    flags = _flags(req)
+    return v, x, p, noise, _schedule(req), round_mode, _need_mean(req, flags), flags
 
 
 def sde_step(req: SDERequest) -> ref.SDEStep:
-    req = record_checked(req)
-    v, x, p, noise, sched, round_mode = _sde_inputs(req)
-    outs = _SDEStepFn.apply(v, x, p, noise, sched, round_mode)
-    log_prob, mean, std_dev_t = outs[:3]
-    prev_out = outs[3].to(req.sample.dtype) if req.prev_sample is None else req.prev_sample
+    req = _prepare(req)
+    log_prob, mean, std_dev_t, prev_out, err = _SDEStepFn.apply(*_sde_inputs(req))
+    _record(err, req)
+    prev_out = prev_out.to(req.sample.dtype) if req.prev_sample is None else req.prev_sample
     return ref.SDEStep(prev_out, log_prob, mean if req.return_mean else None, std_dev_t)
 
 
 class _PolicyLossFn(torch.autograd.Function):
-    """(v, ...) -> (loss, stats (4,), log_ratio[, bias]); gradient w.r.t. v only; see csrc/policy_loss.cu."""
+    """(v, ...) -> (loss, stats (4,), log_ratio, bias|None, error bits|None); gradient w.r.t. v only; see
+    csrc/policy_loss.cu."""
 
     @staticmethod
     def forward(ctx, v, x, prev, mu_old, v_old, adv, old_logp, sched, cfg):
-        loss, stats, log_ratio, bias, coefs = _ext.loss_forward(v, x, prev, mu_old, v_old, adv, old_logp,
-                                                                *sched, *cfg)
+        loss, stats, log_ratio, bias, coefs, err = _ext.loss_forward(v, x, prev, mu_old, v_old, adv, old_logp,
+                                                                     *sched, *cfg)
         ctx.set_materialize_grads(False)
-        ctx.sched = sched
+        ctx.sched, ctx.flags = sched, cfg[-1]
         ctx.save_for_backward(v, x, prev, mu_old, v_old, coefs)
-        outs = (loss, stats, log_ratio) + (() if bias is None else (bias,))
-        ctx.mark_non_differentiable(*outs[1:])
-        return outs
+        ctx.mark_non_differentiable(*(t for t in (stats, log_ratio, bias, err) if t is not None))
+        return loss, stats, log_ratio, bias, err
 
     @staticmethod
     def backward(ctx, g_loss, *_):
         if g_loss is None or not ctx.needs_input_grad[0]:
             return (None,) * 9
         v, x, prev, mu_old, v_old, coefs = ctx.saved_tensors
-        grad_v = _ext.loss_backward(v, x, prev, mu_old, v_old, coefs, g_loss.reshape(1).contiguous(), *ctx.sched)
+        grad_v = _ext.loss_backward(v, x, prev, mu_old, v_old, coefs, g_loss.reshape(1).contiguous(), *ctx.sched,
+                                    ctx.flags)
         return (grad_v,) + (None,) * 8
 
 
@@ -189,7 +224,8 @@ def _loss_inputs(req: LossRequest):
         old_logp = req.old_log_prob.to(cd).contiguous()
     adv = req.advantages.detach().to(cd).contiguous()
     lo, hi = ref.clip_bounds(req.clip_range)
-    cfg = (_METHODS[req.method], lo, hi, float(req.adv_clip_max), _WEIGHTS[req.guard_weight], float(req.kl_threshold))
+    cfg = (_METHODS[req.method], lo, hi, float(req.adv_clip_max), _WEIGHTS[req.guard_weight], float(req.kl_threshold),
+           _flags(req))
     return v, x, prev, mu_old, v_old, adv, old_logp, _schedule(req), cfg
 
 
@@ -204,22 +240,28 @@ def _stats(loss, packed, log_ratio, bias):
 
 
 def policy_loss(req: LossRequest):
-    outs = _PolicyLossFn.apply(*_loss_inputs(record_checked(req)))
-    return _stats(outs[0], outs[1], outs[2], outs[3] if len(outs) > 3 else None)
+    req = _prepare(req)
+    loss, packed, log_ratio, bias, err = _PolicyLossFn.apply(*_loss_inputs(req))
+    _record(err, req)
+    return _stats(loss, packed, log_ratio, bias)
 
 
 # ---- the torch.library operators (csrc/binding.cpp: grpo_guard::sde_step_cuda, policy_loss_cuda, *_backward):
 # fake implementations and autograd formulas, and the compiled path (grpo_guard/ops/library.py) --------------------
+
+def _fake_bits(like, flags):
+    return like.new_empty((1,) if flags & FLAG_CHECK else (0,), dtype=torch.int32)
+
 
 def register_operators():
     """Fake implementations and autograd formulas of the extension's operators (once the extension is loaded)."""
     lib = torch.library
 
     @lib.register_fake("grpo_guard::sde_step_cuda")
-    def _(v, x, prev, noise, sigma, sigma_next, sv, snv, eta, sin, dyn, round_mode):
+    def _(v, x, prev, noise, sigma, sigma_next, sv, snv, eta, sin, dyn, round_mode, need_mean=True, flags=0):
         B, cd = v.shape[0], ref.compute_dtype(v)
-        return (v.new_empty((B,), dtype=cd), v.new_empty(v.shape, dtype=cd), v.new_empty((B,), dtype=cd),
-                v.new_empty(v.shape if prev is None else (0,)))
+        return (v.new_empty((B,), dtype=cd), v.new_empty(v.shape if need_mean else (0,), dtype=cd),
+                v.new_empty((B,), dtype=cd), v.new_empty(v.shape if prev is None else (0,)), _fake_bits(v, flags))
 
     @lib.register_fake("grpo_guard::sde_step_cuda_backward")
     def _(g_mean, g_prev, g_logp, prev, mean, need_v, need_x, *sched):
@@ -230,30 +272,32 @@ def register_operators():
     def _(v, x, prev, mu_old, v_old, adv, old_logp, *rest):
         B, cd = v.shape[0], ref.compute_dtype(v)
         has_bias = mu_old is not None or v_old is not None
-        n_stats = 4 + len(ref.DPPO_STATS) if rest[-6] == _METHODS["dppo"] else 4  # rest[-6]: method
+        n_stats = 4 + len(ref.DPPO_STATS) if rest[7] == _METHODS["dppo"] else 4  # rest[7]: method
+        flags = rest[13] if len(rest) > 13 else 0
         return (v.new_empty((), dtype=cd), v.new_empty((n_stats,), dtype=cd), v.new_empty((B,), dtype=cd),
-                v.new_empty((B if has_bias else 0,), dtype=cd), v.new_empty((B, 2), dtype=cd))
+                v.new_empty((B if has_bias else 0,), dtype=cd), v.new_empty((B, 2), dtype=cd), _fake_bits(v, flags))
 
     @lib.register_fake("grpo_guard::policy_loss_cuda_backward")
     def _(v, *rest):
         return v.new_empty(v.shape)
 
     def sde_setup(ctx, inputs, output):
-        v, x, prev, noise, sigma, sigma_next, sv, snv, eta, sin, dyn, round_mode = inputs
+        v, x, prev, noise, sigma, sigma_next, sv, snv, eta, sin, dyn, round_mode = inputs[:12]
         ctx.set_materialize_grads(False)
         ctx.rollout = prev is None
         ctx.save_for_backward(output[3] if ctx.rollout else prev, output[1], sigma, sigma_next)
         ctx.sched = (sv, snv, eta, sin, dyn)
+        ctx.flags = inputs[13] if len(inputs) > 13 else 0
 
-    def sde_backward(ctx, g_logp, g_mean, _g_std, g_prev):
+    def sde_backward(ctx, g_logp, g_mean, _g_std, g_prev, _g_err):
         xp, mean, sigma, sigma_next = ctx.saved_tensors
         need_v, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         g_prev = g_prev if ctx.rollout else None
         if not (need_v or need_x) or (g_logp is None and g_mean is None and g_prev is None):
-            return (None,) * 12
+            return (None,) * 14
         gv, gx = torch.ops.grpo_guard.sde_step_cuda_backward(_c(g_mean), _c(g_prev), _c(g_logp), xp, mean, need_v,
-                                                             need_x, sigma, sigma_next, *ctx.sched)
-        return (gv if need_v else None, gx if need_x else None) + (None,) * 10
+                                                             need_x, sigma, sigma_next, *ctx.sched, ctx.flags)
+        return (gv if need_v else None, gx if need_x else None) + (None,) * 12
 
     lib.register_autograd("grpo_guard::sde_step_cuda", sde_backward, setup_context=sde_setup)
 
@@ -262,31 +306,36 @@ def register_operators():
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(v, x, prev, mu_old, v_old, output[4], sigma, sigma_next)
         ctx.sched = (sv, snv, eta, sin, dyn)
+        ctx.flags = inputs[20] if len(inputs) > 20 else 0
 
     def loss_backward(ctx, g_loss, *_):
         if g_loss is None or not ctx.needs_input_grad[0]:
-            return (None,) * 20
+            return (None,) * 21
         v, x, prev, mu_old, v_old, coefs, sigma, sigma_next = ctx.saved_tensors
         grad_v = torch.ops.grpo_guard.policy_loss_cuda_backward(v, x, prev, mu_old, v_old, coefs,
                                                                 g_loss.reshape(1).contiguous(), sigma, sigma_next,
-                                                                *ctx.sched)
-        return (grad_v,) + (None,) * 19
+                                                                *ctx.sched, ctx.flags)
+        return (grad_v,) + (None,) * 20
 
     lib.register_autograd("grpo_guard::policy_loss_cuda", loss_backward, setup_context=loss_setup)
 
 
 def sde_step_compiled(req: SDERequest) -> ref.SDEStep:
     """sde_step through ``torch.ops.grpo_guard.sde_step_cuda`` (the torch.compile path)."""
-    req = record_checked(req)
-    v, x, p, noise, sched, round_mode = _sde_inputs(req)
-    log_prob, mean, std_dev_t, prev_out = torch.ops.grpo_guard.sde_step_cuda(v, x, p, noise, *sched, round_mode)
+    req = _prepare(req)
+    v, x, p, noise, sched, round_mode, need_mean, flags = _sde_inputs(req)
+    log_prob, mean, std_dev_t, prev_out, err = torch.ops.grpo_guard.sde_step_cuda(v, x, p, noise, *sched,
+                                                                                  round_mode, need_mean, flags)
+    _record(err, req)
     prev_out = prev_out.to(req.sample.dtype) if req.prev_sample is None else req.prev_sample
     return ref.SDEStep(prev_out, log_prob, mean if req.return_mean else None, std_dev_t)
 
 
 def policy_loss_compiled(req: LossRequest):
     """policy_loss through ``torch.ops.grpo_guard.policy_loss_cuda`` (the torch.compile path)."""
-    v, x, prev, mu_old, v_old, adv, old_logp, sched, cfg = _loss_inputs(record_checked(req))
-    loss, packed, log_ratio, bias, _ = torch.ops.grpo_guard.policy_loss_cuda(v, x, prev, mu_old, v_old, adv,
-                                                                             old_logp, *sched, *cfg)
+    req = _prepare(req)
+    v, x, prev, mu_old, v_old, adv, old_logp, sched, cfg = _loss_inputs(req)
+    loss, packed, log_ratio, bias, _, err = torch.ops.grpo_guard.policy_loss_cuda(v, x, prev, mu_old, v_old, adv,
+                                                                                  old_logp, *sched, *cfg)
+    _record(err, req)
     return _stats(loss, packed, log_ratio, bias if bias.numel() else None)
