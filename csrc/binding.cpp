@@ -108,6 +108,7 @@ gg_schedule make_schedule(const Tensor& like, int64_t B, const OptTensor& sigma,
 }
 
 void check_grid(int64_t B, int64_t D) {
+  TORCH_CHECK(B > 0 && D > 0, "grpo_guard._C: empty latents (B = ", B, ", D = ", D, ")");
   TORCH_CHECK(B * gg_num_chunks(D) <= INT32_MAX, "grpo_guard._C: batch x chunks exceeds the launch grid");
 }
 
@@ -122,7 +123,7 @@ std::vector<Tensor> sde_forward(const Tensor& v, const Tensor& x, const OptTenso
                                 double sigma_next_value, double eta, double sin_half_pi_eta, int64_t dynamics,
                                 int64_t round_mode, bool need_mean, int64_t flags) {
   const at::ScalarType T = v.scalar_type(), TC = compute_type(T);
-  const int64_t B = v.size(0), D = v.numel() / B;
+  const int64_t B = v.size(0), D = B > 0 ? v.numel() / B : 0;
   check_grid(B, D);
   check_latent("model_output", v, v, T);
   check_latent("sample", x, v, T);
@@ -172,7 +173,7 @@ std::vector<Tensor> sde_backward(const OptTensor& g_mean, const OptTensor& g_pre
                                  double sigma_next_value, double eta, double sin_half_pi_eta, int64_t dynamics,
                                  int64_t flags) {
   const at::ScalarType T = prev.scalar_type(), TC = compute_type(T);
-  const int64_t B = prev.size(0), D = prev.numel() / B;
+  const int64_t B = prev.size(0), D = B > 0 ? prev.numel() / B : 0;
   check_grid(B, D);
   check_latent("prev_sample", prev, prev, T);
   check_latent("prev_sample_mean", mean, prev, TC);
@@ -220,7 +221,7 @@ std::vector<Tensor> loss_forward(const Tensor& v, const Tensor& x, const Tensor&
                                  int64_t method, double clip_lo, double clip_hi, double adv_clip_max,
                                  int64_t guard_weight, double kl_threshold, int64_t flags) {
   const at::ScalarType T = v.scalar_type(), TC = compute_type(T);
-  const int64_t B = v.size(0), D = v.numel() / B;
+  const int64_t B = v.size(0), D = B > 0 ? v.numel() / B : 0;
   check_grid(B, D);
   check_latent("model_output", v, v, T);
   check_latent("sample", x, v, T);
@@ -285,7 +286,7 @@ Tensor loss_backward(const Tensor& v, const Tensor& x, const Tensor& prev, const
                      const OptTensor& sigma_next, double sigma_value, double sigma_next_value, double eta,
                      double sin_half_pi_eta, int64_t dynamics, int64_t flags) {
   const at::ScalarType T = v.scalar_type(), TC = compute_type(T);
-  const int64_t B = v.size(0), D = v.numel() / B;
+  const int64_t B = v.size(0), D = B > 0 ? v.numel() / B : 0;
   check_grid(B, D);
   check_latent("model_output", v, v, T);
   check_latent("sample", x, v, T);

@@ -138,17 +138,28 @@ __device__ __forceinline__ int64_t vec_first(int chunk) {
   return static_cast<int64_t>(chunk) * kChunk + static_cast<int64_t>(threadIdx.x) * kItems;
 }
 
+// 16 bytes of X, moved as one access (an aggregate of X: no type punning).
+template <typename X>
+struct alignas(16) Pack16 {
+  X v[16 / sizeof(X)];
+};
+
+// True on a GPU (the launcher checked the rows); tests/cuda_emu defines it to fail the launch, and take the
+// element path instead, where a 16-byte access would be misaligned (x86 would not notice, a GPU faults).
+#ifndef GG_ALIGNED16
+#define GG_ALIGNED16(p) true
+#endif
+
 // n = how many of the kItems elements from p exist; out[j] = p[j] (compute type) for j < n, 0 beyond.
 template <typename X, typename TC>
 __device__ __forceinline__ void load_items(const X* p, int n, bool wide, TC (&out)[kItems]) {
-  if (wide && n == kItems) {
+  if (wide && n == kItems && GG_ALIGNED16(p)) {
     constexpr int per = 16 / sizeof(X);
 #pragma unroll
     for (int q = 0; q < kItems / per; ++q) {
-      const uint4 raw = reinterpret_cast<const uint4*>(p)[q];
-      const X* e = reinterpret_cast<const X*>(&raw);
+      const Pack16<X> pack = reinterpret_cast<const Pack16<X>*>(p)[q];
 #pragma unroll
-      for (int j = 0; j < per; ++j) out[q * per + j] = load(e + j);
+      for (int j = 0; j < per; ++j) out[q * per + j] = load(&pack.v[j]);
     }
   } else {
 #pragma unroll
@@ -159,15 +170,14 @@ __device__ __forceinline__ void load_items(const X* p, int n, bool wide, TC (&ou
 // p[j] = v[j] rounded to X, for j < n.
 template <typename X, typename TC>
 __device__ __forceinline__ void store_items(X* p, int n, bool wide, const TC (&v)[kItems]) {
-  if (wide && n == kItems) {
+  if (wide && n == kItems && GG_ALIGNED16(p)) {
     constexpr int per = 16 / sizeof(X);
 #pragma unroll
     for (int q = 0; q < kItems / per; ++q) {
-      uint4 raw;
-      X* e = reinterpret_cast<X*>(&raw);
+      Pack16<X> pack;
 #pragma unroll
-      for (int j = 0; j < per; ++j) store(e + j, v[q * per + j]);
-      reinterpret_cast<uint4*>(p)[q] = raw;
+      for (int j = 0; j < per; ++j) store(&pack.v[j], v[q * per + j]);
+      reinterpret_cast<Pack16<X>*>(p)[q] = pack;
     }
   } else {
 #pragma unroll

@@ -259,7 +259,7 @@ loss_finalize(const TC* __restrict__ partial, int nchunks, int64_t B, int64_t D,
     for (int64_t i = 0; i < B; ++i) {
       bits |= sigma_error_bits(sched, i);
       bits |= isfinite(adv[i]) ? 0 : 8;
-      if (cfg.old_mode == GG_OLD_LOGP) bits |= isfinite(old_logp[i]) ? 0 : 16;
+      if (old_logp != nullptr) bits |= isfinite(old_logp[i]) ? 0 : 16;  // checked wherever given, as requests.py
     }
     err[0] = bits << GG_ERR_POLICY_LOSS;
   }

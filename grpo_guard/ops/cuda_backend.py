@@ -219,13 +219,14 @@ def _loss_inputs(req: LossRequest):
     cd = ref.compute_dtype(req.model_output, req.sample, req.prev_sample, mu_old, v_old)
     (v, x, prev, v_old), _ = _storage(req.model_output, req.sample, req.prev_sample, v_old)
     mu_old = None if mu_old is None else _rows(mu_old.to(cd))
-    old_logp = None
-    if mu_old is None and v_old is None:
+    flags = _flags(req)
+    old_logp = None  # the loss reads it without an old mean; the in-kernel checks check it wherever it is given
+    if req.old_log_prob is not None and ((mu_old is None and v_old is None) or flags & FLAG_CHECK):
         old_logp = req.old_log_prob.to(cd).contiguous()
     adv = req.advantages.detach().to(cd).contiguous()
     lo, hi = ref.clip_bounds(req.clip_range)
     cfg = (_METHODS[req.method], lo, hi, float(req.adv_clip_max), _WEIGHTS[req.guard_weight], float(req.kl_threshold),
-           _flags(req))
+           flags)
     return v, x, prev, mu_old, v_old, adv, old_logp, _schedule(req), cfg
 
 

@@ -40,9 +40,6 @@
 struct uint3 {
   unsigned x = 0, y = 0, z = 0;
 };
-struct alignas(16) uint4 {  // the kernels' 16-byte loads and stores
-  unsigned x, y, z, w;
-};
 struct dim3 {
   unsigned x, y, z;
   dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
@@ -214,8 +211,8 @@ inline void start(Context& t, char* stack) {
 // Runs body(arg) as every thread of every block of the grid.
 inline void run(dim3 grid, dim3 block, void (*body)(void*), void* arg) {
   if (g_error != cudaSuccess) return;  // a failed launch poisons the stream, as on a GPU
-  if (grid.y * grid.z != 1 || block.y * block.z != 1 || block.x == 0 || block.x > 1024) {
-    fail("launch configuration not emulated (1-D grids and blocks of 1..1024 threads only)");
+  if (grid.x == 0 || grid.y * grid.z != 1 || block.y * block.z != 1 || block.x == 0 || block.x > 1024) {
+    fail("invalid or unemulated launch configuration (1-D grids of 1 or more blocks of 1..1024 threads only)");
     return;
   }
   while (g_stacks.size() < block.x) g_stacks.emplace_back(new char[kStack]);
@@ -295,9 +292,18 @@ inline void check_mask(unsigned mask) {
   if (mask != 0xffffffffu) fail("warp shuffles with a partial mask are not emulated");
 }
 
+// A GPU faults on a misaligned 16-byte access; x86 does not notice, so the emulator checks (csrc's GG_ALIGNED16):
+// a misaligned one fails the launch and is not made.
+inline bool aligned16(const void* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 == 0) return true;
+  fail("misaligned 16-byte access");
+  return false;
+}
+
 }  // namespace gg_emu
 
 #define GG_LAUNCH(kernel, grid, block, stream) ::gg_emu::launch(kernel, grid, block)
+#define GG_ALIGNED16(p) ::gg_emu::aligned16(p)
 
 inline void __syncthreads() { gg_emu::sync_block(); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
