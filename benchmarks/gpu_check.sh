@@ -109,23 +109,26 @@ if [ -n "$WHL" ]; then
 fi
 fi
 
+# ab_pair NAME VAR PROVIDER: PROVIDER timed with VAR=0, then VAR=1 (bf16, GPU time) -> $OUT/NAME0.csv, NAME1.csv
+ab_pair() {
+  local name=$1 var=$2 provider=$3 val
+  for val in 0 1; do
+    env "$var=$val" timeout "$(cap 90)" python3 benchmarks/run_gpu.py --providers "$provider" \
+      --shapes sd35_512,flux_1024,wan_480p --dtypes bf16 --modes forward,full,rollout --rep 50 \
+      --out "$OUT/$name$val.csv" > "/tmp/$name$val.log" 2>&1
+    echo "run_gpu ($var=$val) exit status $?"; grep -E "copy bandwidth|^(sde_step|policy_loss) " "/tmp/$name$val.log"
+  done
+}
+
 if want ab; then
 step "Triton kernel sets side by side: split vs single-launch forward (bf16, GPU time)"
-for fused in 0 1; do
-  GRPO_GUARD_TRITON_FUSED=$fused timeout "$(cap 90)" python3 benchmarks/run_gpu.py --providers gg-triton \
-    --shapes sd35_512,flux_1024,wan_480p --dtypes bf16 --modes forward,full,rollout --rep 50 \
-    --out "$OUT/ab_fused$fused.csv" > "/tmp/ab_$fused.log" 2>&1
-  echo "run_gpu (fused=$fused) exit status $?"; grep -E "copy bandwidth|^(sde_step|policy_loss) " "/tmp/ab_$fused.log"
-done
+ab_pair ab_fused GRPO_GUARD_TRITON_FUSED gg-triton
 fi
 
 if want ab_cuda; then
-step "CUDA fallback kernel sets side by side: default vs GRPO_GUARD_CUDA_V2=1 (bf16, GPU time)"
+step "CUDA fallback kernel sets side by side: default vs GRPO_GUARD_CUDA_V2=1 (bf16, GPU time, host time)"
+ab_pair ab_cuda_v2_ GRPO_GUARD_CUDA_V2 gg-cuda
 for v2 in 0 1; do
-  GRPO_GUARD_CUDA_V2=$v2 timeout "$(cap 90)" python3 benchmarks/run_gpu.py --providers gg-cuda \
-    --shapes sd35_512,flux_1024,wan_480p --dtypes bf16 --modes forward,full,rollout --rep 50 \
-    --out "$OUT/ab_cuda_v2_$v2.csv" > "/tmp/ab_cuda_$v2.log" 2>&1
-  echo "run_gpu (cuda v2=$v2) exit status $?"; grep -E "copy bandwidth|^(sde_step|policy_loss) " "/tmp/ab_cuda_$v2.log"
   GRPO_GUARD_CUDA_V2=$v2 timeout "$(cap 40)" python3 benchmarks/host_overhead.py --backends cuda \
     --csv "$OUT/host_overhead_cuda_v2_$v2.csv" 2>&1 | tail -9
 done
