@@ -45,6 +45,20 @@ def self_check(name: str, device: torch.device, D: int = 4096, B: int = 4):
     return {"on_policy_exact": exact, "rel_err": err, "log_ratio_scale": want["log_ratio"].abs().mean().item()}
 
 
+def kernel_sets() -> str:
+    """Which kernel set each fused backend runs, and the switch for the other one."""
+    from .ops import cuda_backend
+    try:
+        from .ops import triton_launch
+        triton = ("single-launch forward (GRPO_GUARD_TRITON_FUSED=0: split)" if triton_launch.FUSED
+                  else "split forward (GRPO_GUARD_TRITON_FUSED=1: single-launch, the default)")
+    except Exception as exc:  # noqa: BLE001  (no usable Triton: said, not fatal)
+        triton = f"not importable ({type(exc).__name__})"
+    cuda = ("second set: vector layout, checks in the kernels (opt-in, GRPO_GUARD_CUDA_V2=1)" if cuda_backend.V2
+            else "default (GRPO_GUARD_CUDA_V2=1: the second set, opt-in until it has passed the GPU tests)")
+    return f"triton {triton}; cuda {cuda}"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="grpo-guard info", description=__doc__.split("\n")[0])
     parser.add_argument("--no-check", action="store_true", help="skip the self-check")
@@ -61,6 +75,7 @@ def main(argv=None) -> int:
     from .ops import cuda_backend
     print(f"cuda extension: {cuda_backend.status()}")
     print(f"requested backend: {dispatch.requested()} (GRPO_GUARD_BACKEND or grpo_guard.backend())")
+    print(f"kernel sets: {kernel_sets()}")
     failed = False
     for device in devices:
         for name in dispatch.BACKENDS:

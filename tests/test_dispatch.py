@@ -52,3 +52,16 @@ def test_context_manager_restores(monkeypatch):
             assert dispatch.requested() == "auto"
         assert dispatch.requested() == "torch"
     assert dispatch.requested() == "auto"
+
+
+def test_info_says_which_kernel_sets_run(monkeypatch):
+    """grpo-guard info names each fused backend's kernel set and the switch to the other one."""
+    from grpo_guard import info
+    from grpo_guard.ops import cuda_backend, triton_launch
+    monkeypatch.setattr(cuda_backend, "V2", True)
+    monkeypatch.setattr(triton_launch, "FUSED", False)
+    assert "triton split forward" in info.kernel_sets() and "cuda second set" in info.kernel_sets()
+    monkeypatch.setattr(cuda_backend, "V2", False)
+    monkeypatch.setattr(triton_launch, "FUSED", True)
+    text = info.kernel_sets()
+    assert "triton single-launch forward" in text and "cuda default (GRPO_GUARD_CUDA_V2=1" in text
