@@ -134,8 +134,19 @@ __device__ __forceinline__ int64_t elem_in_sample(int chunk, int k) {
 // element by element otherwise (a ragged last chunk, a misaligned row): the same elements in the same order
 // either way, so the sums and log p do not depend on alignment. The strided layout (vec = 0) above stays the
 // default until the GPU test suite has passed with this one.
-__device__ __forceinline__ int64_t vec_first(int chunk) {
-  return static_cast<int64_t>(chunk) * kChunk + static_cast<int64_t>(threadIdx.x) * kItems;
+// A thread's place in it: sample and chunk (as chunk_pos), its first element, and how many of its kItems exist
+// in a row of D (0 past the end of a ragged last chunk).
+struct VecPos {
+  int64_t sample;
+  int chunk;
+  int64_t first;
+  int n;
+};
+__device__ __forceinline__ VecPos vec_pos(int nchunks, int64_t D) {
+  const ChunkPos pos = chunk_pos(nchunks);
+  const int64_t first = static_cast<int64_t>(pos.chunk) * kChunk + static_cast<int64_t>(threadIdx.x) * kItems;
+  const int64_t left = D - first;
+  return {pos.sample, pos.chunk, first, left <= 0 ? 0 : (left >= kItems ? kItems : static_cast<int>(left))};
 }
 
 // 16 bytes of X, moved as one access (an aggregate of X: no type punning).
@@ -184,12 +195,6 @@ __device__ __forceinline__ void store_items(X* p, int n, bool wide, const TC (&v
     for (int j = 0; j < kItems; ++j)
       if (j < n) store(p + j, v[j]);
   }
-}
-
-// How many of a thread's kItems elements from first exist in a row of D.
-__device__ __forceinline__ int items_in_row(int64_t first, int64_t D) {
-  const int64_t n = D - first;
-  return n <= 0 ? 0 : (n >= kItems ? kItems : static_cast<int>(n));
 }
 
 }  // namespace gg

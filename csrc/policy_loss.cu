@@ -133,9 +133,9 @@ loss_chunks_vec(const T* __restrict__ v, const T* __restrict__ x, const T* __res
                 typename Acc<T>::type* __restrict__ partial, int64_t D, int nchunks, gg_schedule sched, int64_t s_v,
                 int64_t s_x, int64_t s_prev, int64_t s_old, bool wide) {
   using TC = typename Acc<T>::type;
-  const ChunkPos pos = chunk_pos(nchunks);
-  const int64_t first = vec_first(pos.chunk);
-  const int n = items_in_row(first, D);
+  const VecPos pos = vec_pos(nchunks, D);
+  const int64_t first = pos.first;
+  const int n = pos.n;
   TC s1 = TC(0), s2 = TC(0);
   if (n > 0) {
     const Coef c = step_coef(sched, pos.sample);
@@ -333,9 +333,9 @@ loss_backward_kernel_vec(const T* __restrict__ v, const T* __restrict__ x, const
                          int nchunks, gg_schedule sched, int64_t s_v, int64_t s_x, int64_t s_prev, int64_t s_old,
                          bool wide) {
   using TC = typename Acc<T>::type;
-  const ChunkPos pos = chunk_pos(nchunks);
-  const int64_t first = vec_first(pos.chunk);
-  const int n = items_in_row(first, D);
+  const VecPos pos = vec_pos(nchunks, D);
+  const int64_t first = pos.first;
+  const int n = pos.n;
   if (n == 0) return;
   const Coef c = step_coef(sched, pos.sample);
   const TC a = static_cast<TC>(c.a), b = static_cast<TC>(c.b);

@@ -59,11 +59,11 @@ sde_forward_chunks_vec(const T* __restrict__ v, const T* __restrict__ x, const T
                        int64_t D, int nchunks, gg_schedule sched, int round_mode, int64_t s_v, int64_t s_x,
                        int64_t s_prev, int64_t s_noise, bool wide) {
   using TC = typename Acc<T>::type;
-  const ChunkPos pos = chunk_pos(nchunks);
+  const VecPos pos = vec_pos(nchunks, D);
   const Coef c = step_coef(sched, pos.sample);
   const TC a = static_cast<TC>(c.a), b = static_cast<TC>(c.b), s = static_cast<TC>(c.std);
-  const int64_t first = vec_first(pos.chunk);
-  const int n = items_in_row(first, D);
+  const int64_t first = pos.first;
+  const int n = pos.n;
   TC acc = TC(0), unused = TC(0);
   if (n > 0) {
     const int64_t e = pos.sample * D + first;  // outputs; inputs start at sample * their batch stride
@@ -155,9 +155,9 @@ sde_backward_kernel_vec(const typename Acc<T>::type* __restrict__ g_mean, const 
                         T* __restrict__ grad_x, int64_t D, int nchunks, gg_schedule sched, int64_t s_prev,
                         bool wide) {
   using TC = typename Acc<T>::type;
-  const ChunkPos pos = chunk_pos(nchunks);
-  const int64_t first = vec_first(pos.chunk);
-  const int n = items_in_row(first, D);
+  const VecPos pos = vec_pos(nchunks, D);
+  const int64_t first = pos.first;
+  const int n = pos.n;
   if (n == 0) return;
   const Coef c = step_coef(sched, pos.sample);
   const TC a = static_cast<TC>(c.a), b = static_cast<TC>(c.b), s = static_cast<TC>(c.std);

@@ -66,9 +66,7 @@ def _use(module) -> None:
     PACKAGE_UNSUPPORTED_REASON = cuda_backend.unsupported_reason
     cuda_backend._ext, cuda_backend._ext_error = module, None
     cuda_backend.unsupported_reason = _unsupported_reason
-    cuda_backend.register_operators()
-    library.COMPILED["sde_step"]["cuda"] = cuda_backend.sde_step_compiled
-    library.COMPILED["policy_loss"]["cuda"] = cuda_backend.policy_loss_compiled
+    library._register_cuda_ops()  # what import does with a built extension: fakes, autograd, the compiled path
 
 
 def _unsupported_reason(device):
