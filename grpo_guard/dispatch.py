@@ -27,12 +27,19 @@ class BackendUnavailable(RuntimeError):
     """The requested backend cannot run on these tensors; the message says why."""
 
 
+_LOADED = {}
+
+
 def _load(name: str):
-    """The backend module, or raise BackendUnavailable (import errors become the reason)."""
-    try:
-        return importlib.import_module(_MODULES[name])
-    except ImportError as exc:
-        raise BackendUnavailable(f"backend {name!r} is not importable: {exc}") from exc
+    """The backend module, or raise BackendUnavailable (import errors become the reason; a failed import is tried
+    again at the next call)."""
+    module = _LOADED.get(name)
+    if module is None:
+        try:
+            module = _LOADED[name] = importlib.import_module(_MODULES[name])
+        except ImportError as exc:
+            raise BackendUnavailable(f"backend {name!r} is not importable: {exc}") from exc
+    return module
 
 
 def unsupported_reason(name: str, device: torch.device) -> Optional[str]:

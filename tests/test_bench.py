@@ -217,3 +217,27 @@ def test_grpo_guard_bench_runs_from_an_installed_wheel(tmp_path):
     proc = _run_isolated(TINY + ["--out", str(out)], cwd=run, env=_clean_env(PYTHONPATH=str(site)))
     _check_tiny_run(proc, out)
     assert f"GRPO_GUARD_FILE {site}" in proc.stdout, proc.stdout[-500:]
+
+
+def test_host_overhead_against_an_older_checkout(tmp_path, capsys):
+    """``--against``: both sides run (alternately, in fresh processes) and each writes its per-case minimum; a
+    checkout without grpo_guard is refused instead of silently timing the installed one twice."""
+    from grpo_guard.bench.host_overhead import main
+    old = tmp_path / "old"
+    shutil.copytree(PACKAGE, old / "grpo_guard", ignore=shutil.ignore_patterns("__pycache__"))
+    before, after = tmp_path / "before.csv", tmp_path / "after.csv"
+    assert main(["--against", str(old), "--rounds", "2", "--rep", "2", "--backends", "torch", "--device", "cpu",
+                 "--csv-pair", str(before), str(after)]) == 0
+    for path in (before, after):
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        assert {(r["op"], r["sigmas"]) for r in rows} == {(op, s) for op in ("sde_step rollout",
+                                                                            "sde_step score fwd+bwd",
+                                                                            "policy_loss fwd", "policy_loss fwd+bwd")
+                                                          for s in ("float", "tensor")}
+        assert all(r["backend"] == "torch" and float(r["host_us"]) > 0 for r in rows)
+    assert "| torch | policy_loss fwd | tensor |" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RuntimeError, match="imported the wrong grpo_guard"):
+        main(["--against", str(tmp_path / "empty"), "--rounds", "1", "--rep", "1", "--backends", "torch",
+              "--device", "cpu", "--csv-pair", str(before), str(after)])

@@ -52,9 +52,12 @@ def test_properties(seed):
 def test_bad_input():
     with pytest.raises(ValueError, match="rewards has non-finite"):
         gg.group_advantages(torch.tensor([1.0, float("nan")]), torch.tensor([0, 0]), validate="sync")
-    with pytest.raises(gg.InvalidInputError, match="group_advantages: rewards must be finite"):
-        gg.group_advantages(torch.tensor([1.0, float("nan")]), torch.tensor([0, 0]))
-        gg.check_errors()
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(gg.InvalidInputError, match="group_advantages: rewards must be finite"):
+            gg.group_advantages(torch.tensor([1.0, 2.0, bad, 0.5]), torch.tensor([0, 0, 1, 1]))
+            gg.check_errors()
+    gg.group_advantages(torch.tensor([1.0, 3.0e38, -3.0e38, 0.5]), torch.tensor([0, 1, 0, 1]))
+    gg.check_errors()  # large but finite rewards pass
     with pytest.raises(ValueError, match="group_ids must have the shape"):
         gg.group_advantages(torch.tensor([1.0, 2.0]), torch.tensor([0, 0, 1]))
     with pytest.raises(ValueError, match="rewards must be a 1-D floating tensor"):

@@ -183,3 +183,54 @@ def test_validate_sync_raises_at_once_and_false_checks_nothing(bk, kernels):
     gg.check_errors()  # nothing flagged
     with pytest.raises(ValueError, match="validate must be True, False or 'sync'"):
         gg.sde_step(v, x, sig, nxt, validate="yes")
+
+
+SIGMA_RULE, NEXT_RULE = "sigma must lie in", "sigma_next must be finite, >= 0 and < sigma"
+CPS_RULE = "sigma_next must be > 0 for cps"
+# (sigma, sigma_next of the middle sample, dynamics, method, the rules it breaks): each rule's edges, on both sides
+BOUNDARIES = [
+    (1.0, 0.9, "flow", "guard", ()),                      # sigma = 1 is in (0, 1]
+    (1.0 + 2 ** -40, 0.9, "dance", "guard", (SIGMA_RULE,)),
+    (1e-6, 0.0, "dance", "guard", ()),                    # close to 0 from above
+    (0.0, 0.0, "dance", "guard", (SIGMA_RULE, NEXT_RULE)),  # sigma = 0, and sigma_next = sigma
+    (0.5, 0.5, "flow", "guard", (NEXT_RULE,)),            # dt = 0
+    (0.5, -0.0, "dance", "guard", ()),                    # -0.0 >= 0
+    (0.5, -1e-300, "dance", "guard", (NEXT_RULE,)),
+    (0.5, float("-inf"), "dance", "guard", (NEXT_RULE,)),
+    (float("nan"), 0.4, "dance", "guard", (SIGMA_RULE, NEXT_RULE)),
+    (0.5, 0.0, "cps", "guard", (CPS_RULE,)),              # cps divides by s = 0 ...
+    (0.5, 0.0, "cps", "grpo", ()),                        # ... only where the method divides by it
+]
+
+
+@pytest.mark.parametrize("case", BOUNDARIES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}-{c[3]}")
+def test_device_sigma_checks_at_their_edges(bk, kernels, seed, case):
+    """Each device-side sigma rule just inside and just outside its bound, in one sample of three: a broken rule
+    makes that sample's log-ratio NaN (off-policy, so the formulas alone would give a finite number or an
+    infinity) and is named by check_errors(); a kept rule leaves every sample finite and the word clear."""
+    _skip_kernel_set_for_other_backends(bk, kernels)
+    name, device = bk
+    s1, n1, dynamics, method, rules = case
+    B = 3
+    v, x = latents(B, (4, 16), torch.float32, device)
+    sig = torch.tensor([0.8, s1, 0.6], dtype=torch.float64, device=device)
+    nxt = torch.tensor([0.7, n1, 0.5], dtype=torch.float64, device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    xp = x + 0.1 * torch.randn(x.shape, generator=g, device=device)
+    old_v = v + 0.05 * torch.randn(v.shape, generator=g, device=device)
+    with cuda_sync_errors(device):
+        _, stats = gg.policy_loss(v, x, xp, sig, nxt, torch.ones(B, device=device), dynamics=dynamics,
+                                  method=method, old_model_output=old_v)
+    lr = stats["log_ratio"]
+    assert torch.isfinite(lr[[0, 2]]).all()
+    if not rules:
+        assert torch.isfinite(lr[1])
+        gg.check_errors()
+        return
+    assert torch.isnan(lr[1]), f"sample 1 broke {rules} but its log-ratio is {lr[1].item()}"
+    with pytest.raises(gg.InvalidInputError) as info:
+        gg.check_errors()
+    named = [line for line in str(info.value).splitlines()[1:]]
+    assert sorted(r for r in (SIGMA_RULE, NEXT_RULE, CPS_RULE) if any(r in line for line in named)) == \
+        sorted(rules), named
+    assert all(line.strip().startswith("policy_loss:") for line in named)

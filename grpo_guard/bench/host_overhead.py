@@ -7,6 +7,9 @@ host synchronization). Sigmas as Python floats and as float64 device tensors; fo
     python -m grpo_guard.bench.host_overhead --compare before.csv after.csv   # a Markdown table of two runs
     python -m grpo_guard.bench.host_overhead --table run.csv                  # a Markdown table of one run
     python -m grpo_guard.bench.host_overhead --profile "policy_loss fwd" --backends triton   # where the time goes
+    python -m grpo_guard.bench.host_overhead --against OLD_CHECKOUT --rounds 5 --csv-pair before.csv after.csv
+        # an older checkout and this one, run alternately (each round one run of each, in fresh processes); per
+        # case the minimum over all rounds: a shared machine's slow phases hit both alike
 
 (``grpo-guard bench host_overhead ...``, and from a checkout ``python benchmarks/host_overhead.py ...``, the same.)
 
@@ -78,6 +81,56 @@ def compare(before: str, after: str) -> str:
     return "\n".join(lines)
 
 
+def _read(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _write(path, rows):
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def against(checkout: str, rounds: int, before_csv: str, after_csv: str, extra) -> None:
+    """Run this file on ``checkout``'s grpo_guard and on this one alternately, ``rounds`` times each, in fresh
+    processes; write each side's per-case minimum over the rounds. The older side gets a copy of this file (it needs
+    only the API every version has), run with ``checkout`` first on PYTHONPATH; each child prints where its
+    grpo_guard came from, checked here."""
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    checkout = str(Path(checkout).resolve())
+    here = Path(gg.__file__).resolve().parents[1]
+    sides = {"before": checkout, "after": str(here)}
+    with tempfile.TemporaryDirectory() as tmp:
+        script = shutil.copy(__file__, Path(tmp) / "host_overhead_copy.py")
+        best = {"before": {}, "after": {}}
+        for r in range(rounds):
+            for side, root in sides.items():
+                out = Path(tmp) / f"{side}{r}.csv"
+                env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+                res = subprocess.run([sys.executable, script, "--csv", str(out), "--where", *extra], cwd=tmp,
+                                     env=env, capture_output=True, text=True)
+                if res.returncode != 0:
+                    raise RuntimeError(f"the {side} run failed:\n{res.stdout}\n{res.stderr}")
+                where = [ln for ln in res.stdout.splitlines() if ln.startswith("grpo_guard from ")][0]
+                if not where.split("grpo_guard from ", 1)[1].startswith(root):
+                    raise RuntimeError(f"the {side} run imported the wrong grpo_guard ({where}); expected {root}")
+                for row in _read(out):
+                    key = (row["backend"], row["op"], row["sigmas"])
+                    if key not in best[side] or float(row["host_us"]) < float(best[side][key]["host_us"]):
+                        best[side][key] = row
+                print(f"round {r + 1}/{rounds}: {side} done", flush=True)
+    _write(before_csv, list(best["before"].values()))
+    _write(after_csv, list(best["after"].values()))
+    print(compare(before_csv, after_csv))
+
+
 def table(path: str) -> str:
     """Markdown table of one run's CSV: host us per call, float vs tensor sigmas side by side."""
     with open(path, newline="") as fh:
@@ -122,7 +175,19 @@ def main(argv=None) -> int:
     p.add_argument("--sigmas", default="float", choices=("float", "tensor"), help="with --profile")
     p.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="print two CSVs side by side and exit")
     p.add_argument("--table", metavar="CSV", default=None, help="print one CSV as a Markdown table and exit")
+    p.add_argument("--against", metavar="CHECKOUT", default=None,
+                   help="time an older checkout's grpo_guard and this one alternately (with --csv-pair)")
+    p.add_argument("--rounds", type=int, default=5, help="with --against")
+    p.add_argument("--csv-pair", nargs=2, metavar=("BEFORE", "AFTER"), help="with --against: the two CSVs")
+    p.add_argument("--where", action="store_true", help="print where grpo_guard was imported from")
     args = p.parse_args(argv)
+    if args.against:
+        if not args.csv_pair:
+            p.error("--against needs --csv-pair BEFORE AFTER")
+        extra = ["--device", args.device, "--rep", str(args.rep)] + (["--backends", args.backends] if args.backends
+                                                                      else [])
+        against(args.against, args.rounds, *args.csv_pair, extra)
+        return 0
     if args.table:
         print(table(args.table))
         return 0
@@ -137,6 +202,8 @@ def main(argv=None) -> int:
         backends = [b for b in backends if b != "triton"]  # the interpreter is not a timing target
     rows = []
     print(f"grpo_guard {gg.__version__}  torch {torch.__version__}  device {device}  rep {args.rep}")
+    if args.where:
+        print(f"grpo_guard from {gg.__file__}")
     print(f"{'backend':<8} {'op':<24} {'sigmas':<7} {'host us/call':>12}")
     for name in backends:
         with gg.backend(name):
@@ -150,10 +217,7 @@ def main(argv=None) -> int:
                 rows.append({"backend": name, "op": op, "sigmas": sigmas, "host_us": f"{us:.1f}"})
                 print(f"{name:<8} {op:<24} {sigmas:<7} {us:>12.1f}", flush=True)
     if args.csv and rows:
-        with open(args.csv, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        _write(args.csv, rows)
     return 0
 
 

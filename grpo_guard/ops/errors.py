@@ -9,7 +9,7 @@ the op, the argument and the rule. ``validate="sync"`` checks those values synch
 (debugging); ``validate=False`` checks nothing on the device.
 
 The Triton kernels set the bits themselves, in the program that finishes each row (no extra launch); the torch
-and cuda backends set them with a few elementwise torch ops (:func:`flag`). Bit layout: ``BITS``, one place.
+and cuda backends set them with a few elementwise torch ops (:func:`failed`). Bit layout: ``BITS``, one place.
 """
 from __future__ import annotations
 
@@ -67,26 +67,29 @@ def bit(op: str, argument: str, rule_index: int = 0) -> int:
     return [b for (o, a, _), b in BITS.items() if o == op and a == argument][rule_index]
 
 
-def bits(offset: int, bads):
-    """The error bits (int32 (1,)) of checks offset, offset + 1, ...: bit ``offset + k`` is set if ``bads[k]`` (a
-    bool tensor; None: not checked) is True anywhere; None if nothing was checked. A few small kernels, no host
-    synchronization, no host-to-device copy (so it also runs under CUDA-graph capture and torch.compile)."""
-    code = None
-    for k, bad in enumerate(bads):
-        if bad is not None:
-            term = bad.any().to(torch.int32) * (1 << (offset + k))
-            code = term if code is None else code | term
-    return None if code is None else code.reshape(1)
+def failed(offset: int, oks):
+    """The error bits of checks offset, offset + 1, ...: bit ``offset + k`` is set unless ``oks[k]`` (a bool
+    tensor, True where the value passed; None: not checked) is True everywhere. -> an int64 0-dim tensor, or None
+    if nothing was checked. Elementwise ops only (each ``ok * bit``, then one min over the samples and one sum; a
+    single check: ``bit - ok.all() * bit``): no host synchronization and no host-to-device copy, so it also runs
+    under CUDA-graph capture and torch.compile."""
+    terms = [(ok, 1 << (offset + k)) for k, ok in enumerate(oks) if ok is not None]
+    if not terms:
+        return None
+    if len(terms) == 1:
+        ok, b = terms[0]
+        return b - ok.all() * b
+    return sum(b for _, b in terms) - torch.stack([ok * b for ok, b in terms]).amin(1).sum()
 
 
 def record(code: torch.Tensor, device) -> None:
-    """word |= code (int32 (1,)), on the device."""
+    """word |= code (an integer tensor of shape () or (1,)), on the device."""
     word(device).bitwise_or_(code)
 
 
-def flag(offset: int, bads, device) -> None:
-    """Record :func:`bits` of ``bads`` in ``device``'s error word (nothing if no check was made)."""
-    code = bits(offset, bads)
+def flag(offset: int, oks, device) -> None:
+    """Record :func:`failed` of ``oks`` in ``device``'s error word (nothing if no check was made)."""
+    code = failed(offset, oks)
     if code is not None:
         record(code, device)
 

@@ -220,8 +220,11 @@ TORCH_SCHEMAS = {
 
 
 
-def _no_error_bits(like: Tensor) -> Tensor:
-    return torch.zeros(1, dtype=torch.int32, device=like.device)
+def _error_bits(code, like: Tensor) -> Tensor:
+    """The ops' error-bits output, int32 (1,): ``code`` (requests.checked; None: nothing checked) or zeros."""
+    if code is None:
+        return torch.zeros(1, dtype=torch.int32, device=like.device)
+    return code.to(torch.int32).reshape(1)
 
 
 def _sde_step_torch(v, x, prev_sample, noise, sigma, sigma_next, sigma_value, sigma_next_value, noise_level,
@@ -237,7 +240,7 @@ def _sde_step_torch(v, x, prev_sample, noise, sigma, sigma_next, sigma_value, si
     empty = x.new_empty((0,))
     return (out.prev_sample if prev_sample is None else empty, out.log_prob,
             out.prev_sample_mean if return_mean else empty.to(out.log_prob.dtype), out.std_dev_t,
-            code if code is not None else _no_error_bits(x))
+            _error_bits(code, x))
 
 
 def _policy_loss_torch(v, x, prev_sample, old_log_prob, old_prev_sample_mean, old_model_output, advantages, sigma,
@@ -258,7 +261,7 @@ def _policy_loss_torch(v, x, prev_sample, old_log_prob, old_prev_sample_mean, ol
     extra = [torch.stack([st[k] for k in ref.DPPO_STATS])] if method == "dppo" else []
     stats = torch.cat([torch.stack([st["ratio_mean"], st["ratio_std"], st["clipfrac"], st["approx_kl"]]),
                        log_ratio, bias, *extra]).detach()
-    return loss, stats, code if code is not None else _no_error_bits(x)
+    return loss, stats, _error_bits(code, x)
 
 
 def _register_torch_ops():

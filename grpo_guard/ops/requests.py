@@ -10,7 +10,6 @@ backend does it, the Triton kernels inside the launch they make anyway), synchro
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -93,7 +92,7 @@ def _latent(name, t, like=None, allow_grad=True):
         if t.dim() < 2:
             raise ValueError(f"{name} must have a batch dim and at least one latent dim, got shape "
                              f"{tuple(t.shape)}")
-        if t.shape[0] == 0 or t[0].numel() == 0:
+        if t.shape[0] == 0 or math.prod(t.shape[1:]) == 0:
             raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
     else:
         if t.shape != like.shape:
@@ -168,7 +167,8 @@ def _sigmas(sigma, sigma_next, B, device, mode):
                                  f"{tuple(s.shape)}")
             if not s.is_floating_point():
                 raise TypeError(f"{name} must be a floating tensor, got {s.dtype}")
-            return s.to(device=device, dtype=torch.float64).reshape(-1).expand(B).contiguous()
+            s = s.to(device=device, dtype=torch.float64)
+            return s if s.shape == (B,) and s.is_contiguous() else s.reshape(-1).expand(B).contiguous()
         raise TypeError(f"{name} must be a float or a 1-D tensor, got {type(s).__name__}")
 
     sig, nxt = norm("sigma", sigma), norm("sigma_next", sigma_next)
@@ -298,34 +298,39 @@ def checked(req):
     """The device-side checks of ``req`` (validate=True) with torch ops, for the backends whose kernels do not make
     them (torch, cuda): -> (req', code). ``req'`` has NaN in place of every per-sample value that failed (sigmas,
     advantages, old log-probs), so the computation itself makes that sample's outputs NaN; ``code`` is the
-    error-word bits (:mod:`.errors`, int32 (1,)) or None when nothing is checked. No host synchronization,
-    nothing recorded (:func:`record_checked` records)."""
+    error-word bits (:func:`errors.failed`, an integer tensor of shape ()) or None when nothing is checked. No
+    host synchronization, nothing recorded (:func:`record_checked` records)."""
     if not req.check:
         return req, None
-    changes, bads = {}, []
+    changes, oks = {}, [None, None, None]
     if isinstance(req.sigma, torch.Tensor):
         sig, nxt = req.sigma, req.sigma_next
-        bad_sig = ~((sig > 0) & (sig <= 1))
-        bad_nxt = ~((nxt >= 0) & (nxt < sig))  # NaN and +inf fail
-        bad_std = None
+        oks[0] = (sig > 0) & (sig <= 1)
+        oks[1] = (nxt >= 0) & (nxt < sig)  # NaN and +inf fail
+        ok = oks[0] & oks[1]
         if isinstance(req, LossRequest) and req.dynamics == "cps" and req.method in DIVIDES_BY_STD:
-            bad_std = nxt == 0
-        bad = bad_sig | bad_nxt if bad_std is None else bad_sig | bad_nxt | bad_std
-        changes["sigma"] = torch.where(bad, float("nan"), sig)
-        bads += [bad_sig, bad_nxt, bad_std]
-    else:
-        bads += [None, None, None]
+            oks[2] = nxt != 0
+            ok = ok & oks[2]
+        changes["sigma"] = torch.where(ok, sig, math.nan)
     if isinstance(req, SDERequest):
-        return dataclasses.replace(req, **changes), errors.bits(errors.SDE_STEP, bads[:2])
+        return _replace(req, changes), errors.failed(errors.SDE_STEP, oks[:2])
     for name in ("advantages", "old_log_prob"):
         t = getattr(req, name)
-        if t is None:
-            bads.append(None)
-            continue
-        ok = torch.isfinite(t)
-        changes[name] = torch.where(ok, t, float("nan"))  # inf -> NaN: the advantage clamp would keep inf finite
-        bads.append(~ok)
-    return dataclasses.replace(req, **changes), errors.bits(errors.POLICY_LOSS, bads)
+        ok = None
+        if t is not None:
+            ok = t.abs() < math.inf  # NaN and +-inf fail
+            changes[name] = torch.where(ok, t, math.nan)  # inf -> NaN: the advantage clamp would keep inf finite
+        oks.append(ok)
+    return _replace(req, changes), errors.failed(errors.POLICY_LOSS, oks)
+
+
+def _replace(req, changes):
+    """A copy of the request with ``changes`` (dataclasses.replace without re-running __init__)."""
+    if not changes:
+        return req
+    out = object.__new__(type(req))
+    out.__dict__.update(req.__dict__, **changes)
+    return out
 
 
 def record_checked(req):
