@@ -25,14 +25,19 @@
 #     layout with 16-byte accesses, a rollout without the mean, checks in the kernels), GPU time -> ab_cuda_v2_*.csv,
 #     and host time per call -> host_overhead_cuda_v2_*.csv.
 #     Its correctness on the GPU is step 3 (tests/test_cuda_backend.py and the kernel-set tests run both sets).
+# 15. (ab_lean) the single-launch Triton kernels' opt-in lean variant (GRPO_GUARD_TRITON_LEAN=1: float64
+#     coefficients before the loads, a 64-register cap for 16-bit latents, the hardware bf16 rounding): first the op
+#     tests with it (its bit-identity test against the default, then the Triton op tests; it may become the
+#     default only if they pass), then GPU time side by side -> ab_lean_*.csv, tests_lean.log.
 #
 # STEPS (comma-separated) picks steps by name: tests, cuda, bench, trainer, deepspeed, sweep, compile, ab,
-# sweep_fused, host, fp16, wheel, wan, ab_cuda (default: all but ab, sweep_fused, wheel, wan and ab_cuda). GRPO_GUARD_TRITON_FUSED=0 runs everything on the
+# sweep_fused, host, fp16, wheel, wan, ab_cuda, ab_lean (default: all but ab, sweep_fused, wheel, wan, ab_cuda and
+# ab_lean). GRPO_GUARD_TRITON_FUSED=0 runs everything on the
 # split Triton kernels (the single-launch ones are the default since 2026-11-30). The next session should run
-#   STEPS=tests,cuda,ab_cuda,bench,wan,wheel BUDGET=540 bash benchmarks/gpu_check.sh
+#   STEPS=tests,cuda,ab_cuda,ab_lean,bench,fp16,wan,wheel BUDGET=540 bash benchmarks/gpu_check.sh
 # (the op tests incl. Flow-DPPO, the cuda backend's compile/opcheck tests that have not run on a GPU yet and its
-# second kernel set, the two CUDA kernel sets timed, the full benchmark table with the single-launch default, the
-# Wan 1.3B trainer step (issue 12), the platform wheel).
+# second kernel set, the two CUDA kernel sets timed, the lean Triton kernels tested and timed, the full benchmark
+# table with the single-launch default, the fp16 loss-scaler trainer run, the Wan 1.3B trainer step, the wheel).
 set -u
 STEPS=${STEPS:-tests,cuda,bench,trainer,deepspeed,fp16,sweep,compile,host}
 want() { [[ ",$STEPS," == *",$1,"* ]]; }
@@ -123,6 +128,16 @@ ab_pair() {
 if want ab; then
 step "Triton kernel sets side by side: split vs single-launch forward (bf16, GPU time)"
 ab_pair ab_fused GRPO_GUARD_TRITON_FUSED gg-triton
+fi
+
+if want ab_lean; then
+step "lean single-launch Triton kernels (GRPO_GUARD_TRITON_LEAN=1): op tests, then GPU time side by side"
+GRPO_GUARD_TRITON_LEAN=1 timeout "$(cap 150)" python3 -m pytest -q -n 8 -p no:cacheprovider --timeout 120 -rfEs \
+  tests/test_triton_kernels.py tests/test_sde_step.py tests/test_policy_loss.py tests/test_no_sync.py \
+  tests/test_cuda_graphs.py -k "lean or triton" > "$OUT/tests_lean.log" 2>&1
+echo "pytest (lean) exit status $?"; grep -E "^(FAILED|ERROR)" "$OUT/tests_lean.log" | cut -c1-200 | head -20
+tail -2 "$OUT/tests_lean.log"
+ab_pair ab_lean_ GRPO_GUARD_TRITON_LEAN gg-triton
 fi
 
 if want ab_cuda; then

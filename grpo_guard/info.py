@@ -52,6 +52,10 @@ def kernel_sets() -> str:
         from .ops import triton_launch
         triton = ("single-launch forward (GRPO_GUARD_TRITON_FUSED=0: split)" if triton_launch.FUSED
                   else "split forward (GRPO_GUARD_TRITON_FUSED=1: single-launch, the default)")
+        if triton_launch.FUSED:
+            triton += (", lean variant (opt-in, GRPO_GUARD_TRITON_LEAN=1)" if triton_launch.LEAN
+                       else ", default variant (GRPO_GUARD_TRITON_LEAN=1: lean, opt-in until it has passed the GPU "
+                       "tests)")
     except Exception as exc:  # noqa: BLE001  (no usable Triton: said, not fatal)
         triton = f"not importable ({type(exc).__name__})"
     cuda = ("second set: vector layout, checks in the kernels (opt-in, GRPO_GUARD_CUDA_V2=1)" if cuda_backend.V2

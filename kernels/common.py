@@ -203,11 +203,15 @@ def log_prob_from_total(total, D, std, DYNAMICS: tl.constexpr):
 
 
 @triton.jit
-def rounded_for(x, ptr):
+def rounded_for(x, ptr, NATIVE: tl.constexpr = False):
     """``x`` (float32/64) rounded to ``ptr``'s element type, round-to-nearest-even. bf16 is rounded by hand
-    (the interpreter truncates), so the value stored is the one a later kernel loads, on every platform."""
+    (the interpreter truncates), so the value stored is the one a later kernel loads, on every platform.
+    NATIVE (the opt-in lean kernels, compiled only): the hardware conversion (cvt.rn.bf16.f32, also
+    round-to-nearest-even: the same bits in 3-5 fewer instructions per element)."""
     ty = ptr.dtype.element_ty
-    if ty == tl.bfloat16:
+    if ty == tl.bfloat16 and NATIVE and RN_ASM:
+        return x.to(tl.float32).to(tl.bfloat16, fp_downcast_rounding="rtne")
+    elif ty == tl.bfloat16:
         bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
         bits = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16) << 16
         r = tl.where(x != x, x.to(tl.float32), bits.to(tl.float32, bitcast=True))

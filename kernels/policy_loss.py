@@ -287,7 +287,8 @@ def policy_loss_fwd_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, adv_ptr, old_lp_ptr, p
                            DYNAMICS: tl.constexpr, PER_SAMPLE: tl.constexpr, OLD: tl.constexpr,
                            METHOD: tl.constexpr, BETA_DT: tl.constexpr, CHECK: tl.constexpr, ERR_BASE: tl.constexpr,
                            BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr, ITERS: tl.constexpr,
-                           CP: tl.constexpr, LOG_CP: tl.constexpr, RB: tl.constexpr, LOG_RB: tl.constexpr):
+                           CP: tl.constexpr, LOG_CP: tl.constexpr, RB: tl.constexpr, LOG_RB: tl.constexpr,
+                           LEAN: tl.constexpr = False):
     """The whole forward in one launch. Program p reduces chunk p % C of row p // C (as policy_loss_reduce_kernel
     does: partials of sum u*Delta, sum Delta^2, or sum (x'-mu)^2 for OLD 0), then takes a ticket on its row's
     counter; the last program of a row sums the row's C partials in a fixed order and finishes the row
@@ -295,18 +296,24 @@ def policy_loss_fwd_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, adv_ptr, old_lp_ptr, p
     (:func:`_finish_batch`). Sums never depend on which program arrives last, so results are bitwise
     reproducible. cnt (int32, B + 1) must be zero at launch and is zero again after it. CHECK: per-sample
     values are checked in the row's finish (errors.py bits from ERR_BASE: tensor sigmas, the cps std,
-    advantages, old_log_prob); a row that fails gets a NaN loss, log-ratio and gradient and sets its bits."""
+    advantages, old_log_prob); a row that fails gets a NaN loss, log-ratio and gradient and sets its bits.
+    LEAN (opt-in, triton_launch.LEAN): the float64 coefficients before the first loads (fewer live registers, so
+    the launch's register cap holds without spills); the same values."""
     pid, row, start, base = chunk_of_program(C, D, BLOCK, ITERS)
     r64 = row.to(tl.int64)  # latent inputs: any stride over the batch dim, each sample contiguous
     bv, bx, bxp, bo = r64 * sv, r64 * sx, r64 * sxp, r64 * so
     CD: tl.constexpr = part_ptr.dtype.element_ty
     lanes = tl.arange(0, BLOCK)
-    # the first tile's loads go out before the float64 coefficient math, which then overlaps them
     offs = start + lanes
     m = offs < D
-    x, v, xp, o = load_tile(v_ptr + bv, x_ptr + bx, xp_ptr + bxp, old_ptr + bo, offs, m, CD, OLD != 0)
-    std_dev_t, std, a64, b64, beta, dt = row_step_coefficients(sig_ptr, nxt_ptr, sigma, sigma_next, eta, row,
-                                                               DYNAMICS, PER_SAMPLE)
+    if LEAN:
+        std_dev_t, std, a64, b64, beta, dt = row_step_coefficients(sig_ptr, nxt_ptr, sigma, sigma_next, eta, row,
+                                                                   DYNAMICS, PER_SAMPLE)
+        x, v, xp, o = load_tile(v_ptr + bv, x_ptr + bx, xp_ptr + bxp, old_ptr + bo, offs, m, CD, OLD != 0)
+    else:  # the first tile's loads go out before the float64 coefficient math, which then overlaps them
+        x, v, xp, o = load_tile(v_ptr + bv, x_ptr + bx, xp_ptr + bxp, old_ptr + bo, offs, m, CD, OLD != 0)
+        std_dev_t, std, a64, b64, beta, dt = row_step_coefficients(sig_ptr, nxt_ptr, sigma, sigma_next, eta, row,
+                                                                   DYNAMICS, PER_SAMPLE)
     a = a64.to(CD)
     b = b64.to(CD)
     acc1 = tl.zeros([BLOCK], CD)
@@ -503,10 +510,10 @@ def _finish_batch(row_ptr, stats_ptr, loss_ptr, adv_ptr, B, METHOD: tl.constexpr
 def policy_loss_bwd_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, row_ptr, g_loss_ptr, g_v_ptr,
                            B, D, C, sv, sx, sxp, so,
                            OLD: tl.constexpr, NEED_DELTA: tl.constexpr,
-                           BLOCK: tl.constexpr, ITERS: tl.constexpr):
+                           BLOCK: tl.constexpr, ITERS: tl.constexpr, LEAN: tl.constexpr = False):
     """grad_v = (k_u*u + k_d*Delta) * grad_loss, elementwise, with the per-row constants (k_u, k_d, a, b) the
     forward left in the row buffer (no float64 here); grad_loss (0-dim) is read here, not multiplied by another
-    launch. NEED_DELTA is False when k_d == 0 (then v is not read for OLD 1, 2)."""
+    launch. NEED_DELTA is False when k_d == 0 (then v is not read for OLD 1, 2). LEAN: the hardware bf16 rounding."""
     pid, row, start, base = chunk_of_program(C, D, BLOCK, ITERS)
     r64 = row.to(tl.int64)  # latent inputs: any stride over the batch dim, each sample contiguous
     bv, bx, bxp, bo = r64 * sv, r64 * sx, r64 * sxp, r64 * so
@@ -522,4 +529,4 @@ def policy_loss_bwd_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, row_ptr, g_loss_ptr, g
         m = offs < D
         grad = velocity_grad(v_ptr + bv, x_ptr + bx, xp_ptr + bxp, old_ptr + bo, offs, m, a, b, k_u, k_d, CD, OLD,
                              NEED_DELTA)
-        tl.store(g_v_ptr + base + offs, rounded_for(grad * g, g_v_ptr), mask=m)
+        tl.store(g_v_ptr + base + offs, rounded_for(grad * g, g_v_ptr, LEAN), mask=m)

@@ -98,12 +98,13 @@ def mean_grad(g_prev_row, g_mean_row, xp_row, mean_row, x_row, v_row, offs, m, a
 
 
 @triton.jit
-def store_input_grads(g_v_row, g_x_row, offs, m, a, b, g, NEED_G_V: tl.constexpr, NEED_G_X: tl.constexpr):
+def store_input_grads(g_v_row, g_x_row, offs, m, a, b, g, NEED_G_V: tl.constexpr, NEED_G_X: tl.constexpr,
+                      NATIVE: tl.constexpr = False):
     """grad v = b g_mu, grad x = a g_mu, rounded to their dtypes like torch."""
     if NEED_G_V:
-        tl.store(g_v_row + offs, rounded_for(b * g, g_v_row), mask=m)
+        tl.store(g_v_row + offs, rounded_for(b * g, g_v_row, NATIVE), mask=m)
     if NEED_G_X:
-        tl.store(g_x_row + offs, rounded_for(a * g, g_x_row), mask=m)
+        tl.store(g_x_row + offs, rounded_for(a * g, g_x_row, NATIVE), mask=m)
 
 
 @triton.jit
@@ -150,14 +151,16 @@ def sde_step_fwd_kernel(v_ptr, x_ptr, xp_ptr, z_ptr, xp_out_ptr, mean_ptr, part_
                         DYNAMICS: tl.constexpr, PER_SAMPLE: tl.constexpr, ROLLOUT: tl.constexpr,
                         WRITE_MEAN: tl.constexpr, CHECK: tl.constexpr, ERR_BASE: tl.constexpr,
                         BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr,
-                        ITERS: tl.constexpr, CP: tl.constexpr, LOG_CP: tl.constexpr):
+                        ITERS: tl.constexpr, CP: tl.constexpr, LOG_CP: tl.constexpr, LEAN: tl.constexpr = False):
     """The whole forward in one launch. Program p handles chunk p % C of row p // C: mu = a*x + b*v (-> mean
     if WRITE_MEAN); rollout: x' = round(mu + s*z) -> xp_out; the chunk's sum of (x'-mu)^2 (x' as stored) ->
     part[p], by policy_loss_fwd_kernel's helpers and chunking (so old_log_prob - log p_theta is exactly 0
     on-policy). The last program of a row (ticket on cnt[row]) sums the row's partials in a fixed order and
     writes log_prob, std_dev_t and the row buffer. cnt (int32, >= B) is zero at launch and again after it.
     CHECK (tensor sigmas): a row whose sigmas break SPEC §2's bounds gets a NaN log-prob and sets its bits
-    (from ERR_BASE) in the error word at err_ptr (grpo_guard/ops/errors.py)."""
+    (from ERR_BASE) in the error word at err_ptr (grpo_guard/ops/errors.py).
+    LEAN (opt-in, triton_launch.LEAN): the float64 coefficients before the first loads (fewer live registers, so
+    the launch's register cap holds without spills) and the hardware bf16 rounding; the same values."""
     pid, row, start, base = chunk_of_program(C, D, BLOCK, ITERS)
     r64 = row.to(tl.int64)  # latent inputs: any stride over the batch dim, each sample contiguous
     bv, bx, bxp, bz = r64 * sv, r64 * sx, r64 * sxp, r64 * sz
@@ -166,9 +169,14 @@ def sde_step_fwd_kernel(v_ptr, x_ptr, xp_ptr, z_ptr, xp_out_ptr, mean_ptr, part_
     offs = start + lanes
     m = offs < D
     third_row = z_ptr + bz if ROLLOUT else xp_ptr + bxp  # the noise (rollout) or the scored x'
-    x, v, w, _ = load_tile(v_ptr + bv, x_ptr + bx, third_row, third_row, offs, m, CD, False)
-    std_dev_t, std, a64, b64, _, _ = row_step_coefficients(sig_ptr, nxt_ptr, sigma, sigma_next, eta, row, DYNAMICS,
-                                                           PER_SAMPLE)
+    if LEAN:
+        std_dev_t, std, a64, b64, _beta, _dt = row_step_coefficients(sig_ptr, nxt_ptr, sigma, sigma_next, eta, row,
+                                                                     DYNAMICS, PER_SAMPLE)
+        x, v, w, _w = load_tile(v_ptr + bv, x_ptr + bx, third_row, third_row, offs, m, CD, False)
+    else:  # the loads go out first and the float64 math overlaps them
+        x, v, w, _w = load_tile(v_ptr + bv, x_ptr + bx, third_row, third_row, offs, m, CD, False)
+        std_dev_t, std, a64, b64, _beta, _dt = row_step_coefficients(sig_ptr, nxt_ptr, sigma, sigma_next, eta, row,
+                                                                     DYNAMICS, PER_SAMPLE)
     a = a64.to(CD)
     b = b64.to(CD)
     s = std.to(CD)
@@ -182,7 +190,7 @@ def sde_step_fwd_kernel(v_ptr, x_ptr, xp_ptr, z_ptr, xp_out_ptr, mean_ptr, part_
         if WRITE_MEAN:
             tl.store(mean_ptr + base + offs, mu, mask=m)
         if ROLLOUT:
-            stored = rounded_for(add_rn(mu, mul_rn(s, w)), xp_out_ptr)
+            stored = rounded_for(add_rn(mu, mul_rn(s, w)), xp_out_ptr, LEAN)
             tl.store(xp_out_ptr + base + offs, stored, mask=m)
             xp = stored.to(CD)
         else:
@@ -211,9 +219,9 @@ def sde_step_bwd_kernel(v_ptr, x_ptr, xp_ptr, mean_ptr, row_ptr, g_prev_ptr, g_m
                         B, D, C, sv, sx, sxp, s_glp,
                         HAS_MEAN: tl.constexpr, HAS_G_PREV: tl.constexpr, HAS_G_MEAN: tl.constexpr,
                         HAS_G_LP: tl.constexpr, NEED_G_V: tl.constexpr, NEED_G_X: tl.constexpr,
-                        BLOCK: tl.constexpr, ITERS: tl.constexpr):
+                        BLOCK: tl.constexpr, ITERS: tl.constexpr, LEAN: tl.constexpr = False):
     """g_mu = g_prev + g_mean + g_lp_i * k_i * (x' - mu); g_v = b*g_mu, g_x = a*g_mu (x' is a constant of
-    log_prob), with a, b, k from the forward's row buffer. mu is read from the saved mean (HAS_MEAN) or
+    log_prob), with a, b, k from the forward's row buffer (LEAN: stored with the hardware bf16 rounding). mu is read from the saved mean (HAS_MEAN) or
     recomputed from x and v bit for bit (the same expression and constants as the forward)."""
     pid, row, start, base = chunk_of_program(C, D, BLOCK, ITERS)
     r64 = row.to(tl.int64)  # latent inputs: any stride over the batch dim, each sample contiguous
@@ -230,4 +238,4 @@ def sde_step_bwd_kernel(v_ptr, x_ptr, xp_ptr, mean_ptr, row_ptr, g_prev_ptr, g_m
         m = offs < D
         g = mean_grad(g_prev_ptr + base, g_mean_ptr + base, xp_ptr + bxp, mean_ptr + base, x_ptr + bx, v_ptr + bv,
                       offs, m, a, b, k, CD, HAS_G_PREV, HAS_G_MEAN, HAS_G_LP, HAS_MEAN, BLOCK)
-        store_input_grads(g_v_ptr + base, g_x_ptr + base, offs, m, a, b, g, NEED_G_V, NEED_G_X)
+        store_input_grads(g_v_ptr + base, g_x_ptr + base, offs, m, a, b, g, NEED_G_V, NEED_G_X, LEAN)

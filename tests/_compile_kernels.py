@@ -16,6 +16,7 @@ from triton.backends.compiler import GPUTarget
 
 from grpo_guard.kernels import policy_loss as PL
 from grpo_guard.kernels import sde_step as SDE
+from grpo_guard.ops.triton_launch import LEAN_MAXNREG
 
 TARGET = GPUTarget("cuda", 90, 32)
 BLOCK, LOG_BLOCK, CP, LOG_CP, RB = 1024, 10, 64, 6, 8
@@ -42,6 +43,48 @@ def variants(T, full):
         yield kernel, label, constexprs, extra, OPTIONS
     for kernel, label, constexprs, extra in fused_variants(T, full):
         yield kernel, label, constexprs, extra, FUSED_OPTIONS
+    for kernel, label, constexprs, extra in lean_variants(T):
+        fwd = kernel.__name__.endswith("_fwd_kernel")
+        capped = fwd and T in ("bf16", "fp16")  # triton_launch.forward_options
+        yield kernel, label, constexprs, extra, dict(FUSED_OPTIONS, maxnreg=LEAN_MAXNREG) if capped else FUSED_OPTIONS
+
+
+def lean_variants(T):
+    """The opt-in lean variant (triton_launch.LEAN) of the single-launch kernels at the wan_480p geometry: the
+    forwards as the benchmarks run them (rollout, scoring with the mean; policy_loss guard with old_model_output),
+    launched with the register cap; the backwards (the hardware bf16 rounding of the gradients)."""
+    fused = dict(FUSED, **FUSED_FINISH)
+    for rollout, mean in ((True, False), (False, True)):
+        yield SDE.sde_step_fwd_kernel, f"lean-rollout{int(rollout)}-mean{int(mean)}", dict(
+            DYNAMICS=0, PER_SAMPLE=True, ROLLOUT=rollout, WRITE_MEAN=mean, CHECK=True, ERR_BASE=0, LEAN=True,
+            **fused), {}
+    yield SDE.sde_step_bwd_kernel, "lean-mean0-glp1", dict(
+        HAS_MEAN=False, HAS_G_PREV=True, HAS_G_MEAN=False, HAS_G_LP=True, NEED_G_V=True, NEED_G_X=True,
+        BLOCK=FUSED["BLOCK"], ITERS=FUSED["ITERS"], LEAN=True), {}
+    yield PL.policy_loss_fwd_kernel, "lean-old2-method4", dict(
+        DYNAMICS=0, PER_SAMPLE=True, OLD=2, METHOD=4, BETA_DT=False, CHECK=True, ERR_BASE=2, RB=16, LOG_RB=4,
+        LEAN=True, **fused), {"old_ptr": T}
+    yield PL.policy_loss_bwd_kernel, "lean-old2-delta1", dict(
+        OLD=2, NEED_DELTA=True, BLOCK=FUSED["BLOCK"], ITERS=FUSED["ITERS"], LEAN=True), {"old_ptr": T}
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Registers per thread and local memory (spills) of a cubin, from cuobjdump (shipped with Triton's NVIDIA
+    backend); {} when no cuobjdump is found."""
+    import glob
+    import re
+    import shutil
+    import subprocess
+    tool = shutil.which("cuobjdump") or next(iter(glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends",
+                                                                          "nvidia", "bin", "cuobjdump"))), None)
+    if tool is None:
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
+        fh.write(cubin)
+        fh.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", fh.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:\d+\s+LOCAL:(\d+)", out)
+    return {} if m is None else {"regs": int(m.group(1)), "stack": int(m.group(2)), "local": int(m.group(3))}
 
 
 def fused_variants(T, full):
@@ -141,7 +184,8 @@ def main(T, full):
             c = compile_one(kernel, T, constexprs, extra, options)
             ptx = c.asm["ptx"]
             row.update(ok=True, cubin_bytes=len(c.asm["cubin"]), shared=int(c.metadata.shared),
-                       sm90=".target sm_90" in ptx, vector_loads=ptx.count("ld.global.v"))
+                       sm90=".target sm_90" in ptx, vector_loads=ptx.count("ld.global.v"),
+                       **resource_usage(c.asm["cubin"]))
         except Exception:  # reported, the test fails on it
             row.update(ok=False, error=traceback.format_exc(limit=3)[-2000:])
         print(json.dumps(row), flush=True)

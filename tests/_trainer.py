@@ -27,3 +27,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def nan_losses(monkeypatch):
+    """Make every ``grpo_guard.policy_loss`` call return a NaN loss (its stats unchanged), as a trainer would see
+    it; returns the real function (``monkeypatch.setattr(grpo_guard, "policy_loss", real)`` restores it)."""
+    import grpo_guard
+
+    real = grpo_guard.policy_loss
+
+    def nan_loss(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        return loss * float("nan"), stats
+
+    monkeypatch.setattr(grpo_guard, "policy_loss", nan_loss)
+    return real

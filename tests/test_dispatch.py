@@ -63,5 +63,9 @@ def test_info_says_which_kernel_sets_run(monkeypatch):
     assert "triton split forward" in info.kernel_sets() and "cuda second set" in info.kernel_sets()
     monkeypatch.setattr(cuda_backend, "V2", False)
     monkeypatch.setattr(triton_launch, "FUSED", True)
+    monkeypatch.setattr(triton_launch, "LEAN", False)
     text = info.kernel_sets()
     assert "triton single-launch forward" in text and "cuda default (GRPO_GUARD_CUDA_V2=1" in text
+    assert "default variant (GRPO_GUARD_TRITON_LEAN=1: lean" in text
+    monkeypatch.setattr(triton_launch, "LEAN", True)
+    assert "lean variant (opt-in, GRPO_GUARD_TRITON_LEAN=1)" in info.kernel_sets()

@@ -2,9 +2,8 @@
 import pytest
 import torch
 
-from _trainer import CONFIGS, one_thread, tiny  # noqa: F401 (fixture)
+from _trainer import CONFIGS, nan_losses, one_thread, tiny  # noqa: F401 (fixture)
 
-import grpo_guard
 from grpo_guard.trainer import ConfigError, NonFiniteLossError, Reward, RewardError, Trainer, config
 from grpo_guard.trainer.cli import main as train_main
 from grpo_guard.trainer.rollout import plan_step
@@ -106,13 +105,7 @@ def test_wrong_reward_shape(tmp_path):
 def test_non_finite_loss_skips_then_stops(tmp_path, monkeypatch):
     t = Trainer(tiny("sd3", tmp_path, "run.save_every=0", "train.max_nonfinite_in_a_row=2", steps=3))
     before = {n: p.detach().clone() for n, p in t.named_params.items()}
-    real = grpo_guard.policy_loss
-
-    def nan_loss(*args, **kwargs):
-        loss, stats = real(*args, **kwargs)
-        return loss * float("nan"), stats
-
-    monkeypatch.setattr(grpo_guard, "policy_loss", nan_loss)
+    nan_losses(monkeypatch)
     rec = t.step()
     assert rec["updates"][0]["skipped"] == 1 and rec["skipped_total"] == 1
     assert all(torch.equal(p, before[n]) for n, p in t.named_params.items()), "a skipped update changed weights"

@@ -11,7 +11,7 @@ unscaled; the first update is exactly on-policy."""
 import pytest
 import torch
 
-from _trainer import one_thread, tiny  # noqa: F401 (fixture)
+from _trainer import nan_losses, one_thread, tiny  # noqa: F401 (fixture)
 
 import grpo_guard
 from grpo_guard.trainer import Trainer
@@ -105,13 +105,7 @@ def test_a_non_finite_loss_is_a_failure_and_closes_the_scalers_step(tmp_path, ac
     must end the scaler's step itself (``clip_grad_norm_`` unscaled the gradients); the next step then runs."""
     acc = accelerator(2.0 ** 10)
     t = _trainer(tmp_path, acc, "train.max_nonfinite_in_a_row=2", steps=2)
-    real = grpo_guard.policy_loss
-
-    def nan_loss(*args, **kwargs):
-        loss, stats = real(*args, **kwargs)
-        return loss * float("nan"), stats
-
-    monkeypatch.setattr(grpo_guard, "policy_loss", nan_loss)
+    real = nan_losses(monkeypatch)
     rec = t.step()
     assert (rec["updates"][0]["skipped"], rec["updates"][0]["overflow"]) == (1, 0)
     assert t.nonfinite_in_a_row == 1 and acc.scaler.get_scale() == 2.0 ** 9  # NaN gradients: the scale backs off

@@ -46,6 +46,14 @@ def test_kernels_compile_to_sm90(dtype, tmp_path):
         if not r["kernel"].endswith("_finish_kernel"):  # latent-sized streams: 16-byte loads, not scalar ones
             assert r["vector_loads"] > 0, r
     assert {r["kernel"] for r in rows} == kernel_names()
+    lean = [r for r in rows if r["variant"].startswith("lean-")]
+    assert len(lean) == 5, lean
+    if "regs" in lean[0] and dtype in ("bf16", "fp16"):  # (cuobjdump found) the lean forwards of 16-bit latents
+        # fit the register cap without spilling
+        from grpo_guard.ops.triton_launch import LEAN_MAXNREG
+        for r in lean:
+            if r["kernel"].endswith("_fwd_kernel"):
+                assert r["regs"] <= LEAN_MAXNREG and r["local"] == 0 and r["stack"] == 0, r
 
 
 def test_must_match_arithmetic_is_never_contracted(tmp_path):

@@ -366,3 +366,34 @@ def test_unsupported_reason_follows_the_interpreter_setting():
     assert after and "after" in after
     if triton_launch.interpreted():
         assert tb.unsupported_reason(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_lean_kernels_give_the_same_bits(small_chunks, monkeypatch, dtype, seed):
+    """The opt-in lean single-launch kernels (triton_launch.LEAN: coefficients before the loads, the register cap,
+    the hardware bf16 rounding where compiled) return what the default kernels return, bit for bit: rollout,
+    scoring, policy_loss forward and backward, several programs per row and rows per finish tile. (On a CPU the
+    interpreter runs the reordered code; the cap and the hardware rounding apply to compiled kernels only.)"""
+    if not triton_launch.FUSED:
+        pytest.skip("the lean variant is the single-launch kernels'")
+    B = 5
+    v, x = latents(B, (10, 100), dtype, DEVICE)
+    sig, nxt = sigmas(B)
+    noise = torch.randn(x.shape, device=DEVICE)
+    adv = torch.randn(B, device=DEVICE)
+    v_new = (v.float() + 1e-2 * torch.randn(v.shape, device=DEVICE)).to(dtype)
+    runs = []
+    for lean in (False, True):
+        monkeypatch.setattr(triton_launch, "LEAN", lean)
+        roll = gg.sde_step(v, x, sig, nxt, noise=noise)
+        vg = v.clone().requires_grad_(True)
+        score = gg.sde_step(vg, x, sig, nxt, prev_sample=roll.prev_sample)
+        score.log_prob.sum().backward()
+        g_score, vg.grad = vg.grad, None
+        vn = v_new.clone().requires_grad_(True)
+        loss, st = gg.policy_loss(vn, x, roll.prev_sample, sig, nxt, adv, old_model_output=v, clip_range=0.05)
+        loss.backward()
+        runs.append([roll.prev_sample, roll.log_prob, score.log_prob, score.prev_sample_mean, g_score, loss,
+                     st["log_ratio"], vn.grad])
+    for a, b in zip(*runs):
+        assert a.dtype == b.dtype and torch.equal(a, b)

@@ -82,7 +82,8 @@ def forward(v, x, xp, old: Optional[torch.Tensor], adv, old_lp: Optional[torch.T
                kl_threshold, B, D, g.chunks, n_part, sv, sx, sxp, so,
                DYNAMICS=dyn, PER_SAMPLE=per_sample, OLD=old_kind, METHOD=meth, BETA_DT=guard_weight == "beta_dt",
                CHECK=check, ERR_BASE=errors.POLICY_LOSS, BLOCK=g.block, LOG_BLOCK=g.log_block, ITERS=g.iters,
-               CP=g.cp, LOG_CP=g.log_cp, RB=rb, LOG_RB=log_rb, num_warps=g.num_warps, **LAUNCH_OPTIONS)
+               CP=g.cp, LOG_CP=g.log_cp, RB=rb, LOG_RB=log_rb, LEAN=TL.LEAN, num_warps=g.num_warps,
+               **TL.forward_options(v, x, xp, *([old] if old_kind == 1 else [])))
         return loss, stats, row
     g = geometry(B, D)
     n_part = B * g.chunks
@@ -131,8 +132,8 @@ def backward(g_loss, v: Optional[torch.Tensor], x: Optional[torch.Tensor], xp, o
         g = TL.fused_geometry(D)
         launch(K.policy_loss_bwd_kernel, (B * g.chunks,),
                v, x, xp, old, work, g_loss, g_v, B, D, g.chunks, sv, sx, sxp, so,
-               OLD=old_kind, NEED_DELTA=need_delta, BLOCK=g.block, ITERS=g.iters, num_warps=g.num_warps,
-               **LAUNCH_OPTIONS)
+               OLD=old_kind, NEED_DELTA=need_delta, BLOCK=g.block, ITERS=g.iters, LEAN=TL.LEAN,
+               num_warps=g.num_warps, **LAUNCH_OPTIONS)
         return g_v
     g = geometry(B, D)
     per_sample = sig_t is not None

@@ -60,7 +60,8 @@ def forward(v, x, prev_sample: Optional[torch.Tensor], noise: Optional[torch.Ten
                sv, sx, sxp, sz,
                DYNAMICS=dyn, PER_SAMPLE=per_sample, ROLLOUT=rollout, WRITE_MEAN=return_mean,
                CHECK=check and per_sample, ERR_BASE=errors.SDE_STEP, BLOCK=g.block, LOG_BLOCK=g.log_block,
-               ITERS=g.iters, CP=g.cp, LOG_CP=g.log_cp, num_warps=g.num_warps, **LAUNCH_OPTIONS)
+               ITERS=g.iters, CP=g.cp, LOG_CP=g.log_cp, LEAN=TL.LEAN, num_warps=g.num_warps,
+               **TL.forward_options(v, x, xp))
         return xp_out, log_prob, mean, std_dev_t, row
     g = geometry(B, D)  # the split backward reads the mean
     part = torch.empty(B * g.chunks, dtype=cd, device=x.device)
@@ -103,7 +104,7 @@ def backward(g_prev: Optional[torch.Tensor], g_lp: Optional[torch.Tensor], g_mea
                g_x if g_x is not None else dummy, B, D, g.chunks, sv, sx, sxp, s_glp,
                HAS_MEAN=mean is not None, HAS_G_PREV=g_prev is not None, HAS_G_MEAN=g_mean is not None,
                HAS_G_LP=g_lp is not None, NEED_G_V=g_v is not None, NEED_G_X=g_x is not None, BLOCK=g.block,
-               ITERS=g.iters, num_warps=g.num_warps, **LAUNCH_OPTIONS)
+               ITERS=g.iters, LEAN=TL.LEAN, num_warps=g.num_warps, **LAUNCH_OPTIONS)
         return g_v, g_x
     g = geometry(B, D)
     per_sample = sig_t is not None
