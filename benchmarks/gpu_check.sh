@@ -15,7 +15,10 @@
 # 7. torch.compile of the published formulas at two shapes -> results_compile.csv
 # 8. (ab) the Triton kernel sets side by side: split forward vs single-launch forward, GPU time -> ab_*.csv
 # 9. (sweep_fused) the single-launch kernels' geometry sweep -> printed
-# 10. (host) host time per call of the default call, every backend, float and tensor sigmas -> host_overhead.csv
+# 10. (host) host time per call of the default call, every backend, float and tensor sigmas -> host_overhead.csv;
+#     with HOST_AGAINST=<an older checkout> also that checkout vs this one in alternating rounds
+#     -> host_overhead_before.csv, host_overhead_after.csv (e.g. `git worktree add .old9c 9c4614e` here, then
+#     carry .old9c to the machine and set HOST_AGAINST=.old9c: issue 9's GPU host-time comparison)
 # 11. (fp16) the tiny trainer with flow_grpo's precision (fp16 autocast + loss scaler) -> fp16.log
 # 12. (wheel) the platform wheel built against this machine's torch (csrc/build_wheels.sh, sm_90 only to fit the
 #     budget: GRPO_GUARD_CUDA_ARCHS), installed into a clean folder, and the cuda-backend tests run from it -> wheel.log
@@ -220,6 +223,11 @@ fi
 if want host; then
 step "host time per call (default validation, tiny shape: what a loop's thread pays)"
 timeout "$(cap 90)" python3 benchmarks/host_overhead.py --device cuda --csv "$OUT/host_overhead.csv" 2>&1 | tail -30
+if [ -n "${HOST_AGAINST:-}" ]; then  # an older checkout carried to the machine (e.g. .old9c: issue 9's "today")
+  step "host time per call, $HOST_AGAINST vs this checkout, alternating rounds"
+  timeout "$(cap 150)" python3 benchmarks/host_overhead.py --device cuda --against "$HOST_AGAINST" --rounds 3 \
+    --csv-pair "$OUT/host_overhead_before.csv" "$OUT/host_overhead_after.csv" 2>&1 | tail -30
+fi
 fi
 
 if want compile; then

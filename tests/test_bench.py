@@ -5,6 +5,7 @@ exist."""
 import ast
 import csv
 import importlib
+import importlib.util
 import os
 import re
 import shutil
@@ -220,11 +221,13 @@ def test_grpo_guard_bench_runs_from_an_installed_wheel(tmp_path):
 
 
 def test_host_overhead_against_an_older_checkout(tmp_path, capsys):
-    """``--against``: both sides run (alternately, in fresh processes) and each writes its per-case minimum; a
-    checkout without grpo_guard is refused instead of silently timing the installed one twice."""
+    """``--against``: both sides run (alternately, in fresh processes, each importing its own package and kernels:
+    checked by the tool) and each writes its per-case minimum; a checkout without grpo_guard is refused instead of
+    silently timing the installed one twice."""
     from grpo_guard.bench.host_overhead import main
     old = tmp_path / "old"
-    shutil.copytree(PACKAGE, old / "grpo_guard", ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in ("grpo_guard", "kernels"):  # a checkout's layout: kernels/ becomes grpo_guard.kernels
+        shutil.copytree(ROOT / folder, old / folder, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
     before, after = tmp_path / "before.csv", tmp_path / "after.csv"
     assert main(["--against", str(old), "--rounds", "2", "--rep", "2", "--backends", "torch", "--device", "cpu",
                  "--csv-pair", str(before), str(after)]) == 0
@@ -237,7 +240,12 @@ def test_host_overhead_against_an_older_checkout(tmp_path, capsys):
                                                           for s in ("float", "tensor")}
         assert all(r["backend"] == "torch" and float(r["host_us"]) > 0 for r in rows)
     assert "| torch | policy_loss fwd | tensor |" in capsys.readouterr().out
+    if importlib.util.find_spec("triton") is not None:  # (the kernels import Triton)
+        shutil.rmtree(old / "kernels")  # its grpo_guard.kernels would come from this checkout's install: refused
+        with pytest.raises(RuntimeError, match=r"the before run imported grpo_guard from .*kernels"):
+            main(["--against", str(old), "--rounds", "1", "--rep", "1", "--backends", "torch", "--device", "cpu",
+                  "--csv-pair", str(before), str(after)])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(RuntimeError, match="imported the wrong grpo_guard"):
+    with pytest.raises(RuntimeError, match="has no grpo_guard package"):
         main(["--against", str(tmp_path / "empty"), "--rounds", "1", "--rep", "1", "--backends", "torch",
               "--device", "cpu", "--csv-pair", str(before), str(after)])

@@ -25,6 +25,7 @@ import argparse
 import csv
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -93,34 +94,48 @@ def _write(path, rows):
         w.writerows(rows)
 
 
+def _stage(source: Path, dest: Path) -> Path:
+    """Copy the package ``grpo_guard`` of ``source`` (a checkout, or a folder with the installed package) to
+    ``dest``, with a checkout's top-level ``kernels/`` as ``grpo_guard/kernels`` (what setup.py's package_dir
+    does): each side then imports its own kernels, not the editable install's. Returns ``dest``."""
+    import shutil
+    if not (source / "grpo_guard" / "__init__.py").is_file():
+        raise RuntimeError(f"{source} has no grpo_guard package")
+    shutil.copytree(source / "grpo_guard", dest / "grpo_guard", ignore=shutil.ignore_patterns("__pycache__"))
+    if (source / "kernels").is_dir() and not (dest / "grpo_guard" / "kernels").exists():
+        shutil.copytree(source / "kernels", dest / "grpo_guard" / "kernels",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
 def against(checkout: str, rounds: int, before_csv: str, after_csv: str, extra) -> None:
     """Run this file on ``checkout``'s grpo_guard and on this one alternately, ``rounds`` times each, in fresh
-    processes; write each side's per-case minimum over the rounds. The older side gets a copy of this file (it needs
-    only the API every version has), run with ``checkout`` first on PYTHONPATH; each child prints where its
-    grpo_guard came from, checked here."""
+    processes; write each side's per-case minimum over the rounds. Each side's package (kernels included) is
+    copied to a folder of its own, first on PYTHONPATH; both run a copy of this file (it needs only the API every
+    version has); each child prints where its grpo_guard and its kernels came from, checked here."""
     import os
     import shutil
     import subprocess
     import tempfile
-    from pathlib import Path
 
-    checkout = str(Path(checkout).resolve())
-    here = Path(gg.__file__).resolve().parents[1]
-    sides = {"before": checkout, "after": str(here)}
     with tempfile.TemporaryDirectory() as tmp:
-        script = shutil.copy(__file__, Path(tmp) / "host_overhead_copy.py")
+        tmp = Path(tmp)
+        sides = {"before": _stage(Path(checkout).resolve(), tmp / "before"),
+                 "after": _stage(Path(gg.__file__).resolve().parents[1], tmp / "after")}
+        script = shutil.copy(__file__, tmp / "host_overhead_copy.py")
         best = {"before": {}, "after": {}}
         for r in range(rounds):
             for side, root in sides.items():
-                out = Path(tmp) / f"{side}{r}.csv"
-                env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+                out = tmp / f"{side}{r}.csv"
+                env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
                 res = subprocess.run([sys.executable, script, "--csv", str(out), "--where", *extra], cwd=tmp,
                                      env=env, capture_output=True, text=True)
                 if res.returncode != 0:
                     raise RuntimeError(f"the {side} run failed:\n{res.stdout}\n{res.stderr}")
-                where = [ln for ln in res.stdout.splitlines() if ln.startswith("grpo_guard from ")][0]
-                if not where.split("grpo_guard from ", 1)[1].startswith(root):
-                    raise RuntimeError(f"the {side} run imported the wrong grpo_guard ({where}); expected {root}")
+                where = [ln.split(" from ", 1)[1] for ln in res.stdout.splitlines()
+                         if ln.startswith(("grpo_guard from ", "grpo_guard.kernels from "))]
+                if not where or not all(w.startswith(str(root)) for w in where):
+                    raise RuntimeError(f"the {side} run imported grpo_guard from {where}; expected {root}")
                 for row in _read(out):
                     key = (row["backend"], row["op"], row["sigmas"])
                     if key not in best[side] or float(row["host_us"]) < float(best[side][key]["host_us"]):
@@ -204,6 +219,11 @@ def main(argv=None) -> int:
     print(f"grpo_guard {gg.__version__}  torch {torch.__version__}  device {device}  rep {args.rep}")
     if args.where:
         print(f"grpo_guard from {gg.__file__}")
+        try:
+            from grpo_guard import kernels
+            print(f"grpo_guard.kernels from {kernels.__file__}")
+        except ImportError:  # no Triton: the torch/cuda backends only
+            pass
     print(f"{'backend':<8} {'op':<24} {'sigmas':<7} {'host us/call':>12}")
     for name in backends:
         with gg.backend(name):
