@@ -221,8 +221,9 @@ def sde_step_bwd_kernel(v_ptr, x_ptr, xp_ptr, mean_ptr, row_ptr, g_prev_ptr, g_m
                         HAS_G_LP: tl.constexpr, NEED_G_V: tl.constexpr, NEED_G_X: tl.constexpr,
                         BLOCK: tl.constexpr, ITERS: tl.constexpr, LEAN: tl.constexpr = False):
     """g_mu = g_prev + g_mean + g_lp_i * k_i * (x' - mu); g_v = b*g_mu, g_x = a*g_mu (x' is a constant of
-    log_prob), with a, b, k from the forward's row buffer (LEAN: stored with the hardware bf16 rounding). mu is read from the saved mean (HAS_MEAN) or
-    recomputed from x and v bit for bit (the same expression and constants as the forward)."""
+    log_prob), with a, b, k from the forward's row buffer. mu is read from the saved mean (HAS_MEAN) or
+    recomputed from x and v bit for bit (the same expression and constants as the forward). LEAN: the hardware
+    bf16 rounding of the stored gradients."""
     pid, row, start, base = chunk_of_program(C, D, BLOCK, ITERS)
     r64 = row.to(tl.int64)  # latent inputs: any stride over the batch dim, each sample contiguous
     bv, bx, bxp = r64 * sv, r64 * sx, r64 * sxp

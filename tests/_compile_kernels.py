@@ -11,14 +11,16 @@ import sys
 import tempfile
 import traceback
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
 from grpo_guard.kernels import policy_loss as PL
 from grpo_guard.kernels import sde_step as SDE
-from grpo_guard.ops.triton_launch import LEAN_MAXNREG
+from grpo_guard.ops.triton_launch import LEAN_MAXNREG, lean_caps_registers
 
 TARGET = GPUTarget("cuda", 90, 32)
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 BLOCK, LOG_BLOCK, CP, LOG_CP, RB = 1024, 10, 64, 6, 8
 OPTIONS = {"num_warps": 4, "enable_fp_fusion": False}  # what the wrappers launch with
 # the single-launch kernels at their wan_480p geometry (triton_launch.fused_geometry: 2048 x 1, 1024 chunks, 4 warps)
@@ -45,7 +47,7 @@ def variants(T, full):
         yield kernel, label, constexprs, extra, FUSED_OPTIONS
     for kernel, label, constexprs, extra in lean_variants(T):
         fwd = kernel.__name__.endswith("_fwd_kernel")
-        capped = fwd and T in ("bf16", "fp16")  # triton_launch.forward_options
+        capped = fwd and lean_caps_registers([TORCH_DTYPES[T]])  # as triton_launch.forward_options decides
         yield kernel, label, constexprs, extra, dict(FUSED_OPTIONS, maxnreg=LEAN_MAXNREG) if capped else FUSED_OPTIONS
 
 

@@ -230,7 +230,7 @@ def test_device_sigma_checks_at_their_edges(bk, kernels, seed, case):
     assert torch.isnan(lr[1]), f"sample 1 broke {rules} but its log-ratio is {lr[1].item()}"
     with pytest.raises(gg.InvalidInputError) as info:
         gg.check_errors()
-    named = [line for line in str(info.value).splitlines()[1:]]
+    named = str(info.value).splitlines()[1:]
     assert sorted(r for r in (SIGMA_RULE, NEXT_RULE, CPS_RULE) if any(r in line for line in named)) == \
         sorted(rules), named
     assert all(line.strip().startswith("policy_loss:") for line in named)

@@ -70,16 +70,9 @@ def cases(device):
                                                                              old_model_output=v)[0].backward()
 
 
-def compare(before: str, after: str) -> str:
-    """Markdown table of two runs' CSVs (same backend, op, sigmas): host us before, after, and their ratio."""
-    def read(path):
-        with open(path, newline="") as fh:
-            return {(r["backend"], r["op"], r["sigmas"]): float(r["host_us"]) for r in csv.DictReader(fh)}
-    a, b = read(before), read(after)
-    lines = ["| backend | op | sigmas | before, host us | after, host us | after / before |", "|---" * 6 + "|"]
-    for key in [k for k in a if k in b]:
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {a[key]:.0f} | {b[key]:.0f} | {b[key] / a[key]:.2f} |")
-    return "\n".join(lines)
+def _key(row):
+    """A CSV row's case: (backend, op, sigmas)."""
+    return row["backend"], row["op"], row["sigmas"]
 
 
 def _read(path):
@@ -92,6 +85,15 @@ def _write(path, rows):
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+
+
+def compare(before: str, after: str) -> str:
+    """Markdown table of two runs' CSVs (same backend, op, sigmas): host us before, after, and their ratio."""
+    a, b = ({_key(r): float(r["host_us"]) for r in _read(path)} for path in (before, after))
+    lines = ["| backend | op | sigmas | before, host us | after, host us | after / before |", "|---" * 6 + "|"]
+    for key in [k for k in a if k in b]:
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {a[key]:.0f} | {b[key]:.0f} | {b[key] / a[key]:.2f} |")
+    return "\n".join(lines)
 
 
 def _stage(source: Path, dest: Path) -> Path:
@@ -137,7 +139,7 @@ def against(checkout: str, rounds: int, before_csv: str, after_csv: str, extra) 
                 if not where or not all(w.startswith(str(root)) for w in where):
                     raise RuntimeError(f"the {side} run imported grpo_guard from {where}; expected {root}")
                 for row in _read(out):
-                    key = (row["backend"], row["op"], row["sigmas"])
+                    key = _key(row)
                     if key not in best[side] or float(row["host_us"]) < float(best[side][key]["host_us"]):
                         best[side][key] = row
                 print(f"round {r + 1}/{rounds}: {side} done", flush=True)
@@ -148,9 +150,8 @@ def against(checkout: str, rounds: int, before_csv: str, after_csv: str, extra) 
 
 def table(path: str) -> str:
     """Markdown table of one run's CSV: host us per call, float vs tensor sigmas side by side."""
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    us = {(r["backend"], r["op"], r["sigmas"]): float(r["host_us"]) for r in rows}
+    rows = _read(path)
+    us = {_key(r): float(r["host_us"]) for r in rows}
     lines = ["| backend | op | float sigmas, host us | tensor sigmas, host us |", "|---" * 4 + "|"]
     for backend, op in dict.fromkeys((r["backend"], r["op"]) for r in rows):
         cells = [f"{us[(backend, op, s)]:.0f}" if (backend, op, s) in us else "" for s in ("float", "tensor")]

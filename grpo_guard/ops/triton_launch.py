@@ -37,10 +37,10 @@ FUSED_ELEMS_PER_THREAD = 16  # num_warps = BLOCK / (32 * this), within [1, 16]
 FINISH_ROWS_MAX = 1024       # rows per tile of the batch finish
 
 # Opt-in, not yet run on a GPU: GRPO_GUARD_TRITON_LEAN=1 (or LEAN = True) selects the single-launch kernels' lean
-# variant, from a reading of their sm_90 SASS (triton 3.6 and 3.9, 2026-12-01) at wan_480p: the forwards held 76-87
+# variant, from a reading of their sm_90 SASS (triton 3.6 and 3.9, 2026-12-01) at wan_480p: the forwards held 76-90
 # registers per thread (5-6 blocks per SM, 31-38 % occupancy) because their float64 step coefficients were computed
 # while the first tile's loads were in flight. Lean: the coefficients before the loads and the forwards capped at
-# LEAN_MAXNREG registers for bf16/fp16 latents (56-64, no spills: 8-9 blocks per SM), and bf16 stores by the hardware's
+# LEAN_MAXNREG registers for bf16/fp16 latents (no spills: 8 blocks per SM), and bf16 stores by the hardware's
 # round-to-nearest-even conversion instead of the hand-rolled rounding (3-5 fewer instructions per element; the
 # interpreter, which truncates, keeps the hand-rolled one). Same values by construction. It becomes the default
 # only after the GPU test suite passes with it and gpu_check.sh's ab_lean step finds it faster.
@@ -48,10 +48,16 @@ LEAN = os.environ.get("GRPO_GUARD_TRITON_LEAN", "0").strip() == "1"
 LEAN_MAXNREG = 64
 
 
+def lean_caps_registers(dtypes) -> bool:
+    """Whether the lean forwards reading latents of these dtypes get the register cap: 16-bit latents only
+    (float32/64 latents need more registers per element: capped, they spill)."""
+    return all(d.itemsize == 2 for d in dtypes)
+
+
 def forward_options(*latents: torch.Tensor) -> dict:
-    """Launch options of a single-launch forward kernel reading ``latents``: LAUNCH_OPTIONS; with LEAN and only
-    16-bit latents, the register cap (float32/64 latents need more registers per element: capped, they spill)."""
-    if LEAN and all(t.dtype.itemsize == 2 for t in latents):
+    """Launch options of a single-launch forward kernel reading ``latents``: LAUNCH_OPTIONS; with LEAN, the
+    register cap where :func:`lean_caps_registers`."""
+    if LEAN and lean_caps_registers(t.dtype for t in latents):
         return dict(LAUNCH_OPTIONS, maxnreg=LEAN_MAXNREG)
     return LAUNCH_OPTIONS
 
