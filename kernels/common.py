@@ -135,9 +135,18 @@ def chunk_of_program(C, D, BLOCK: tl.constexpr, ITERS):
 
 @triton.jit
 def row_step_coefficients(sig_ptr, nxt_ptr, sigma, sigma_next, eta, row, DYNAMICS: tl.constexpr,
-                          PER_SAMPLE: tl.constexpr):
-    """:func:`step_coefficients` of one row: its (sigma, sigma') loaded (PER_SAMPLE) or broadcast, float64."""
+                          PER_SAMPLE: tl.constexpr, NAN_FAILED: tl.constexpr = False,
+                          ZERO_NEXT_FAILS: tl.constexpr = False):
+    """:func:`step_coefficients` of one row: its (sigma, sigma') loaded (PER_SAMPLE) or broadcast, float64.
+    NAN_FAILED (tensor sigmas, the device-side checks of the lean kernels): a row whose sigmas break SPEC §2's
+    bounds (:func:`sigma_error_bits`; ZERO_NEXT_FAILS: sigma' == 0 too) gets sigma = NaN, as requests.checked
+    gives the torch backend, so its x', mean, log p and gradients are all NaN."""
     sig, nxt = load_sigmas(sig_ptr, nxt_ptr, sigma, sigma_next, row, True, PER_SAMPLE)
+    if NAN_FAILED:
+        bad = sigma_error_bits(sig, nxt, 0) != 0
+        if ZERO_NEXT_FAILS:
+            bad = bad | (nxt == 0.0)
+        sig = tl.where(bad, float("nan"), sig)
     return step_coefficients(sig, nxt, eta, DYNAMICS)
 
 

@@ -298,7 +298,8 @@ def policy_loss_fwd_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, adv_ptr, old_lp_ptr, p
     values are checked in the row's finish (errors.py bits from ERR_BASE: tensor sigmas, the cps std,
     advantages, old_log_prob); a row that fails gets a NaN loss, log-ratio and gradient and sets its bits.
     LEAN (opt-in, triton_launch.LEAN): the float64 coefficients before the first loads (fewer live registers, so
-    the launch's register cap holds without spills); the same values."""
+    the launch's register cap holds without spills); the same values. With CHECK, a row whose sigmas fail gets NaN
+    coefficients (common.row_step_coefficients), as on the torch backend."""
     pid, row, start, base = chunk_of_program(C, D, BLOCK, ITERS)
     r64 = row.to(tl.int64)  # latent inputs: any stride over the batch dim, each sample contiguous
     bv, bx, bxp, bo = r64 * sv, r64 * sx, r64 * sxp, r64 * so
@@ -308,7 +309,8 @@ def policy_loss_fwd_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, adv_ptr, old_lp_ptr, p
     m = offs < D
     if LEAN:
         std_dev_t, std, a64, b64, beta, dt = row_step_coefficients(sig_ptr, nxt_ptr, sigma, sigma_next, eta, row,
-                                                                   DYNAMICS, PER_SAMPLE)
+                                                                   DYNAMICS, PER_SAMPLE, CHECK and PER_SAMPLE,
+                                                                   DYNAMICS == CPS and METHOD >= 2)
         x, v, xp, o = load_tile(v_ptr + bv, x_ptr + bx, xp_ptr + bxp, old_ptr + bo, offs, m, CD, OLD != 0)
     else:  # the first tile's loads go out before the float64 coefficient math, which then overlaps them
         x, v, xp, o = load_tile(v_ptr + bv, x_ptr + bx, xp_ptr + bxp, old_ptr + bo, offs, m, CD, OLD != 0)

@@ -160,7 +160,9 @@ def sde_step_fwd_kernel(v_ptr, x_ptr, xp_ptr, z_ptr, xp_out_ptr, mean_ptr, part_
     CHECK (tensor sigmas): a row whose sigmas break SPEC §2's bounds gets a NaN log-prob and sets its bits
     (from ERR_BASE) in the error word at err_ptr (grpo_guard/ops/errors.py).
     LEAN (opt-in, triton_launch.LEAN): the float64 coefficients before the first loads (fewer live registers, so
-    the launch's register cap holds without spills) and the hardware bf16 rounding; the same values."""
+    the launch's register cap holds without spills) and the hardware bf16 rounding; the same values. With CHECK, a
+    failed row's coefficients are NaN (common.row_step_coefficients), so its x', mean and gradients are NaN too,
+    as on the torch backend (the default variant makes only its log p NaN)."""
     pid, row, start, base = chunk_of_program(C, D, BLOCK, ITERS)
     r64 = row.to(tl.int64)  # latent inputs: any stride over the batch dim, each sample contiguous
     bv, bx, bxp, bz = r64 * sv, r64 * sx, r64 * sxp, r64 * sz
@@ -171,7 +173,7 @@ def sde_step_fwd_kernel(v_ptr, x_ptr, xp_ptr, z_ptr, xp_out_ptr, mean_ptr, part_
     third_row = z_ptr + bz if ROLLOUT else xp_ptr + bxp  # the noise (rollout) or the scored x'
     if LEAN:
         std_dev_t, std, a64, b64, _beta, _dt = row_step_coefficients(sig_ptr, nxt_ptr, sigma, sigma_next, eta, row,
-                                                                     DYNAMICS, PER_SAMPLE)
+                                                                     DYNAMICS, PER_SAMPLE, CHECK and PER_SAMPLE)
         x, v, w, _w = load_tile(v_ptr + bv, x_ptr + bx, third_row, third_row, offs, m, CD, False)
     else:  # the loads go out first and the float64 math overlaps them
         x, v, w, _w = load_tile(v_ptr + bv, x_ptr + bx, third_row, third_row, offs, m, CD, False)

@@ -5,6 +5,7 @@ as compiled JITFunctions); prints one JSON line per (kernel, variant): ok, cubin
 vectorized global loads, error.
 DTYPE is the latent inputs' dtype (fp32, bf16, fp16, fp64); the compute dtype follows (fp64 for fp64, else fp32).
 """
+import inspect
 import json
 import os
 import sys
@@ -166,7 +167,10 @@ def signature(kernel, T, constexprs, extra):
 
 def compile_one(kernel, T, constexprs, extra, options=OPTIONS):
     """As a launch specializes it: pointers 16-byte aligned, D and the batch strides multiples of 16 (the SPEC §7
-    shapes), which is what lets the loads vectorize."""
+    shapes), which is what lets the loads vectorize; a constexpr left out takes its default, as at a launch (not
+    a runtime argument: a constexpr branch such as LEAN would compile both ways)."""
+    constexprs = dict({p.name: p.default for p in kernel.params
+                       if p.is_constexpr and p.default is not inspect.Parameter.empty}, **constexprs)
     sig = signature(kernel, T, constexprs, extra)
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
              if sig[name].startswith("*") or name in ("D", "sv", "sx", "sxp", "so", "sz")}

@@ -105,24 +105,28 @@ def test_setup_ships_the_bench_subpackage():
     assert "grpo_guard.bench" in find_packages(str(ROOT), include=["grpo_guard", "grpo_guard.*"])
 
 
-def _write_rows(path, graph_ms):
+def _write_rows(path, graph_ms, copy_graph_ms=None):
     from grpo_guard.bench.timing import Row, write_csv
     rows = [Row("sde_step", "forward", "gg-triton", "sd35_512", 9, 65536, "bfloat16", "cuda:0", median_ms=0.02,
                 p20_ms=0.02, p80_ms=0.03, bytes_moved=10 ** 7, gbps=500.0, pct_of_copy=12.5, graph_ms=graph_ms,
-                graph_gbps=10 ** 7 / (graph_ms * 1e-3) / 1e9)]
+                graph_gbps=10 ** 7 / (graph_ms * 1e-3) / 1e9, copy_graph_ms=copy_graph_ms)]
     write_csv(rows, path, {"device": "test"}, 4000.0)
 
 
 def test_bench_cli_reads_previous_runs(tmp_path, capsys):
     from grpo_guard.bench.cli import main
-    _write_rows(tmp_path / "a.csv", 0.010)
-    _write_rows(tmp_path / "b.csv", 0.008)
+    _write_rows(tmp_path / "a.csv", 0.010)  # an older CSV: no same-size copy time
+    _write_rows(tmp_path / "b.csv", 0.008, copy_graph_ms=0.004)
     assert main(["--compare-from", f"split={tmp_path / 'a.csv'}", f"fused={tmp_path / 'b.csv'}"]) == 0
     out = capsys.readouterr().out
     assert "split: GPU us" in out and "| sde_step | forward | sd35_512 | bfloat16 | 10.0 |" in out
-    assert out.strip().endswith("| 0.80 |")
+    assert out.strip().endswith("| 0.80 | 4.0 |")  # last / first, the same-size copy's GPU us
     assert main(["--markdown-from", str(tmp_path / "a.csv")]) == 0
-    assert "| sde_step | forward | sd35_512 | bfloat16 | gg-triton | 20.0 |" in capsys.readouterr().out
+    table = capsys.readouterr().out.strip().splitlines()
+    assert "| sde_step | forward | sd35_512 | bfloat16 | gg-triton | 20.0 |" in table[-1]
+    assert table[0].count("|") == table[-1].count("|") and table[-1].endswith("| n/a | n/a |")  # no copy, host time
+    assert main(["--markdown-from", str(tmp_path / "b.csv")]) == 0
+    assert "| 1250 | 50 | n/a |" in capsys.readouterr().out  # GPU GB/s, 100 x 4 us copy / 8 us op, host us
 
 
 def test_bench_cli_runs_the_other_tools(tmp_path, capsys):

@@ -137,7 +137,19 @@ def test_cps_zero_std_is_checked_on_the_device(bk, kernels, seed):
         gg.check_errors()
 
 
-def test_out_of_range_sigma_is_nan_where_the_formulas_stay_finite(bk, kernels, seed):
+@pytest.fixture(params=[False, True], ids=["", "lean"])
+def lean(request, bk, kernels, monkeypatch):
+    """True: the opt-in lean single-launch Triton kernels (triton_launch.LEAN), which close the default Triton
+    kernels' known gap: they make a failed row's coefficients NaN, so all its outputs are NaN as on torch/cuda."""
+    if request.param:
+        if bk[0] != "triton" or kernels != "fused":
+            pytest.skip("the lean variant is the single-launch Triton kernels'")
+        from grpo_guard.ops import triton_launch
+        monkeypatch.setattr(triton_launch, "LEAN", True)
+    return request.param
+
+
+def test_out_of_range_sigma_is_nan_where_the_formulas_stay_finite(bk, kernels, seed, lean):
     """sigma = 1.5 with dance dynamics: every coefficient of the step is still a finite number, so only the check
     itself can make the sample NaN (a backend that skipped it would return finite garbage)."""
     _skip_kernel_set_for_other_backends(bk, kernels)
@@ -151,15 +163,20 @@ def test_out_of_range_sigma_is_nan_where_the_formulas_stay_finite(bk, kernels, s
     roll.log_prob.sum().backward()
     assert torch.isnan(roll.log_prob[1]) and torch.isfinite(roll.log_prob[[0, 2]]).all()
     assert torch.isfinite(roll.prev_sample[[0, 2]]).all() and torch.isfinite(vg.grad[[0, 2]]).all()
-    if name != "triton":  # known gap: the Triton kernels make a failed row's log p NaN, but not its x', its mean
-        # or the gradient of its log p (finite garbage there until check_errors() raises)
+    if name != "triton" or lean:  # known gap: the default Triton kernels make a failed row's log p NaN, but not
+        # its x', its mean or the gradient of its log p (finite garbage there until check_errors() raises)
         assert torch.isnan(roll.prev_sample[1]).all() and torch.isnan(roll.prev_sample_mean[1]).all()
         assert torch.isnan(vg.grad[1]).all()
     with pytest.raises(gg.InvalidInputError, match="sde_step: sigma must lie in"):
         gg.check_errors()
-    loss, _ = gg.policy_loss(vg, x, roll.prev_sample.detach().nan_to_num(), sig, nxt, torch.ones(B, device=device),
-                             dynamics="dance", old_model_output=v)
-    assert torch.isnan(loss)
+    vg.grad = None
+    loss, stats = gg.policy_loss(vg, x, roll.prev_sample.detach().nan_to_num(), sig, nxt,
+                                 torch.ones(B, device=device), dynamics="dance", old_model_output=v)
+    loss.backward()
+    assert torch.isnan(loss) and torch.isnan(stats["log_ratio"][1]) and torch.isnan(vg.grad[1]).all()
+    assert torch.isfinite(stats["log_ratio"][[0, 2]]).all() and torch.isfinite(stats["bias"][[0, 2]]).all()
+    if name != "triton" or lean:  # the same gap: the default Triton kernels leave a failed row's bias finite
+        assert torch.isnan(stats["bias"][1])
     with pytest.raises(gg.InvalidInputError, match="policy_loss: sigma must lie in"):
         gg.check_errors()
 
@@ -204,10 +221,11 @@ BOUNDARIES = [
 
 
 @pytest.mark.parametrize("case", BOUNDARIES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}-{c[3]}")
-def test_device_sigma_checks_at_their_edges(bk, kernels, seed, case):
+def test_device_sigma_checks_at_their_edges(bk, kernels, seed, case, lean):
     """Each device-side sigma rule just inside and just outside its bound, in one sample of three: a broken rule
     makes that sample's log-ratio NaN (off-policy, so the formulas alone would give a finite number or an
-    infinity) and is named by check_errors(); a kept rule leaves every sample finite and the word clear."""
+    infinity), and its bias too except on the default Triton kernels (their known gap), and is named by
+    check_errors(); a kept rule leaves every sample finite and the word clear."""
     _skip_kernel_set_for_other_backends(bk, kernels)
     name, device = bk
     s1, n1, dynamics, method, rules = case
@@ -228,6 +246,8 @@ def test_device_sigma_checks_at_their_edges(bk, kernels, seed, case):
         gg.check_errors()
         return
     assert torch.isnan(lr[1]), f"sample 1 broke {rules} but its log-ratio is {lr[1].item()}"
+    if name != "triton" or lean:
+        assert torch.isnan(stats["bias"][1]), f"sample 1 broke {rules} but its bias is {stats['bias'][1].item()}"
     with pytest.raises(gg.InvalidInputError) as info:
         gg.check_errors()
     named = str(info.value).splitlines()[1:]

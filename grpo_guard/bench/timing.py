@@ -179,6 +179,21 @@ def copy_bandwidth(device, nbytes: Optional[int] = None, rep: int = 20) -> float
     return 2 * nbytes / (median * 1e-3) / 1e9
 
 
+def same_size_copy_time(device, nbytes: int) -> Optional[float]:
+    """GPU time in milliseconds (:func:`graph_time`) of ``dst.copy_(src)`` moving ``nbytes`` in all (nbytes/2 read,
+    nbytes/2 written): what a copy kernel achieves at an op's own size, launch ramp and tail included, where the
+    1 GiB copy of :func:`copy_bandwidth` is the device's streaming limit. None off CUDA."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    src = torch.ones(max(nbytes // 2, 16), dtype=torch.int8, device=device)
+    dst = torch.empty_like(src)
+    try:
+        return graph_time(lambda: dst.copy_(src), device)
+    finally:
+        del src, dst
+
+
 def peak_extra_memory(fn: Callable[[], object], device, before: Optional[Callable[[], None]] = None) -> Optional[float]:
     """MiB allocated at the peak of one call of ``fn`` beyond what was allocated before it (CUDA), else None."""
     device = torch.device(device)
@@ -272,6 +287,7 @@ class Row:
     graph_ms: Optional[float] = None      # GPU time without host overhead (graph_time), CUDA only
     graph_gbps: Optional[float] = None
     host_ms: Optional[float] = None       # host time of one call (host_time): what the calling thread pays
+    copy_graph_ms: Optional[float] = None  # GPU time of a copy moving bytes_moved (same_size_copy_time), CUDA only
     note: str = ""
 
 
@@ -283,6 +299,7 @@ def run_op(op: str, providers: Iterable[Provider], cases: Iterable[dict], modes:
     device = torch.device(device)
     providers = list(providers)
     rows: List[Row] = []
+    copies: Dict[int, Optional[float]] = {}  # bytes -> same_size_copy_time, once per size
     for case in cases:
         for mode in modes:
             for p in providers:
@@ -320,6 +337,9 @@ def run_op(op: str, providers: Iterable[Provider], cases: Iterable[dict], modes:
                     row.pct_of_copy = 100.0 * row.gbps / copy_gbps
                 if row.graph_ms:
                     row.graph_gbps = row.bytes_moved / (row.graph_ms * 1e-3) / 1e9
+                    if row.bytes_moved not in copies:
+                        copies[row.bytes_moved] = same_size_copy_time(device, row.bytes_moved)
+                    row.copy_graph_ms = copies[row.bytes_moved]
                 rows.append(row)
             if case.get("leaf") is not None:
                 case["leaf"].grad = None
@@ -378,10 +398,11 @@ def markdown_table(rows: Sequence[Row], baseline: str = "eager") -> str:
     base = {(r.op, r.mode, r.shape, r.dtype): r.median_ms for r in rows
             if r.provider == baseline and r.median_ms is not None}
     out = ["| op | mode | shape | dtype | provider | median us | p20 us | p80 us | GB/s | % of copy | "
-           f"vs {baseline} | peak extra MiB | GPU us (graph) | GPU GB/s | host us |", "|---" * 15 + "|"]
+           f"vs {baseline} | peak extra MiB | GPU us (graph) | GPU GB/s | % of same-size copy | host us |",
+           "|---" * 16 + "|"]
     for r in rows:
         if r.median_ms is None:
-            out.append(f"| {r.op} | {r.mode} | {r.shape} | {r.dtype} | {r.provider} | {r.note} |||||||||| ")
+            out.append(f"| {r.op} | {r.mode} | {r.shape} | {r.dtype} | {r.provider} | {r.note} ||||||||||| ")
             continue
         b = base.get((r.op, r.mode, r.shape, r.dtype))
         out.append(f"| {r.op} | {r.mode} | {r.shape} | {r.dtype} | {r.provider} | {r.median_ms * 1e3:.1f} | "
@@ -389,8 +410,17 @@ def markdown_table(rows: Sequence[Row], baseline: str = "eager") -> str:
                    f"{_fmt(r.pct_of_copy, '.0f')} | {'' if not b else format(b / r.median_ms, '.2f') + 'x'} | "
                    f"{_fmt(r.peak_extra_mib, '.1f')} | "
                    f"{_fmt(None if r.graph_ms is None else r.graph_ms * 1e3, '.1f')} | {_fmt(r.graph_gbps, '.0f')} | "
+                   f"{_fmt(same_size_copy_pct(r), '.0f')} | "
                    f"{_fmt(None if r.host_ms is None else r.host_ms * 1e3, '.1f')} |")
     return "\n".join(out)
+
+
+def same_size_copy_pct(r: Row) -> Optional[float]:
+    """100 x (GPU time of a copy moving the row's bytes) / (the row's GPU time): how close the op comes to what a
+    copy kernel reaches at the same size (None without both graph times)."""
+    if not (r.graph_ms and r.copy_graph_ms):
+        return None
+    return 100.0 * r.copy_graph_ms / r.graph_ms
 
 
 def compare_table(runs: Sequence[tuple], provider: str = "gg-triton") -> str:
@@ -401,7 +431,8 @@ def compare_table(runs: Sequence[tuple], provider: str = "gg-triton") -> str:
     tables = [(label, {key(r): r for r in rows if r.provider == provider and r.graph_ms is not None})
               for label, rows in runs]
     head = "| op | mode | shape | dtype | " + " | ".join(f"{lb}: GPU us | {lb}: % of copy" for lb, _ in tables)
-    out = [head + f" | {tables[-1][0]} / {tables[0][0]} |", "|---" * (5 + 2 * len(tables)) + "|"]
+    out = [head + f" | {tables[-1][0]} / {tables[0][0]} | same-size copy: GPU us |",
+           "|---" * (6 + 2 * len(tables)) + "|"]
     for k in [k for k in tables[0][1] if all(k in t for _, t in tables)]:
         cells = []
         for _, t in tables:
@@ -410,7 +441,9 @@ def compare_table(runs: Sequence[tuple], provider: str = "gg-triton") -> str:
             pct = None if not (r.graph_gbps and r.gbps and r.pct_of_copy) else r.graph_gbps * r.pct_of_copy / r.gbps
             cells += [f"{r.graph_ms * 1e3:.1f}", _fmt(pct, ".0f")]
         ratio = tables[-1][1][k].graph_ms / tables[0][1][k].graph_ms
-        out.append(f"| {' | '.join(k)} | " + " | ".join(cells) + f" | {ratio:.2f} |")
+        copy_ms = next((t[k].copy_graph_ms for _, t in tables if t[k].copy_graph_ms), None)
+        out.append(f"| {' | '.join(k)} | " + " | ".join(cells) + f" | {ratio:.2f} | "
+                   f"{_fmt(None if copy_ms is None else copy_ms * 1e3, '.1f')} |")
     return "\n".join(out)
 
 
