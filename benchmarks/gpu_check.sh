@@ -25,8 +25,9 @@
 # 13. (wan) trainer step of a Wan 2.1 1.3B-sized transformer at 480p, 33 and 81 frames: s/step, videos/s, the ops'
 #     share, peak memory -> trainer_wan_<frames>.json
 # 14. (ab_cuda) the CUDA fallback's kernel sets side by side: the default vs the second (GRPO_GUARD_CUDA_V2=1: vector
-#     layout with 16-byte accesses, a rollout without the mean, checks in the kernels), GPU time -> ab_cuda_v2_*.csv,
-#     and host time per call -> host_overhead_cuda_v2_*.csv.
+#     layout with 16-byte accesses, a rollout without the mean, checks in the kernels, single-launch forwards), GPU
+#     time -> ab_cuda_v2_*.csv, the second set with its two-launch forwards (GRPO_GUARD_CUDA_V2_FUSED=0) ->
+#     ab_cuda_v2_twolaunch.csv, and host time per call -> host_overhead_cuda_v2_*.csv.
 #     Its correctness on the GPU is step 3 (tests/test_cuda_backend.py and the kernel-set tests run both sets).
 # 15. (ab_lean) the single-launch Triton kernels' opt-in lean variant (GRPO_GUARD_TRITON_LEAN=1: float64
 #     coefficients before the loads, a 64-register cap for 16-bit latents, the hardware bf16 rounding): first the op
@@ -146,6 +147,10 @@ fi
 if want ab_cuda; then
 step "CUDA fallback kernel sets side by side: default vs GRPO_GUARD_CUDA_V2=1 (bf16, GPU time, host time)"
 ab_pair ab_cuda_v2_ GRPO_GUARD_CUDA_V2 gg-cuda
+GRPO_GUARD_CUDA_V2=1 GRPO_GUARD_CUDA_V2_FUSED=0 timeout "$(cap 90)" python3 benchmarks/run_gpu.py --providers gg-cuda \
+  --shapes sd35_512,flux_1024,wan_480p --dtypes bf16 --modes forward,full,rollout --rep 50 \
+  --out "$OUT/ab_cuda_v2_twolaunch.csv" > /tmp/ab_cuda_v2_twolaunch.log 2>&1
+echo "run_gpu (V2, two-launch forwards) exit status $?"
 for v2 in 0 1; do
   GRPO_GUARD_CUDA_V2=$v2 timeout "$(cap 40)" python3 benchmarks/host_overhead.py --backends cuda \
     --csv "$OUT/host_overhead_cuda_v2_$v2.csv" 2>&1 | tail -9

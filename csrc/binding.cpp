@@ -18,7 +18,11 @@
 #define GG_STREAM() c10::cuda::getCurrentCUDAStream().stream()
 #endif
 
+#include <algorithm>
+#include <map>
+#include <mutex>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "gg_kernels.h"
@@ -80,11 +84,43 @@ void check_vector(const char* name, const OptTensor& t, const Tensor& like, int6
 }
 
 // `flags` of every function: bit 0 the vector element layout (gg_kernels.h, vec), bit 1 the device-side checks
-// (gg_schedule.check; the forwards then return the failed checks' bits as a last output, int32 (1,)).
-constexpr int64_t kFlagVec = 1, kFlagCheck = 2;
+// (gg_schedule.check; the forwards then return the failed checks' bits as a last output, int32 (1,)), bit 2 the
+// single-launch forwards (gg_kernels.h; with bit 0 only).
+constexpr int64_t kFlagVec = 1, kFlagCheck = 2, kFlagFused = 4;
 
 void check_flags(int64_t flags) {
-  TORCH_CHECK(flags >= 0 && flags <= (kFlagVec | kFlagCheck), "grpo_guard._C: bad flags ", flags);
+  TORCH_CHECK(flags >= 0 && flags <= (kFlagVec | kFlagCheck | kFlagFused) &&
+                  (!(flags & kFlagFused) || (flags & kFlagVec)),
+              "grpo_guard._C: bad flags ", flags, " (bit 2, the single launch, needs bit 0, the vector layout)");
+}
+
+// The arrival counters of the single-launch forwards: an int32 buffer of at least n zeros. The kernels leave it zero,
+// so one buffer per (device, stream) serves every launch on that stream (stream order keeps launches apart). A call
+// captured into a CUDA graph gets its own zeroed buffer (a memset node of the graph), so the graph's replays never
+// share counters with work outside it. Never freed (static destruction would outlive the allocator). Keyed by the
+// stream handle: torch's streams live as long as the process; a stream destroyed while a launch on it still runs,
+// whose handle is then reused by another stream, would share its counters (do not destroy streams with work on them).
+// The caller keeps the returned tensor alive until after the launch (a captured call's buffer is its own).
+Tensor counters(const Tensor& like, int64_t n) {
+  const auto opts = like.options().dtype(at::kInt);
+#ifdef GG_EMULATE
+  const std::pair<int64_t, uintptr_t> key{-1, 0};
+#else
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  const cudaError_t asked = cudaStreamIsCapturing(GG_STREAM(), &capture);
+  if (asked != cudaSuccess) {
+    (void)cudaGetLastError();  // not left pending for the next launch's check
+    TORCH_CHECK(false, "grpo_guard._C: cudaStreamIsCapturing failed: ", cudaGetErrorString(asked));
+  }
+  if (capture != cudaStreamCaptureStatusNone) return at::zeros({n}, opts);
+  const std::pair<int64_t, uintptr_t> key{like.device().index(), reinterpret_cast<uintptr_t>(GG_STREAM())};
+#endif
+  static std::mutex mu;
+  static auto* buffers = new std::map<std::pair<int64_t, uintptr_t>, Tensor>();
+  const std::lock_guard<std::mutex> lock(mu);
+  Tensor& buf = (*buffers)[key];
+  if (!buf.defined() || buf.numel() < n) buf = at::zeros({std::max<int64_t>(n, 1024)}, opts);
+  return buf;
 }
 
 gg_schedule make_schedule(const Tensor& like, int64_t B, const OptTensor& sigma, const OptTensor& sigma_next,
@@ -162,6 +198,8 @@ std::vector<Tensor> sde_forward(const Tensor& v, const Tensor& x, const OptTenso
   a.s_x = batch_stride(x);
   a.s_prev = batch_stride(prev);
   a.s_noise = batch_stride(noise);
+  const Tensor cnt = (flags & kFlagFused) ? counters(v, B) : Tensor();  // alive until after the launch
+  a.counters = cnt.defined() ? cnt.data_ptr() : nullptr;
   check_launch(gg_sde_forward(&a, &sched, GG_STREAM()), "sde_step forward");
   return {log_prob, mean, std_dev_t, prev_out, err};
 }
@@ -277,6 +315,8 @@ std::vector<Tensor> loss_forward(const Tensor& v, const Tensor& x, const Tensor&
   a.s_x = batch_stride(x);
   a.s_prev = batch_stride(prev);
   a.s_old = batch_stride(mu_old) + batch_stride(v_old);  // at most one is given
+  const Tensor cnt = (flags & kFlagFused) ? counters(v, B + 1) : Tensor();  // alive until after the launch
+  a.counters = cnt.defined() ? cnt.data_ptr() : nullptr;
   check_launch(gg_loss_forward(&a, &sched, &cfg, GG_STREAM()), "policy_loss forward");
   return {loss, stats, log_ratio, bias, coefs, err};
 }

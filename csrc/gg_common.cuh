@@ -233,15 +233,45 @@ __device__ __forceinline__ void block_sum2(TC& s1, TC& s2) {
   }
 }
 
+// *p; kCg: loaded through L2 only (__ldcg), for values another block of the same launch wrote (see last_of).
+template <bool kCg, typename TC>
+__device__ __forceinline__ TC ld(const TC* p) {
+  if (kCg) return __ldcg(p);
+  return *p;
+}
+
 // Sum of one sample's n partials by a full warp, in a fixed order; every lane gets the same bits
-// (the xor butterfly adds the same two numbers on both partner lanes, and addition commutes).
-template <typename TC>
+// (the xor butterfly adds the same two numbers on both partner lanes, and addition commutes). kCg: the partials
+// were written by other blocks of this launch (the single-launch forward).
+template <typename TC, bool kCg = false>
 __device__ __forceinline__ TC warp_sum_partials(const TC* p, int n) {
   const int lane = threadIdx.x & 31;
   TC acc = TC(0);
-  for (int j = lane; j < n; j += 32) acc = add(acc, p[j]);
+  for (int j = lane; j < n; j += 32) acc = add(acc, ld<kCg>(p + j));
   for (int o = 16; o > 0; o >>= 1) acc = add(acc, __shfl_xor_sync(kFull, acc, o));
   return acc;
+}
+
+// ---- single-launch forward (flags bit 2, gg_kernels.h) -------------------------------------------------
+// Every block of a group (a sample's chunks; the samples of a batch) calls this, with all its threads, after its
+// thread 0 has written what the group's finish reads. True, in every thread, in exactly one block of the n that
+// call it on the int32 counter at cnt: the last to arrive, which then sees every such write of the others (each
+// writer fences before its ticket; the winner fences after its own, and reads the others' values with ld<true>).
+// The winner's thread 0 sets the counter back to 0, so the buffer is zero again for the next launch in stream
+// order (the binding gives each CUDA-graph capture its own zeroed counters).
+__device__ __forceinline__ bool last_of(int* cnt, int n) {
+  __shared__ int is_last;
+  __syncthreads();  // every thread has read is_last of a previous call, and thread 0's writes precede its fence
+  if (threadIdx.x == 0) {
+    __threadfence();
+    is_last = atomicAdd(cnt, 1) == n - 1;
+    if (is_last) {
+      __threadfence();
+      *cnt = 0;
+    }
+  }
+  __syncthreads();
+  return is_last != 0;
 }
 
 }  // namespace gg

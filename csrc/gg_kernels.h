@@ -66,6 +66,12 @@ int64_t gg_num_chunks(int64_t D);
  *     aligned. The layout fixes the order of the sums: sde_step and policy_loss must use the same one for the
  *     on-policy log-ratio from old_log_prob to be exactly 0. */
 
+/* Single-launch forwards (`counters` given; opt-in with the vector layout): the chunk kernel's blocks take a ticket
+ * on their sample's counter once their partial is written, and the last of a sample's blocks sums its partials (in
+ * the same fixed order as the finalize kernel: the same bits) and finishes the sample; policy_loss's last sample
+ * then takes a ticket on counters[B] and finishes the batch. No second launch. The counters are zero at launch and
+ * zero again after it (the winners reset them), so one buffer serves every launch of a stream. */
+
 /* sde_step forward. Rollout: prev_in NULL, noise (TC) given, prev_out (T) written with x' = mu + s*noise
  * rounded to T (and round_mode). Training: prev_in (T) given. Writes log_prob and std_dev_t (TC, (B,)) and,
  * unless mean is NULL, mean (TC, (B, D)). partial: TC scratch of B * gg_num_chunks(D). */
@@ -75,6 +81,7 @@ typedef struct {
   void* prev_out; void* mean; void* log_prob; void* std_dev_t; void* partial;
   void* err;                          /* int32 (1,): the failed checks' bits, written iff sched->check */
   int64_t s_v, s_x, s_prev, s_noise;  /* batch strides of the inputs (elements) */
+  void* counters;                     /* NULL, or (vec = 1) int32 of >= B zeros: single launch (below) */
 } gg_sde_fwd_args;
 cudaError_t gg_sde_forward(const gg_sde_fwd_args* args, const gg_schedule* sched, cudaStream_t stream);
 
@@ -107,6 +114,7 @@ typedef struct {
   void* loss; void* stats; void* log_ratio; void* bias; void* coefs; void* partial; void* work;
   void* err;                        /* int32 (1,): the failed checks' bits, written iff sched->check */
   int64_t s_v, s_x, s_prev, s_old;  /* batch strides of v, x, prev and of mu_old / v_old (elements) */
+  void* counters;                   /* NULL, or (vec = 1) int32 of >= B + 1 zeros: single launch (below) */
 } gg_loss_fwd_args;
 cudaError_t gg_loss_forward(const gg_loss_fwd_args* args, const gg_schedule* sched, const gg_loss_config* cfg,
                             cudaStream_t stream);

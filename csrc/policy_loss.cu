@@ -11,6 +11,8 @@
 //   loss = mean_i w_i max(-A r, -A r_c), stats, and the per-sample backward coefficients
 //   dloss/dv_k = c1_i u_k + c2_i Delta_k (see loss_finalize).
 // Kernel 3 (backward): grad_v = grad_loss * (c1_i u + c2_i Delta), elementwise.
+// Single-launch forward (counters given, vector layout): the last block of each sample finishes it, and the last
+// sample's finishing block finishes the batch (last_of), with kernel 2's code; no second launch.
 #include "gg_common.cuh"
 
 namespace gg {
@@ -126,12 +128,23 @@ __device__ __forceinline__ void policy_terms_vec(int mode, typename Acc<T>::type
   }
 }
 
-template <typename T>
+template <typename TC>
+struct LossOut;  // the forward's outputs and its per-sample work buffer (below)
+
+template <typename TC>
+__device__ void loss_finish_sample(int64_t i, const TC* partial, int nchunks, int64_t B, int64_t D,
+                                   const gg_schedule& sched, const gg_loss_config& cfg, const LossOut<TC>& o);
+template <typename TC>
+__device__ void loss_finish_batch(int64_t B, const gg_schedule& sched, const gg_loss_config& cfg,
+                                  const LossOut<TC>& o);
+
+template <typename T, bool kFused>
 __global__ void __launch_bounds__(kBlock)
 loss_chunks_vec(const T* __restrict__ v, const T* __restrict__ x, const T* __restrict__ prev,
                 const typename Acc<T>::type* __restrict__ mu_old, const T* __restrict__ v_old, int mode,
                 typename Acc<T>::type* __restrict__ partial, int64_t D, int nchunks, gg_schedule sched, int64_t s_v,
-                int64_t s_x, int64_t s_prev, int64_t s_old, bool wide) {
+                int64_t s_x, int64_t s_prev, int64_t s_old, bool wide, int* __restrict__ cnt, int64_t B,
+                gg_loss_config cfg, LossOut<typename Acc<T>::type> o) {
   using TC = typename Acc<T>::type;
   const VecPos pos = vec_pos(nchunks, D);
   const int64_t first = pos.first;
@@ -160,6 +173,10 @@ loss_chunks_vec(const T* __restrict__ v, const T* __restrict__ x, const T* __res
     TC* out = partial + pos.sample * 2 * nchunks;
     out[pos.chunk] = s1;
     out[nchunks + pos.chunk] = s2;
+  }
+  if (kFused && last_of(cnt + pos.sample, nchunks)) {  // the single-launch forward: finish the sample ...
+    if (threadIdx.x < 32) loss_finish_sample(pos.sample, partial, nchunks, B, D, sched, cfg, o);
+    if (last_of(cnt + B, static_cast<int>(B)) && threadIdx.x == 0) loss_finish_batch(B, sched, cfg, o);  // ... batch
   }
 }
 
@@ -237,23 +254,50 @@ __device__ void finalize_sample(int64_t i, TC s1, TC s2, int64_t D, int64_t B, c
   work[2 * B + i] = (isnan(cand) || isnan(cand_c) ? cand + cand_c : fmax(cand, cand_c)) * wt;
 }
 
-// Kernel 2, one block: warps take samples (sums in sde_step's order), then thread 0 reduces over the batch
-// in sample order: loss = mean per-sample loss; stats = ratio mean, population std, clip fraction, approx KL.
 template <typename TC>
-__global__ void __launch_bounds__(kBlock)
-loss_finalize(const TC* __restrict__ partial, int nchunks, int64_t B, int64_t D, gg_schedule sched,
-              gg_loss_config cfg, const TC* __restrict__ adv, const TC* __restrict__ old_logp,
-              TC* __restrict__ log_ratio, TC* __restrict__ bias, TC* __restrict__ coefs, TC* __restrict__ work,
-              TC* __restrict__ loss, TC* __restrict__ stats, int* __restrict__ err) {
-  for (int64_t i = threadIdx.x >> 5; i < B; i += kWarps) {
-    const TC* p = partial + i * 2 * nchunks;
-    const TC s1 = warp_sum_partials(p, nchunks);
-    const TC s2 = cfg.old_mode == GG_OLD_LOGP ? TC(0) : warp_sum_partials(p + nchunks, nchunks);
-    if ((threadIdx.x & 31) == 0)
-      finalize_sample(i, s1, s2, D, B, sched, cfg, adv, old_logp, log_ratio, bias, coefs, work);
-  }
-  __syncthreads();
-  if (threadIdx.x != 0) return;
+struct LossOut {
+  const TC* adv;
+  const TC* old_logp;
+  TC* log_ratio;
+  TC* bias;
+  TC* coefs;
+  TC* work;
+  TC* loss;
+  TC* stats;
+  int* err;
+};
+
+// Sample i of kernel 2, by one full warp: its partials summed in sde_step's order (kCg: written by other blocks of
+// this launch), then finalize_sample by lane 0.
+template <typename TC, bool kCg>
+__device__ __forceinline__ void finish_sample(int64_t i, const TC* partial, int nchunks, int64_t B, int64_t D,
+                                              const gg_schedule& sched, const gg_loss_config& cfg,
+                                              const LossOut<TC>& o) {
+  const TC* p = partial + i * 2 * nchunks;
+  const TC s1 = warp_sum_partials<TC, kCg>(p, nchunks);
+  const TC s2 = cfg.old_mode == GG_OLD_LOGP ? TC(0) : warp_sum_partials<TC, kCg>(p + nchunks, nchunks);
+  if ((threadIdx.x & 31) == 0)
+    finalize_sample(i, s1, s2, D, B, sched, cfg, o.adv, o.old_logp, o.log_ratio, o.bias, o.coefs, o.work);
+}
+
+template <typename TC>
+__device__ void loss_finish_sample(int64_t i, const TC* partial, int nchunks, int64_t B, int64_t D,
+                                   const gg_schedule& sched, const gg_loss_config& cfg, const LossOut<TC>& o) {
+  finish_sample<TC, true>(i, partial, nchunks, B, D, sched, cfg, o);
+}
+
+// The batch part of kernel 2, by one thread, in sample order: the error bits; loss = mean per-sample loss; stats =
+// ratio mean, population std, clip fraction, approx KL (dppo: + reference.kl_stats). kCg: the per-sample values
+// were written by other blocks of this launch.
+template <typename TC, bool kCg>
+__device__ void finish_batch(int64_t B, const gg_schedule& sched, const gg_loss_config& cfg, const LossOut<TC>& o) {
+  const TC* adv = o.adv;
+  const TC* old_logp = o.old_logp;
+  const TC* log_ratio = o.log_ratio;
+  const TC* work = o.work;
+  TC* loss = o.loss;
+  TC* stats = o.stats;
+  int* err = o.err;
   if (sched.check) {  // the failed checks of the batch (gg_kernels.h)
     int bits = 0;
     for (int64_t i = 0; i < B; ++i) {
@@ -266,14 +310,18 @@ loss_finalize(const TC* __restrict__ partial, int nchunks, int64_t B, int64_t D,
   const TC Bt = static_cast<TC>(B);
   TC sum_loss = 0, sum_r = 0, sum_clip = 0, sum_kl = 0;
   for (int64_t i = 0; i < B; ++i) {
-    sum_r += work[i];
-    sum_clip += work[B + i];
-    sum_loss += work[2 * B + i];
-    sum_kl += log_ratio[i] * log_ratio[i];
+    const TC lr = ld<kCg>(log_ratio + i);
+    sum_r += ld<kCg>(work + i);
+    sum_clip += ld<kCg>(work + B + i);
+    sum_loss += ld<kCg>(work + 2 * B + i);
+    sum_kl += lr * lr;
   }
   const TC excess_mean = sum_r / Bt;  // ratio stats from r - 1, as reference.summarize
   TC sum_dev = 0;
-  for (int64_t i = 0; i < B; ++i) sum_dev += (work[i] - excess_mean) * (work[i] - excess_mean);
+  for (int64_t i = 0; i < B; ++i) {
+    const TC dev = ld<kCg>(work + i) - excess_mean;
+    sum_dev += dev * dev;
+  }
   loss[0] = sum_loss / Bt;
   stats[0] = TC(1) + excess_mean;
   stats[1] = sqrt(sum_dev / Bt);
@@ -282,13 +330,13 @@ loss_finalize(const TC* __restrict__ partial, int nchunks, int64_t B, int64_t D,
   if (cfg.method == GG_DPPO) {  // reference.kl_stats
     TC k_sum = 0, k_max = -INFINITY, n_pos = 0, n_neg = 0, d_pos = 0, d_neg = 0;
     for (int64_t i = 0; i < B; ++i) {
-      const TC k = work[3 * B + i];
+      const TC k = ld<kCg>(work + 3 * B + i), dropped = ld<kCg>(work + B + i);
       k_sum += k;
       k_max = (isnan(k) || k > k_max) ? k : k_max;
       n_pos += adv[i] > TC(0) ? TC(1) : TC(0);
       n_neg += adv[i] < TC(0) ? TC(1) : TC(0);
-      d_pos += adv[i] > TC(0) ? work[B + i] : TC(0);
-      d_neg += adv[i] < TC(0) ? work[B + i] : TC(0);
+      d_pos += adv[i] > TC(0) ? dropped : TC(0);
+      d_neg += adv[i] < TC(0) ? dropped : TC(0);
     }
     stats[4] = k_sum / Bt;
     stats[5] = k_max;
@@ -296,6 +344,23 @@ loss_finalize(const TC* __restrict__ partial, int nchunks, int64_t B, int64_t D,
     stats[7] = d_pos / fmax(n_pos, TC(1));
     stats[8] = d_neg / fmax(n_neg, TC(1));
   }
+}
+
+template <typename TC>
+__device__ void loss_finish_batch(int64_t B, const gg_schedule& sched, const gg_loss_config& cfg,
+                                  const LossOut<TC>& o) {
+  finish_batch<TC, true>(B, sched, cfg, o);
+}
+
+// Kernel 2, one block: warps take samples (sums in sde_step's order), then thread 0 finishes the batch.
+template <typename TC>
+__global__ void __launch_bounds__(kBlock)
+loss_finalize(const TC* __restrict__ partial, int nchunks, int64_t B, int64_t D, gg_schedule sched,
+              gg_loss_config cfg, LossOut<TC> o) {
+  for (int64_t i = threadIdx.x >> 5; i < B; i += kWarps) finish_sample<TC, false>(i, partial, nchunks, B, D, sched,
+                                                                                   cfg, o);
+  __syncthreads();
+  if (threadIdx.x == 0) finish_batch<TC, false>(B, sched, cfg, o);
 }
 
 template <typename T>
@@ -368,24 +433,29 @@ extern "C" cudaError_t gg_loss_forward(const gg_loss_fwd_args* p, const gg_sched
   const unsigned int grid = static_cast<unsigned int>(p->B * nchunks);
   GG_DISPATCH(p->dtype, {
     using TC = typename Acc<scalar_t>::type;
+    const LossOut<TC> out{static_cast<const TC*>(p->adv), static_cast<const TC*>(p->old_logp),
+                          static_cast<TC*>(p->log_ratio), static_cast<TC*>(p->bias), static_cast<TC*>(p->coefs),
+                          static_cast<TC*>(p->work), static_cast<TC*>(p->loss), static_cast<TC*>(p->stats),
+                          static_cast<int*>(p->err)};
     if (p->vec) {
-      GG_LAUNCH(loss_chunks_vec<scalar_t>, grid, kBlock, stream)(
+      const auto kernel = p->counters != nullptr ? loss_chunks_vec<scalar_t, true> : loss_chunks_vec<scalar_t, false>;
+      GG_LAUNCH(kernel, grid, kBlock, stream)(
           static_cast<const scalar_t*>(p->v), static_cast<const scalar_t*>(p->x),
           static_cast<const scalar_t*>(p->prev), static_cast<const TC*>(p->mu_old),
           static_cast<const scalar_t*>(p->v_old), cfg->old_mode, static_cast<TC*>(p->partial), p->D, nchunks, *sched,
-          p->s_v, p->s_x, p->s_prev, p->s_old, loss_rows_aligned<scalar_t>(p));
+          p->s_v, p->s_x, p->s_prev, p->s_old, loss_rows_aligned<scalar_t>(p), static_cast<int*>(p->counters), p->B,
+          *cfg, out);
+      if (p->counters != nullptr) return cudaGetLastError();  // finished in the same launch
     } else {
+      if (p->counters != nullptr) return cudaErrorInvalidValue;  // the single launch needs the vector layout
       GG_LAUNCH(loss_chunks<scalar_t>, grid, kBlock, stream)(
           static_cast<const scalar_t*>(p->v), static_cast<const scalar_t*>(p->x),
           static_cast<const scalar_t*>(p->prev), static_cast<const TC*>(p->mu_old),
           static_cast<const scalar_t*>(p->v_old), cfg->old_mode, static_cast<TC*>(p->partial), p->D, nchunks, *sched,
           p->s_v, p->s_x, p->s_prev, p->s_old);
     }
-    GG_LAUNCH(loss_finalize<TC>, 1, kBlock, stream)(
-        static_cast<const TC*>(p->partial), nchunks, p->B, p->D, *sched, *cfg, static_cast<const TC*>(p->adv),
-        static_cast<const TC*>(p->old_logp), static_cast<TC*>(p->log_ratio), static_cast<TC*>(p->bias),
-        static_cast<TC*>(p->coefs), static_cast<TC*>(p->work), static_cast<TC*>(p->loss), static_cast<TC*>(p->stats),
-        static_cast<int*>(p->err));
+    GG_LAUNCH(loss_finalize<TC>, 1, kBlock, stream)(static_cast<const TC*>(p->partial), nchunks, p->B, p->D, *sched,
+                                                    *cfg, out);
   });
   return cudaGetLastError();
 }

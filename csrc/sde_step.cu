@@ -2,7 +2,8 @@
 //
 // Per sample i, over its D latent elements (flat (B, D)):
 //   mu = a x + b v;  rollout: x' = round_T(mu + s z);  log p_i = mean_D[-(x'-mu)^2/(2 s^2)] - log s - log sqrt(2 pi)
-//   (cps: -mean_D[(x'-mu)^2]). Forward = chunk kernel (mu, x', partial sums of (x'-mu)^2) + finalize kernel.
+//   (cps: -mean_D[(x'-mu)^2]). Forward = chunk kernel (mu, x', partial sums of (x'-mu)^2) + finalize kernel, or
+//   (counters given, vector layout) one launch: the last block of each sample finishes it (last_of).
 //   Backward (x' a constant in log p):  g_mu = g_mean + g_prev + g_logp_i * dlogp/dmu,
 //   dlogp/dmu = (x'-mu)/(D s^2) (cps: 2(x'-mu)/D);  grad_v = b g_mu, grad_x = a g_mu.
 #include "gg_common.cuh"
@@ -49,15 +50,37 @@ sde_forward_chunks(const T* __restrict__ v, const T* __restrict__ x, const T* __
   if (threadIdx.x == 0) partial[pos.sample * nchunks + pos.chunk] = acc;
 }
 
+// The failed sigma checks of the batch as the error word's sde_step bits (gg_kernels.h), by one thread.
+__device__ __forceinline__ int sde_error_bits(const gg_schedule& sched, int64_t B) {
+  int bits = 0;
+  for (int64_t i = 0; i < B; ++i) bits |= sigma_error_bits(sched, i) & 3;
+  return bits << GG_ERR_SDE_STEP;
+}
+
+// log_prob[i] and std_dev_t[i] from sample i's partials, by one full warp (kCg: partials of other blocks).
+template <typename TC, bool kCg>
+__device__ __forceinline__ void sde_finish_sample(int64_t i, const TC* partial, int nchunks, int64_t D,
+                                                  const gg_schedule& sched, TC* log_prob, TC* std_dev_t) {
+  const TC sum = warp_sum_partials<TC, kCg>(partial + i * nchunks, nchunks);
+  if ((threadIdx.x & 31) == 0) {
+    const Coef c = step_coef(sched, i);
+    log_prob[i] = log_prob_from_sum(sum, D, static_cast<TC>(c.std), sched.dynamics);
+    std_dev_t[i] = static_cast<TC>(c.std_dev_t);
+  }
+}
+
 // The vector layout (gg_kernels.h, vec = 1): the same per-element arithmetic in the same order per thread; mean is
-// written only when asked for (a rollout that keeps x' and log p skips a latent-sized TC write).
-template <typename T>
+// written only when asked for (a rollout that keeps x' and log p skips a latent-sized TC write). cnt (B zeros) given:
+// the single-launch forward, the last block of each sample finishes it (and block 0 writes the error bits).
+template <typename T, bool kFused>
 __global__ void __launch_bounds__(kBlock)
 sde_forward_chunks_vec(const T* __restrict__ v, const T* __restrict__ x, const T* __restrict__ prev_in,
                        const typename Acc<T>::type* __restrict__ noise, T* __restrict__ prev_out,
                        typename Acc<T>::type* __restrict__ mean, typename Acc<T>::type* __restrict__ partial,
                        int64_t D, int nchunks, gg_schedule sched, int round_mode, int64_t s_v, int64_t s_x,
-                       int64_t s_prev, int64_t s_noise, bool wide) {
+                       int64_t s_prev, int64_t s_noise, bool wide, int* __restrict__ cnt, int64_t B,
+                       typename Acc<T>::type* __restrict__ log_prob, typename Acc<T>::type* __restrict__ std_dev_t,
+                       int* __restrict__ err) {
   using TC = typename Acc<T>::type;
   const VecPos pos = vec_pos(nchunks, D);
   const Coef c = step_coef(sched, pos.sample);
@@ -95,27 +118,22 @@ sde_forward_chunks_vec(const T* __restrict__ v, const T* __restrict__ x, const T
   }
   block_sum2(acc, unused);
   if (threadIdx.x == 0) partial[pos.sample * nchunks + pos.chunk] = acc;
+  if (kFused) {  // the single-launch forward (a template flag: the two-launch kernel keeps its registers)
+    if (sched.check && blockIdx.x == 0 && threadIdx.x == 0) err[0] = sde_error_bits(sched, B);
+    if (last_of(cnt + pos.sample, nchunks) && threadIdx.x < 32)
+      sde_finish_sample<typename Acc<T>::type, true>(pos.sample, partial, nchunks, D, sched, log_prob, std_dev_t);
+  }
 }
 
 template <typename TC>
 __global__ void sde_finalize(const TC* __restrict__ partial, int nchunks, int64_t B, int64_t D,
                              gg_schedule sched, TC* __restrict__ log_prob, TC* __restrict__ std_dev_t,
                              int* __restrict__ err) {
-  if (sched.check && blockIdx.x == 0 && threadIdx.x == 0) {  // the failed checks of the batch (gg_kernels.h)
-    int bits = 0;
-    for (int64_t i = 0; i < B; ++i) bits |= sigma_error_bits(sched, i) & 3;
-    err[0] = bits << GG_ERR_SDE_STEP;
-  }
+  if (sched.check && blockIdx.x == 0 && threadIdx.x == 0) err[0] = sde_error_bits(sched, B);
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
-  for (int64_t i = warp; i < B; i += nwarps) {
-    const TC sum = warp_sum_partials(partial + i * nchunks, nchunks);
-    if ((threadIdx.x & 31) == 0) {
-      const Coef c = step_coef(sched, i);
-      log_prob[i] = log_prob_from_sum(sum, D, static_cast<TC>(c.std), sched.dynamics);
-      std_dev_t[i] = static_cast<TC>(c.std_dev_t);
-    }
-  }
+  for (int64_t i = warp; i < B; i += nwarps)
+    sde_finish_sample<TC, false>(i, partial, nchunks, D, sched, log_prob, std_dev_t);
 }
 
 template <typename T>
@@ -217,12 +235,18 @@ extern "C" cudaError_t gg_sde_forward(const gg_sde_fwd_args* p, const gg_schedul
                         gg_rows_aligned(p->noise, p->s_noise, sizeof(TC)) &&
                         gg_rows_aligned(p->prev_out, p->D, sizeof(scalar_t)) &&
                         gg_rows_aligned(p->mean, p->D, sizeof(TC));
-      GG_LAUNCH(sde_forward_chunks_vec<scalar_t>, chunk_grid(p->B, p->D), kBlock, stream)(
+      const auto kernel = p->counters != nullptr ? sde_forward_chunks_vec<scalar_t, true>
+                                                 : sde_forward_chunks_vec<scalar_t, false>;
+      GG_LAUNCH(kernel, chunk_grid(p->B, p->D), kBlock, stream)(
           static_cast<const scalar_t*>(p->v), static_cast<const scalar_t*>(p->x),
           static_cast<const scalar_t*>(p->prev_in), static_cast<const TC*>(p->noise),
           static_cast<scalar_t*>(p->prev_out), static_cast<TC*>(p->mean), static_cast<TC*>(p->partial), p->D,
-          nchunks, *sched, p->round_mode, p->s_v, p->s_x, p->s_prev, p->s_noise, wide);
+          nchunks, *sched, p->round_mode, p->s_v, p->s_x, p->s_prev, p->s_noise, wide,
+          static_cast<int*>(p->counters), p->B, static_cast<TC*>(p->log_prob), static_cast<TC*>(p->std_dev_t),
+          static_cast<int*>(p->err));
+      if (p->counters != nullptr) return cudaGetLastError();  // finished in the same launch
     } else {
+      if (p->counters != nullptr) return cudaErrorInvalidValue;  // the single launch needs the vector layout
       GG_LAUNCH(sde_forward_chunks<scalar_t>, chunk_grid(p->B, p->D), kBlock, stream)(
           static_cast<const scalar_t*>(p->v), static_cast<const scalar_t*>(p->x),
           static_cast<const scalar_t*>(p->prev_in), static_cast<const TC*>(p->noise),

@@ -58,8 +58,13 @@ def kernel_sets() -> str:
                        "tests)")
     except Exception as exc:  # noqa: BLE001  (no usable Triton: said, not fatal)
         triton = f"not importable ({type(exc).__name__})"
-    cuda = ("second set: vector layout, checks in the kernels (opt-in, GRPO_GUARD_CUDA_V2=1)" if cuda_backend.V2
-            else "default (GRPO_GUARD_CUDA_V2=1: the second set, opt-in until it has passed the GPU tests)")
+    if cuda_backend.V2:
+        cuda = ("second set: vector layout, checks in the kernels, "
+                + ("single-launch forwards (GRPO_GUARD_CUDA_V2_FUSED=0: two launches)" if cuda_backend.V2_FUSED
+                   else "two-launch forwards (GRPO_GUARD_CUDA_V2_FUSED=1: single-launch)")
+                + " (opt-in, GRPO_GUARD_CUDA_V2=1)")
+    else:
+        cuda = "default (GRPO_GUARD_CUDA_V2=1: the second set, opt-in until it has passed the GPU tests)"
     return f"triton {triton}; cuda {cuda}"
 
 

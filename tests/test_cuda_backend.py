@@ -300,3 +300,71 @@ def test_rollout_without_mean_skips_it(layout, seed):
     assert a.prev_sample_mean is None and b.prev_sample_mean is not None
     assert torch.equal(a.prev_sample, b.prev_sample) and torch.equal(a.log_prob, b.log_prob)
     assert (outs[1] is None) == (layout == "vec")
+
+
+@pytest.mark.parametrize("block_order", ["in order", "shuffled"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_single_launch_forward_gives_the_two_launch_bits(layout, dtype, block_order, monkeypatch, seed):
+    """The second set's single-launch forwards (cuda_backend.V2_FUSED; csrc/gg_kernels.h): the last block of each
+    sample finishes it and the last sample the batch. Every output, gradient and error bit equals the two-launch
+    forward's, bit for bit, twice in a row (the counters are zero again after a launch), for sde_step (rollout,
+    scoring) and policy_loss (each old input, methods, a sample whose tensor sigmas fail the check). "shuffled":
+    the emulator runs the blocks in a seeded random order, so any block of a sample may be its last (on a GPU the
+    order is the hardware's)."""
+    if layout != "vec":
+        pytest.skip("the second kernel set's property")
+    if block_order == "shuffled":
+        if not EMULATED:
+            pytest.skip("the emulator's block order")
+        monkeypatch.setenv("GG_EMU_BLOCK_SEED", str(seed % 1000 + 1))
+    B, shape = 5, (3, 37, 41)  # D = 4551: 3 chunks per sample, a ragged last one
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    v = torch.randn(B, *shape, device=DEV, generator=g).to(dtype)
+    x = torch.randn(B, *shape, device=DEV, generator=g).to(dtype)
+    v_old = (v.double() + 0.02 * torch.randn(v.shape, device=DEV, generator=g, dtype=torch.float64)).to(dtype)
+    noise = torch.randn(v.shape, device=DEV, generator=g, dtype=ref.compute_dtype(x))
+    adv = torch.randn(B, device=DEV, generator=g)
+    sig = torch.linspace(0.9, 0.5, B, dtype=torch.float64, device=DEV)
+    nxt = sig - 0.1
+    nxt[3] = 0.95  # sample 3 breaks sigma_next < sigma: NaN outputs and an error bit, in the same launch
+
+    def run(v, x):
+        out, codes = [], []
+        roll = _run("cuda", gg.sde_step, v, x, sig, nxt, noise=noise)
+        out += [roll.prev_sample, roll.log_prob, roll.std_dev_t, roll.prev_sample_mean]
+        codes.append(_take_error_word())
+        vg = v.clone().requires_grad_(True)
+        scored = _run("cuda", gg.sde_step, vg, x, sig, nxt, prev_sample=roll.prev_sample.nan_to_num())
+        scored.log_prob.nansum().backward()
+        out += [scored.log_prob, scored.prev_sample_mean, vg.grad]
+        codes.append(_take_error_word())
+        xp = roll.prev_sample.nan_to_num()
+        for method, old in (("guard", {"old_model_output": v_old}), ("dppo", {"old_model_output": v_old}),
+                            ("mean_revised", {"old_prev_sample_mean": scored.prev_sample_mean.detach().nan_to_num()}),
+                            ("grpo", {"old_log_prob": scored.log_prob.detach() + 1e-3})):
+            vg = v.clone().requires_grad_(True)
+            loss, stats = _run("cuda", gg.policy_loss, vg, x, xp, sig, nxt, adv, method=method, **old)
+            loss.backward()
+            out += [loss, vg.grad] + [stats[k] for k in sorted(stats)]
+            codes.append(_take_error_word())
+        return out, codes
+
+    monkeypatch.setattr(cuda_backend, "V2_FUSED", False)
+    want, want_codes = run(v, x)
+    monkeypatch.setattr(cuda_backend, "V2_FUSED", True)
+    for _ in range(2):
+        run(x, v)  # other partials in the scratch memory the next calls may reuse: a finish that read a partial
+        # before its block wrote it would read these
+        got, codes = run(v, x)
+        assert codes == want_codes and all(c != 0 for c in codes)
+        for a, b in zip(got, want):
+            assert torch.equal(a.nan_to_num(1.5), b.nan_to_num(1.5)) and torch.equal(a.isnan(), b.isnan())
+
+
+def _take_error_word() -> int:
+    """The device error word's bits (synchronizes), then cleared."""
+    from grpo_guard.ops import errors
+    word = errors.word(torch.device(DEV))
+    bits = int(word.item())
+    word.zero_()
+    return bits

@@ -38,11 +38,17 @@ _ext_error = None
 # tests/cuda_emu. Read at each call (traced once under torch.compile). sde_step and policy_loss must run with the
 # same setting for the on-policy log-ratio from old_log_prob to be exactly 0 (the layout fixes the order of sums).
 V2 = os.environ.get("GRPO_GUARD_CUDA_V2", "0").strip() == "1"
-FLAG_VEC, FLAG_CHECK = 1, 2  # csrc/binding.cpp: the `flags` argument
+# Within the second set, the single-launch forwards (csrc/gg_kernels.h): the last block of each sample finishes it
+# and the last sample the batch, with no second launch (as the Triton backend's default forwards). On with V2;
+# GRPO_GUARD_CUDA_V2_FUSED=0 (or V2_FUSED = False) keeps V2's two-launch forwards, to time the two apart.
+V2_FUSED = os.environ.get("GRPO_GUARD_CUDA_V2_FUSED", "1").strip() != "0"
+FLAG_VEC, FLAG_CHECK, FLAG_FUSED = 1, 2, 4  # csrc/binding.cpp: the `flags` argument
 
 
 def _flags(req) -> int:
-    return (FLAG_VEC | (FLAG_CHECK if req.check else 0)) if V2 else 0
+    if not V2:
+        return 0
+    return FLAG_VEC | (FLAG_CHECK if req.check else 0) | (FLAG_FUSED if V2_FUSED else 0)
 
 
 def _prepare(req):

@@ -3,7 +3,9 @@
 // time (an unknown intrinsic does not compile) or at run time (a launch error naming what went wrong).
 //
 // Execution model, as on a GPU where it matters for correctness:
-// - blocks run one after another; the threads of a block run as cooperative user-level threads on
+// - blocks run one after another, in index order, or in a shuffled order when the environment variable
+//   GG_EMU_BLOCK_SEED is set (its value seeds the permutation; the single-launch forward's result must not depend
+//   on which block of a group arrives last); the threads of a block run as cooperative user-level threads on
 //   one OS thread, each to its next barrier, so __syncthreads and the warp shuffles have their CUDA meaning
 //   (a thread waits until every thread of its block / warp arrived; threads that returned count as arrived at
 //   __syncthreads, as on Volta and later);
@@ -21,8 +23,11 @@
 #include <string.h>
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <memory>
+#include <random>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -218,7 +223,14 @@ inline void run(dim3 grid, dim3 block, void (*body)(void*), void* arg) {
   while (g_stacks.size() < block.x) g_stacks.emplace_back(new char[kStack]);
   gridDim = grid;
   blockDim = block;
-  for (unsigned bi = 0; bi < grid.x && g_error == cudaSuccess; ++bi) {
+  std::vector<unsigned> order(grid.x);
+  for (unsigned i = 0; i < grid.x; ++i) order[i] = i;
+  if (const char* seed = getenv("GG_EMU_BLOCK_SEED")) {
+    std::mt19937 rng(static_cast<unsigned>(strtoul(seed, nullptr, 10)));
+    std::shuffle(order.begin(), order.end(), rng);
+  }
+  for (unsigned k = 0; k < grid.x && g_error == cudaSuccess; ++k) {
+    const unsigned bi = order[k];
     Block b;
     b.n = block.x;
     b.threads.resize(b.n);
@@ -311,6 +323,10 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) {
   gg_emu::sync_warp();
 }
 inline void __threadfence() {}
+template <typename T>
+T __ldcg(const T* p) {
+  return *p;
+}
 
 template <typename T>
 T __shfl_down_sync(unsigned mask, T v, unsigned delta) {
