@@ -3,7 +3,8 @@
 Launch counts and host-side torch work; the fixed-order chunked sums (on-policy exactness and agreement with the
 reference when a sample spans several programs and loop iterations, with a masked tail); batch invariance;
 float sigmas equal to tensor sigmas bit for bit (float64 scalars must reach the kernels unrounded); low-precision
-prev_sample rounded like torch; non-contiguous inputs; geometry; unsupported_reason. Runs on CUDA tensors when a
+prev_sample rounded like torch; non-contiguous inputs; geometry; unsupported_reason; the single-launch kernels'
+results independent of the order their programs run in. Runs on CUDA tensors when a
 GPU is present, else on CPU under the interpreter (conftest sets TRITON_INTERPRET=1).
 """
 import json
@@ -397,3 +398,56 @@ def test_lean_kernels_give_the_same_bits(small_chunks, monkeypatch, dtype, seed)
                      st["log_ratio"], vn.grad])
     for a, b in zip(*runs):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_single_launch_results_do_not_depend_on_program_order(small_chunks, monkeypatch, seed):
+    """The single-launch kernels finish a row in whichever of its programs arrives last (common.last_to_arrive) and
+    the batch in whichever row finishes last: outputs, error bits and gradients are the same bits when the
+    interpreter runs the programs in seeded random orders as when it runs them in index order (a compiled launch
+    runs them in the hardware's order; a finish that assumed the last chunk or the last row arrives last, or read
+    a partial before its program wrote it, would differ). Interpreter only."""
+    if not triton_launch.FUSED:
+        pytest.skip("the single-launch kernels' property")
+    if not triton_launch.interpreted():
+        pytest.skip("the interpreter's program order")
+    import random
+
+    from triton.runtime import interpreter
+    B = 5
+    v, x = latents(B, (10, 100), torch.float32, DEVICE)
+    sig, nxt = sigmas(B)
+    nxt[2] = sig[2]  # sample 2 breaks sigma_next < sigma: its NaNs and error bit come from the finish
+    noise = torch.randn(x.shape, device=DEVICE)
+    adv = torch.randn(B, device=DEVICE)
+    v_new = v + 1e-2 * torch.randn(v.shape, device=DEVICE)
+
+    def run():
+        out = []
+        roll = gg.sde_step(v, x, sig, nxt, noise=noise)
+        out += [roll.prev_sample, roll.log_prob, roll.std_dev_t, errors.word(DEVICE).clone()]
+        errors.word(DEVICE).zero_()
+        xp = roll.prev_sample.nan_to_num()
+        for method, old in (("guard", {"old_model_output": v}), ("dppo", {"old_model_output": v}),
+                            ("grpo", {"old_log_prob": roll.log_prob.nan_to_num() + 1e-3})):
+            vn = v_new.clone().requires_grad_(True)
+            loss, st = gg.policy_loss(vn, x, xp, sig, nxt, adv, method=method, clip_range=0.05, **old)
+            loss.backward()
+            out += [loss, vn.grad, errors.word(DEVICE).clone()] + [st[k] for k in sorted(st)]
+            errors.word(DEVICE).zero_()
+        return out
+
+    def shuffled(rng):
+        def grid_range(*args):
+            r = list(range(*args))
+            if sys._getframe(1).f_code.co_name == "__call__":  # GridExecutor's loop over program ids
+                rng.shuffle(r)
+            return r
+        return grid_range
+
+    want = run()
+    for k in range(3):
+        monkeypatch.setattr(interpreter, "range", shuffled(random.Random(seed + k)), raising=False)
+        got = run()
+        for a, b in zip(got, want):
+            assert torch.equal(a.nan_to_num(1.5), b.nan_to_num(1.5)) and torch.equal(a.isnan(), b.isnan())
+    assert want[3].item() != 0  # the failed sample raised its bit
