@@ -82,3 +82,39 @@ def test_float_sigmas_are_refused_in_a_capture():
     with pytest.raises(ValueError, match="Python floats while a CUDA graph is being captured"):
         with torch.cuda.graph(graph):
             gg.sde_step(v, x, 0.7, 0.6, noise=noise)
+
+
+@pytest.mark.parametrize("backend", [b for b in GPU_BACKENDS if b in KERNEL_SET_BACKENDS])
+def test_single_launch_kernels_on_two_streams_at_once(backend, monkeypatch):
+    """The single-launch forwards' arrival counters are per (device, stream): the same steps queued on two streams
+    at once (each stream many launches deep, so their kernels overlap) give each stream's eager result, bit for bit.
+    Shared counters would let one stream's blocks take the other's tickets."""
+    select_kernel_set(monkeypatch, True)
+    torch.manual_seed(0)
+    B, dev = 4, torch.device("cuda")
+    inputs = []
+    for _ in range(2):
+        v_old, x = latents(B, (16, 64, 64), torch.bfloat16, dev)
+        v = (v_old.float() + 1e-3 * torch.randn(v_old.shape, device=dev)).bfloat16().requires_grad_(True)
+        sig = torch.full((B,), 0.7, dtype=torch.float64, device=dev)
+        inputs.append((v_old, x, torch.randn(x.shape, device=dev), sig, sig - 0.1, torch.randn(B, device=dev), v))
+    with gg.backend(backend):
+        want = []
+        for args in inputs:
+            args[-1].grad = None
+            want.append([t.clone() for t in _step(*args)] + [args[-1].grad.clone()])
+        streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+        for s in streams:
+            s.wait_stream(torch.cuda.current_stream())
+        got = [[], []]
+        for _ in range(20):
+            for i, (s, args) in enumerate(zip(streams, inputs)):
+                with torch.cuda.stream(s):
+                    args[-1].grad = None
+                    got[i].append(list(_step(*args)) + [args[-1].grad])
+        torch.cuda.synchronize()
+    for i in range(2):
+        for rep in got[i]:
+            for a, b in zip(rep, want[i]):
+                assert torch.equal(a, b), i
+    gg.check_errors()
