@@ -304,7 +304,8 @@ def test_rollout_without_mean_skips_it(layout, seed):
 
 @pytest.mark.parametrize("block_order", ["in order", "shuffled"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
-def test_single_launch_forward_gives_the_two_launch_bits(layout, dtype, block_order, monkeypatch, seed):
+@pytest.mark.parametrize("B, shape", [(5, (3, 37, 41)), (1, (5, 7))], ids=["B5-3chunks", "B1-1chunk"])
+def test_single_launch_forward_gives_the_two_launch_bits(layout, dtype, block_order, B, shape, monkeypatch, seed):
     """The second set's single-launch forwards (cuda_backend.V2_FUSED; csrc/gg_kernels.h): the last block of each
     sample finishes it and the last sample the batch. Every output, gradient and error bit equals the two-launch
     forward's, bit for bit, twice in a row (the counters are zero again after a launch), for sde_step (rollout,
@@ -317,7 +318,7 @@ def test_single_launch_forward_gives_the_two_launch_bits(layout, dtype, block_or
         if not EMULATED:
             pytest.skip("the emulator's block order")
         monkeypatch.setenv("GG_EMU_BLOCK_SEED", str(seed % 1000 + 1))
-    B, shape = 5, (3, 37, 41)  # D = 4551: 3 chunks per sample, a ragged last one
+    # D = 4551: 3 chunks per sample, a ragged last one; D = 35: one chunk, one sample (each ticket its own last)
     g = torch.Generator(device=DEV).manual_seed(seed)
     v = torch.randn(B, *shape, device=DEV, generator=g).to(dtype)
     x = torch.randn(B, *shape, device=DEV, generator=g).to(dtype)
@@ -326,7 +327,7 @@ def test_single_launch_forward_gives_the_two_launch_bits(layout, dtype, block_or
     adv = torch.randn(B, device=DEV, generator=g)
     sig = torch.linspace(0.9, 0.5, B, dtype=torch.float64, device=DEV)
     nxt = sig - 0.1
-    nxt[3] = 0.95  # sample 3 breaks sigma_next < sigma: NaN outputs and an error bit, in the same launch
+    nxt[-1] = 0.95  # the last sample breaks sigma_next < sigma: NaN outputs and an error bit, in the same launch
 
     def run(v, x):
         out, codes = [], []
