@@ -129,6 +129,26 @@ def test_bench_cli_reads_previous_runs(tmp_path, capsys):
     assert "| 1250 | 50 | n/a |" in capsys.readouterr().out  # GPU GB/s, 100 x 4 us copy / 8 us op, host us
 
 
+def test_bench_cli_splits_forward_and_backward_passes(tmp_path, capsys):
+    """--passes-from: the backward pass is full - forward (GPU time and bytes), each pass's GB/s and % of the run's
+    copy bandwidth; --provider filters; a CSV without a copy bandwidth is refused."""
+    from grpo_guard.bench.cli import main
+    from grpo_guard.bench.timing import Row, write_csv
+    rows = [Row("policy_loss", mode, prov, "wan_480p", 2, 10 ** 6, "bfloat16", "cuda:0", median_ms=1.0, p20_ms=1.0,
+                p80_ms=1.0, bytes_moved=nbytes, graph_ms=ms)
+            for prov in ("gg-triton", "gg-cuda")
+            for mode, nbytes, ms in (("forward", 8 * 10 ** 6, 0.004), ("full", 18 * 10 ** 6, 0.009))]
+    write_csv(rows, tmp_path / "r.csv", {"device": "test"}, 4000.0)
+    assert main(["--passes-from", str(tmp_path / "r.csv"), "--provider", "gg-cuda"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    # forward 8 MB in 4 us = 2000 GB/s = 50 % of 4000; backward 10 MB in 5 us = 2000 GB/s
+    assert lines[-1] == "| policy_loss | wan_480p | bfloat16 | gg-cuda | 4.0 | 2000 | 50 | 5.0 | 2000 | 50 |"
+    assert len(lines) == 3
+    write_csv(rows, tmp_path / "cpu.csv", {"device": "test"}, None)
+    with pytest.raises(SystemExit, match="no copy bandwidth"):
+        main(["--passes-from", str(tmp_path / "cpu.csv")])
+
+
 def test_bench_cli_runs_the_other_tools(tmp_path, capsys):
     from grpo_guard.bench.cli import TOOLS, main
     (tmp_path / "h.csv").write_text("backend,op,sigmas,host_us\ntorch,policy_loss fwd,float,120.0\n"

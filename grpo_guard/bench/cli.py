@@ -5,6 +5,7 @@
     grpo-guard bench --shapes sd35_512 --dtypes bf16 --modes forward,full --out results.csv
     grpo-guard bench --markdown-from results.csv         # a previous run's CSV as a Markdown table
     grpo-guard bench --compare-from split=a.csv fused=b.csv [--provider gg-triton]
+    grpo-guard bench --passes-from results.csv           # forward and backward passes apart (GPU run)
     grpo-guard bench host_overhead | precision | tune_triton | trainer [--help]   # the other tools
 
 Everything runs from the installed package; a checkout's ``benchmarks/`` scripts call the same code.
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
     from . import suite
 
     args = _parser(torch).parse_args(argv)
-    if args.compare_from or args.markdown_from:
+    if args.compare_from or args.markdown_from or args.passes_from:
         return suite.readback(args)
     device = torch.device(args.device)
     on_cpu = device.type == "cpu"

@@ -5,17 +5,17 @@ mode, a table on stdout and optionally a CSV. Shared by ``grpo-guard bench``, th
     python -m grpo_guard.bench.suite [--device cuda] [--ops sde_step] [--shapes sd35_512] [--out results.csv]
     python -m grpo_guard.bench.suite --markdown-from results.csv          # a previous run as a Markdown table
     python -m grpo_guard.bench.suite --compare-from split=a.csv fused=b.csv [--provider gg-triton]
+    python -m grpo_guard.bench.suite --passes-from results.csv [--provider gg-triton,gg-cuda]  # fwd, bwd apart
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 
 import torch
 
-from .timing import (compare_table, copy_bandwidth, environment, format_table, markdown_table, read_csv, run_op,
-                     speedups, write_csv)
+from .timing import (compare_table, copy_bandwidth, environment, format_table, markdown_table, passes_table,
+                     read_copy_gbps, read_csv, run_op, speedups, write_csv)
 from .utils import ALL_SHAPES, DTYPES, SHAPES, parse_list
 
 #: op name -> the module defining it (MODES, make_case, bytes_moved, providers)
@@ -72,14 +72,25 @@ def add_readback_arguments(parser) -> None:
                         help="print the rows of a CSV written by a previous run as a Markdown table, and exit")
     parser.add_argument("--compare-from", nargs="+", default=None, metavar="LABEL=CSV",
                         help="print one provider's GPU time across runs (e.g. split=a.csv fused=b.csv), and exit")
-    parser.add_argument("--provider", default="gg-triton", help="with --compare-from")
+    parser.add_argument("--provider", default=None,
+                        help="with --compare-from (default gg-triton); with --passes-from, comma-separated (default "
+                             "every one)")
+    parser.add_argument("--passes-from", default=None, metavar="CSV",
+                        help="print each op's forward and backward (full - forward) pass apart from a GPU run's CSV: "
+                             "GPU time, GB/s, %% of the run's copy bandwidth; and exit")
 
 
 def readback(args) -> int:
     """Print the table :func:`add_readback_arguments`' options ask for."""
     if args.compare_from:
         runs = [(item.split("=", 1)[0], read_csv(item.split("=", 1)[1])) for item in args.compare_from]
-        print(compare_table(runs, args.provider))
+        print(compare_table(runs, args.provider or "gg-triton"))
+    elif args.passes_from:
+        copy = read_copy_gbps(args.passes_from)
+        if copy is None:
+            raise SystemExit(f"--passes-from: {args.passes_from} records no copy bandwidth (not a GPU run's CSV)")
+        providers = [p.strip() for p in args.provider.split(",")] if args.provider else None
+        print(passes_table(read_csv(args.passes_from), copy, providers))
     else:
         print(markdown_table(read_csv(args.markdown_from)))
     return 0
@@ -99,7 +110,7 @@ def cli(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
     add_readback_arguments(parser)
     args = parser.parse_args(argv)
-    if args.compare_from or args.markdown_from:
+    if args.compare_from or args.markdown_from or args.passes_from:
         return readback(args)
     return main_run(device=args.device, shapes=args.shapes, dtypes=args.dtypes, modes=args.modes,
                     providers=args.providers, ops=args.ops, out=args.out, rep=args.rep,

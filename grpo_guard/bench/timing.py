@@ -447,6 +447,38 @@ def compare_table(runs: Sequence[tuple], provider: str = "gg-triton") -> str:
     return "\n".join(out)
 
 
+def passes_table(rows: Sequence[Row], copy_gbps: float, providers: Optional[Sequence[str]] = None) -> str:
+    """Markdown table of each op's forward and backward pass apart, from the GPU times (CUDA-graph replay) of its
+    "forward" and "full" rows: the backward is full - forward, its bytes bytes(full) - bytes(forward); GB/s and %
+    of ``copy_gbps`` per pass (``providers``: only these). The forward reads its inputs after the L2 flush, the
+    backward runs right after the forward, so what the forward read may still be in L2 (a backward can exceed 100 %
+    of the HBM copy)."""
+    def key(r):
+        return (r.op, r.shape, r.dtype, r.provider)
+    fwd = {key(r): r for r in rows if r.mode == "forward" and r.graph_ms}
+    out = ["| op | shape | dtype | provider | forward GPU us | forward GB/s | forward % of copy | backward GPU us "
+           "(full - forward) | backward GB/s | backward % of copy |", "|---" * 10 + "|"]
+    for r in rows:
+        f = fwd.get(key(r))
+        if r.mode != "full" or not r.graph_ms or f is None or not (r.bytes_moved and f.bytes_moved) or \
+                (providers is not None and r.provider not in providers):
+            continue
+        b_ms, b_bytes = r.graph_ms - f.graph_ms, r.bytes_moved - f.bytes_moved
+        cells = []
+        for ms, nbytes in ((f.graph_ms, f.bytes_moved), (b_ms, b_bytes)):
+            gbps = nbytes / (ms * 1e-3) / 1e9 if ms > 0 else None
+            cells += [f"{ms * 1e3:.1f}", _fmt(gbps, ".0f"), _fmt(None if gbps is None else 100 * gbps / copy_gbps, ".0f")]
+        out.append(f"| {' | '.join(key(r))} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def read_copy_gbps(path) -> Optional[float]:
+    """The copy bandwidth a CSV written by :func:`write_csv` recorded (None if it has none)."""
+    with Path(path).open(newline="") as fh:
+        first = next(csv.DictReader(fh), None)
+    return float(first["copy_gbps"]) if first and first.get("copy_gbps") else None
+
+
 def read_csv(path) -> List[Row]:
     """Rows back from a CSV written by :func:`write_csv`."""
     names = {f.name: f for f in fields(Row)}
