@@ -7,7 +7,8 @@
 # 1. install (editable, no deps; wheels in .whl/ first, e.g. diffusers, where the machine lacks them)
 # 2. build the CUDA extension in place (background) while the op tests run on the GPU (triton + torch backends)
 # 3. the op tests again for the cuda backend, and tests/test_cuda_backend.py
-# 4. op benchmarks (eager, gg-torch, gg-triton, gg-cuda; every SPEC shape, bf16 + fp32) -> results.csv
+# 4. op benchmarks (eager, gg-torch, gg-triton, gg-cuda; every SPEC shape, bf16 + fp32) -> results.csv, and the
+#    fused providers' forward and backward passes apart (--passes-from) -> passes.md
 # 5. trainer step of an SD3.5-M-sized transformer, fused vs reference ops -> trainer.json
 #    and the tiny trainer under DeepSpeed ZeRO-2 on the GPU (1 process, bf16, 2 steps + resume; needs deepspeed,
 #    e.g. its wheel and pydantic's in .whl/) -> deepspeed_metrics.jsonl
@@ -168,6 +169,8 @@ step "op benchmarks"
 timeout "$(cap 170)" python3 benchmarks/run_gpu.py --providers eager,gg-torch,gg-triton,gg-cuda --rep 50 \
   --out "$OUT/results.csv" > "$OUT/bench.log" 2>&1
 echo "run_gpu exit status $?"; grep -E "copy bandwidth|x faster|slower|error" "$OUT/bench.log" | head -40
+[ -s "$OUT/results.csv" ] && python3 -m benchmarks.suite --passes-from "$OUT/results.csv" \
+  --provider gg-triton,gg-cuda > "$OUT/passes.md" 2>&1 && grep bfloat16 "$OUT/passes.md"
 fi
 
 if want trainer; then
