@@ -288,7 +288,7 @@ def policy_loss_fwd_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, adv_ptr, old_lp_ptr, p
                            METHOD: tl.constexpr, BETA_DT: tl.constexpr, CHECK: tl.constexpr, ERR_BASE: tl.constexpr,
                            BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr, ITERS: tl.constexpr,
                            CP: tl.constexpr, LOG_CP: tl.constexpr, RB: tl.constexpr, LOG_RB: tl.constexpr,
-                           LEAN: tl.constexpr = False):
+                           LEAN: tl.constexpr = False, ONE_TILE: tl.constexpr = False):
     """The whole forward in one launch. Program p reduces chunk p % C of row p // C (as policy_loss_reduce_kernel
     does: partials of sum u*Delta, sum Delta^2, or sum (x'-mu)^2 for OLD 0), then takes a ticket on its row's
     counter; the last program of a row sums the row's C partials in a fixed order and finishes the row
@@ -299,7 +299,8 @@ def policy_loss_fwd_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, adv_ptr, old_lp_ptr, p
     advantages, old_log_prob); a row that fails gets a NaN loss, log-ratio and gradient and sets its bits.
     LEAN (opt-in, triton_launch.LEAN): the float64 coefficients before the first loads (fewer live registers, so
     the launch's register cap holds without spills); the same values. With CHECK, a row whose sigmas fail gets NaN
-    coefficients (common.row_step_coefficients), as on the torch backend."""
+    coefficients (common.row_step_coefficients), as on the torch backend. With ONE_TILE (B <= RB), the batch finish
+    reads the row buffer once (:func:`_finish_batch`)."""
     pid, row, start, base = chunk_of_program(C, D, BLOCK, ITERS)
     r64 = row.to(tl.int64)  # latent inputs: any stride over the batch dim, each sample contiguous
     bv, bx, bxp, bo = r64 * sv, r64 * sx, r64 * sxp, r64 * so
@@ -336,7 +337,7 @@ def policy_loss_fwd_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, adv_ptr, old_lp_ptr, p
                     ERR_BASE, CP, LOG_CP)
         if last_to_arrive(cnt_ptr + B, B):
             tl.store(cnt_ptr + B, 0)
-            _finish_batch(row_ptr, stats_ptr, loss_ptr, adv_ptr, B, METHOD, RB, LOG_RB)
+            _finish_batch(row_ptr, stats_ptr, loss_ptr, adv_ptr, B, METHOD, RB, LOG_RB, LEAN and ONE_TILE)
 
 
 @triton.jit
@@ -446,12 +447,36 @@ def _finish_row(part_ptr, adv_ptr, old_lp_ptr, row_ptr, stats_ptr, err_ptr, sig_
 
 
 @triton.jit
+def _batch_tile(row_ptr, stats_ptr, adv_ptr, B, rows, rm, METHOD: tl.constexpr):
+    """One tile of rows of the batch finish, loaded from the row buffer and stats (written by other programs: .cg):
+    (per-sample loss, r - 1, clipped, lr^2, dppo's KL, its max candidates, A > 0, A < 0, dropped among A > 0,
+    among A < 0), 0 (-inf for the max) outside ``rm``."""
+    CD: tl.constexpr = row_ptr.dtype.element_ty
+    loss = tl.load(row_ptr + 4 * B + rows, mask=rm, other=0.0, cache_modifier=".cg")
+    exc = tl.load(row_ptr + 5 * B + rows, mask=rm, other=0.0, cache_modifier=".cg")
+    clipped = tl.load(row_ptr + 6 * B + rows, mask=rm, other=0.0, cache_modifier=".cg")
+    lr = tl.load(stats_ptr + 4 + rows, mask=rm, other=0.0, cache_modifier=".cg")
+    kl = tl.zeros_like(loss)
+    kl_max = tl.full(loss.shape, float("-inf"), CD)
+    pos = tl.zeros_like(loss)
+    neg = tl.zeros_like(loss)
+    if METHOD == 4:
+        kl = tl.load(row_ptr + 7 * B + rows, mask=rm, other=0.0, cache_modifier=".cg")
+        kl_max = tl.where(rm, kl, float("-inf"))
+        adv = tl.load(adv_ptr + rows, mask=rm, other=0.0)
+        pos = tl.where(adv > 0, 1.0, 0.0).to(CD)
+        neg = tl.where(adv < 0, 1.0, 0.0).to(CD)
+    return loss, exc, clipped, lr * lr, kl, kl_max, pos, neg, clipped * pos, clipped * neg
+
+
+@triton.jit
 def _finish_batch(row_ptr, stats_ptr, loss_ptr, adv_ptr, B, METHOD: tl.constexpr, RB: tl.constexpr,
-                  LOG_RB: tl.constexpr):
+                  LOG_RB: tl.constexpr, ONE_TILE: tl.constexpr = False):
     """loss = mean_i per-sample loss; stats[0:4] = ratio mean, population std (two passes over r - 1, as
     reference.summarize), clip fraction, approx KL = mean(lr^2)/2; METHOD 4 (dppo): stats[4 + 2B:] = kl_mean,
     kl_max, masked_fraction, masked fraction among A > 0, among A < 0 (reference.kl_stats). Rows RB at a time,
-    fixed-order sums."""
+    fixed-order sums. ONE_TILE (B <= RB; the lean kernels): the second pass over r - 1 reuses the values the first
+    loaded (one dependent round trip to memory fewer; the same sums)."""
     CD: tl.constexpr = loss_ptr.dtype.element_ty
     s_loss = tl.zeros([RB], CD)
     s_exc = tl.zeros([RB], CD)
@@ -463,33 +488,34 @@ def _finish_batch(row_ptr, stats_ptr, loss_ptr, adv_ptr, B, METHOD: tl.constexpr
     s_neg = tl.zeros([RB], CD)
     s_dpos = tl.zeros([RB], CD)
     s_dneg = tl.zeros([RB], CD)
+    kept_exc = tl.zeros([RB], CD)  # ONE_TILE: the (only) tile's r - 1, for the second pass
     for r0 in range(0, B, RB):
         rows = r0 + tl.arange(0, RB)
-        rm = rows < B
-        s_loss += tl.load(row_ptr + 4 * B + rows, mask=rm, other=0.0, cache_modifier=".cg")
-        s_exc += tl.load(row_ptr + 5 * B + rows, mask=rm, other=0.0, cache_modifier=".cg")
-        clipped = tl.load(row_ptr + 6 * B + rows, mask=rm, other=0.0, cache_modifier=".cg")
-        s_clip += clipped
-        lr = tl.load(stats_ptr + 4 + rows, mask=rm, other=0.0, cache_modifier=".cg")
-        s_lr2 += lr * lr
-        if METHOD == 4:
-            kl = tl.load(row_ptr + 7 * B + rows, mask=rm, other=0.0, cache_modifier=".cg")
-            s_kl += kl
-            m_kl = tl.maximum(m_kl, tl.where(rm, kl, float("-inf")))
-            adv = tl.load(adv_ptr + rows, mask=rm, other=0.0)
-            pos = tl.where(adv > 0, 1.0, 0.0).to(CD)
-            neg = tl.where(adv < 0, 1.0, 0.0).to(CD)
-            s_pos += pos
-            s_neg += neg
-            s_dpos += clipped * pos
-            s_dneg += clipped * neg
+        t_loss, t_exc, t_clip, t_lr2, t_kl, t_max, t_pos, t_neg, t_dpos, t_dneg = _batch_tile(
+            row_ptr, stats_ptr, adv_ptr, B, rows, rows < B, METHOD)
+        s_loss += t_loss
+        s_exc += t_exc
+        s_clip += t_clip
+        s_lr2 += t_lr2
+        s_kl += t_kl
+        m_kl = tl.maximum(m_kl, t_max)
+        s_pos += t_pos
+        s_neg += t_neg
+        s_dpos += t_dpos
+        s_dneg += t_dneg
+        kept_exc = t_exc
     mean_exc = tree_sum(s_exc, LOG_RB) / B
     s_dev = tl.zeros([RB], CD)
-    for r0 in range(0, B, RB):
-        rows = r0 + tl.arange(0, RB)
-        rm = rows < B
-        dev = tl.load(row_ptr + 5 * B + rows, mask=rm, other=0.0, cache_modifier=".cg") - mean_exc
+    if ONE_TILE:  # no second read: the values the first pass loaded (the same operations, so the same bits)
+        rm = tl.arange(0, RB) < B
+        dev = kept_exc - mean_exc
         s_dev += tl.where(rm, dev * dev, 0.0)
+    else:
+        for r0 in range(0, B, RB):
+            rows = r0 + tl.arange(0, RB)
+            rm = rows < B
+            dev = tl.load(row_ptr + 5 * B + rows, mask=rm, other=0.0, cache_modifier=".cg") - mean_exc
+            s_dev += tl.where(rm, dev * dev, 0.0)
     tl.store(loss_ptr, tree_sum(s_loss, LOG_RB) / B)
     tl.store(stats_ptr, 1.0 + mean_exc)
     var_exc = tree_sum(s_dev, LOG_RB) / B

@@ -66,7 +66,7 @@ def lean_variants(T):
         BLOCK=FUSED["BLOCK"], ITERS=FUSED["ITERS"], LEAN=True), {}
     yield PL.policy_loss_fwd_kernel, "lean-old2-method4", dict(
         DYNAMICS=0, PER_SAMPLE=True, OLD=2, METHOD=4, BETA_DT=False, CHECK=True, ERR_BASE=2, RB=16, LOG_RB=4,
-        LEAN=True, **fused), {"old_ptr": T}
+        LEAN=True, ONE_TILE=True, **fused), {"old_ptr": T}
     yield PL.policy_loss_bwd_kernel, "lean-old2-delta1", dict(
         OLD=2, NEED_DELTA=True, BLOCK=FUSED["BLOCK"], ITERS=FUSED["ITERS"], LEAN=True), {"old_ptr": T}
 

@@ -369,14 +369,17 @@ def test_unsupported_reason_follows_the_interpreter_setting():
         assert tb.unsupported_reason(torch.device("cpu")) is None
 
 
+@pytest.mark.parametrize("finish_rows", [2, 8], ids=["tiles", "one-tile"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_lean_kernels_give_the_same_bits(small_chunks, monkeypatch, dtype, seed):
+def test_lean_kernels_give_the_same_bits(small_chunks, monkeypatch, dtype, finish_rows, seed):
     """The opt-in lean single-launch kernels (triton_launch.LEAN: coefficients before the loads, the register cap,
-    the hardware bf16 rounding where compiled) return what the default kernels return, bit for bit: rollout,
-    scoring, policy_loss forward and backward, several programs per row and rows per finish tile. (On a CPU the
-    interpreter runs the reordered code; the cap and the hardware rounding apply to compiled kernels only.)"""
+    the hardware bf16 rounding where compiled, the batch finish reading the rows once when they fit one tile) return
+    what the default kernels return, bit for bit: rollout, scoring, policy_loss (guard, dppo) forward, stats and
+    backward, several programs per row, the batch in several tiles of rows or in one. (On a CPU the interpreter runs
+    the reordered code; the cap and the hardware rounding apply to compiled kernels only.)"""
     if not triton_launch.FUSED:
         pytest.skip("the lean variant is the single-launch kernels'")
+    monkeypatch.setattr(triton_launch, "FINISH_ROWS_MAX", finish_rows)
     B = 5
     v, x = latents(B, (10, 100), dtype, DEVICE)
     sig, nxt = sigmas(B)
@@ -391,11 +394,14 @@ def test_lean_kernels_give_the_same_bits(small_chunks, monkeypatch, dtype, seed)
         score = gg.sde_step(vg, x, sig, nxt, prev_sample=roll.prev_sample)
         score.log_prob.sum().backward()
         g_score, vg.grad = vg.grad, None
-        vn = v_new.clone().requires_grad_(True)
-        loss, st = gg.policy_loss(vn, x, roll.prev_sample, sig, nxt, adv, old_model_output=v, clip_range=0.05)
-        loss.backward()
-        runs.append([roll.prev_sample, roll.log_prob, score.log_prob, score.prev_sample_mean, g_score, loss,
-                     st["log_ratio"], vn.grad])
+        run = [roll.prev_sample, roll.log_prob, score.log_prob, score.prev_sample_mean, g_score]
+        for method in ("guard", "dppo"):
+            vn = v_new.clone().requires_grad_(True)
+            loss, st = gg.policy_loss(vn, x, roll.prev_sample, sig, nxt, adv, old_model_output=v, clip_range=0.05,
+                                      method=method, kl_threshold=1e-6)
+            loss.backward()
+            run += [loss, vn.grad] + [st[k] for k in sorted(st)]
+        runs.append(run)
     for a, b in zip(*runs):
         assert a.dtype == b.dtype and torch.equal(a, b)
 

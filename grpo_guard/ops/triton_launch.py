@@ -42,10 +42,11 @@ FINISH_ROWS_MAX = 1024       # rows per tile of the batch finish
 # while the first tile's loads were in flight. Lean: the coefficients before the loads and the forwards capped at
 # LEAN_MAXNREG registers for bf16/fp16 latents (no spills: 8 blocks per SM), and bf16 stores by the hardware's
 # round-to-nearest-even conversion instead of the hand-rolled rounding (3-5 fewer instructions per element; the
-# interpreter, which truncates, keeps the hand-rolled one). Same values by construction, except for a sample whose
-# tensor sigmas fail the device-side checks: its step coefficients are NaN, so all its outputs are NaN as on the torch
-# backend (the default variant makes its log p, loss and gradient NaN, not its x' or mean). It becomes the default
-# only after the GPU test suite passes with it and gpu_check.sh's ab_lean step finds it faster.
+# interpreter, which truncates, keeps the hand-rolled one), and policy_loss's batch finish reads the row buffer once
+# when the batch fits one tile of rows (kernels/policy_loss.py ONE_TILE). Same values by construction, except for a
+# sample whose tensor sigmas fail the device-side checks: its step coefficients are NaN, so all its outputs are NaN as
+# on the torch backend (the default variant makes its log p, loss and gradient NaN, not its x' or mean). It becomes
+# the default only after the GPU test suite passes with it and gpu_check.sh's ab_lean step finds it faster.
 LEAN = os.environ.get("GRPO_GUARD_TRITON_LEAN", "0").strip() == "1"
 LEAN_MAXNREG = 64
 

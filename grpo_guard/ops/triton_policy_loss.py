@@ -82,7 +82,8 @@ def forward(v, x, xp, old: Optional[torch.Tensor], adv, old_lp: Optional[torch.T
                kl_threshold, B, D, g.chunks, n_part, sv, sx, sxp, so,
                DYNAMICS=dyn, PER_SAMPLE=per_sample, OLD=old_kind, METHOD=meth, BETA_DT=guard_weight == "beta_dt",
                CHECK=check, ERR_BASE=errors.POLICY_LOSS, BLOCK=g.block, LOG_BLOCK=g.log_block, ITERS=g.iters,
-               CP=g.cp, LOG_CP=g.log_cp, RB=rb, LOG_RB=log_rb, LEAN=TL.LEAN, num_warps=g.num_warps,
+               CP=g.cp, LOG_CP=g.log_cp, RB=rb, LOG_RB=log_rb, LEAN=TL.LEAN, ONE_TILE=TL.LEAN and rb >= B,
+               num_warps=g.num_warps,
                **TL.forward_options(v, x, xp, *([old] if old_kind == 1 else [])))
         return loss, stats, row
     g = geometry(B, D)
