@@ -138,6 +138,8 @@ template <typename TC>
 __device__ void loss_finish_batch(int64_t B, const gg_schedule& sched, const gg_loss_config& cfg,
                                   const LossOut<TC>& o);
 
+// Kernel 1 in the vector layout. kFused (cnt: B + 1 zeros): the single-launch forward, the last block of each sample
+// finishes it and the block that finishes the last sample finishes the batch (kernel 2's code, no second launch).
 template <typename T, bool kFused>
 __global__ void __launch_bounds__(kBlock)
 loss_chunks_vec(const T* __restrict__ v, const T* __restrict__ x, const T* __restrict__ prev,

@@ -70,7 +70,7 @@ __device__ __forceinline__ void sde_finish_sample(int64_t i, const TC* partial, 
 }
 
 // The vector layout (gg_kernels.h, vec = 1): the same per-element arithmetic in the same order per thread; mean is
-// written only when asked for (a rollout that keeps x' and log p skips a latent-sized TC write). cnt (B zeros) given:
+// written only when asked for (a rollout that keeps x' and log p skips a latent-sized TC write). kFused (cnt: B zeros):
 // the single-launch forward, the last block of each sample finishes it (and block 0 writes the error bits).
 template <typename T, bool kFused>
 __global__ void __launch_bounds__(kBlock)
@@ -121,7 +121,7 @@ sde_forward_chunks_vec(const T* __restrict__ v, const T* __restrict__ x, const T
   if (kFused) {  // the single-launch forward (a template flag: the two-launch kernel keeps its registers)
     if (sched.check && blockIdx.x == 0 && threadIdx.x == 0) err[0] = sde_error_bits(sched, B);
     if (last_of(cnt + pos.sample, nchunks) && threadIdx.x < 32)
-      sde_finish_sample<typename Acc<T>::type, true>(pos.sample, partial, nchunks, D, sched, log_prob, std_dev_t);
+      sde_finish_sample<TC, true>(pos.sample, partial, nchunks, D, sched, log_prob, std_dev_t);
   }
 }
 
