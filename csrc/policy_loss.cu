@@ -131,12 +131,11 @@ __device__ __forceinline__ void policy_terms_vec(int mode, typename Acc<T>::type
 template <typename TC>
 struct LossOut;  // the forward's outputs and its per-sample work buffer (below)
 
-template <typename TC>
-__device__ void loss_finish_sample(int64_t i, const TC* partial, int nchunks, int64_t B, int64_t D,
-                                   const gg_schedule& sched, const gg_loss_config& cfg, const LossOut<TC>& o);
-template <typename TC>
-__device__ void loss_finish_batch(int64_t B, const gg_schedule& sched, const gg_loss_config& cfg,
-                                  const LossOut<TC>& o);
+template <typename TC, bool kCg>
+__device__ void finish_sample(int64_t i, const TC* partial, int nchunks, int64_t B, int64_t D,
+                              const gg_schedule& sched, const gg_loss_config& cfg, const LossOut<TC>& o);
+template <typename TC, bool kCg>
+__device__ void finish_batch(int64_t B, const gg_schedule& sched, const gg_loss_config& cfg, const LossOut<TC>& o);
 
 // Kernel 1 in the vector layout. kFused (cnt: B + 1 zeros): the single-launch forward, the last block of each sample
 // finishes it and the block that finishes the last sample finishes the batch (kernel 2's code, no second launch).
@@ -177,8 +176,8 @@ loss_chunks_vec(const T* __restrict__ v, const T* __restrict__ x, const T* __res
     out[nchunks + pos.chunk] = s2;
   }
   if (kFused && last_of(cnt + pos.sample, nchunks)) {  // the single-launch forward: finish the sample ...
-    if (threadIdx.x < 32) loss_finish_sample(pos.sample, partial, nchunks, B, D, sched, cfg, o);
-    if (last_of(cnt + B, static_cast<int>(B)) && threadIdx.x == 0) loss_finish_batch(B, sched, cfg, o);  // ... batch
+    if (threadIdx.x < 32) finish_sample<TC, true>(pos.sample, partial, nchunks, B, D, sched, cfg, o);
+    if (last_of(cnt + B, static_cast<int>(B)) && threadIdx.x == 0) finish_batch<TC, true>(B, sched, cfg, o);  // batch
   }
 }
 
@@ -272,20 +271,13 @@ struct LossOut {
 // Sample i of kernel 2, by one full warp: its partials summed in sde_step's order (kCg: written by other blocks of
 // this launch), then finalize_sample by lane 0.
 template <typename TC, bool kCg>
-__device__ __forceinline__ void finish_sample(int64_t i, const TC* partial, int nchunks, int64_t B, int64_t D,
-                                              const gg_schedule& sched, const gg_loss_config& cfg,
-                                              const LossOut<TC>& o) {
+__device__ void finish_sample(int64_t i, const TC* partial, int nchunks, int64_t B, int64_t D,
+                              const gg_schedule& sched, const gg_loss_config& cfg, const LossOut<TC>& o) {
   const TC* p = partial + i * 2 * nchunks;
   const TC s1 = warp_sum_partials<TC, kCg>(p, nchunks);
   const TC s2 = cfg.old_mode == GG_OLD_LOGP ? TC(0) : warp_sum_partials<TC, kCg>(p + nchunks, nchunks);
   if ((threadIdx.x & 31) == 0)
     finalize_sample(i, s1, s2, D, B, sched, cfg, o.adv, o.old_logp, o.log_ratio, o.bias, o.coefs, o.work);
-}
-
-template <typename TC>
-__device__ void loss_finish_sample(int64_t i, const TC* partial, int nchunks, int64_t B, int64_t D,
-                                   const gg_schedule& sched, const gg_loss_config& cfg, const LossOut<TC>& o) {
-  finish_sample<TC, true>(i, partial, nchunks, B, D, sched, cfg, o);
 }
 
 // The batch part of kernel 2, by one thread, in sample order: the error bits; loss = mean per-sample loss; stats =
@@ -346,12 +338,6 @@ __device__ void finish_batch(int64_t B, const gg_schedule& sched, const gg_loss_
     stats[7] = d_pos / fmax(n_pos, TC(1));
     stats[8] = d_neg / fmax(n_neg, TC(1));
   }
-}
-
-template <typename TC>
-__device__ void loss_finish_batch(int64_t B, const gg_schedule& sched, const gg_loss_config& cfg,
-                                  const LossOut<TC>& o) {
-  finish_batch<TC, true>(B, sched, cfg, o);
 }
 
 // Kernel 2, one block: warps take samples (sums in sde_step's order), then thread 0 finishes the batch.

@@ -299,8 +299,8 @@ def policy_loss_fwd_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, adv_ptr, old_lp_ptr, p
     advantages, old_log_prob); a row that fails gets a NaN loss, log-ratio and gradient and sets its bits.
     LEAN (opt-in, triton_launch.LEAN): the float64 coefficients before the first loads (fewer live registers, so
     the launch's register cap holds without spills); the same values. With CHECK, a row whose sigmas fail gets NaN
-    coefficients (common.row_step_coefficients), as on the torch backend. With ONE_TILE (B <= RB), the batch finish
-    reads the row buffer once (:func:`_finish_batch`)."""
+    coefficients (common.row_step_coefficients), as on the torch backend. ONE_TILE (B <= RB; the launch sets it with
+    LEAN only): the batch finish reads the row buffer once (:func:`_finish_batch`)."""
     pid, row, start, base = chunk_of_program(C, D, BLOCK, ITERS)
     r64 = row.to(tl.int64)  # latent inputs: any stride over the batch dim, each sample contiguous
     bv, bx, bxp, bo = r64 * sv, r64 * sx, r64 * sxp, r64 * so
@@ -337,7 +337,7 @@ def policy_loss_fwd_kernel(v_ptr, x_ptr, xp_ptr, old_ptr, adv_ptr, old_lp_ptr, p
                     ERR_BASE, CP, LOG_CP)
         if last_to_arrive(cnt_ptr + B, B):
             tl.store(cnt_ptr + B, 0)
-            _finish_batch(row_ptr, stats_ptr, loss_ptr, adv_ptr, B, METHOD, RB, LOG_RB, LEAN and ONE_TILE)
+            _finish_batch(row_ptr, stats_ptr, loss_ptr, adv_ptr, B, METHOD, RB, LOG_RB, ONE_TILE)
 
 
 @triton.jit
