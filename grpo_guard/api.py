@@ -1,7 +1,6 @@
 """The public functional API: validate, dispatch to a backend, return. No formula lives here."""
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -105,7 +104,9 @@ def group_advantages(rewards: torch.Tensor, group_ids: Union[torch.Tensor, Seque
         bad = torch.nonzero(~torch.isfinite(rewards)).flatten().tolist()
         raise ValueError(f"rewards has non-finite values at indices {bad}")
     if mode == "device":
-        errors.flag(errors.GROUP_ADVANTAGES, [rewards.abs() < math.inf], rewards.device)  # NaN, inf fail
+        host = errors.host_values({"rewards": rewards})  # CPU: read in place; torch ops only if one failed
+        if host is None or not errors.finite(host["rewards"]).all():
+            errors.flag(errors.GROUP_ADVANTAGES, [errors.finite(rewards)], rewards.device)
     if not isinstance(group_ids, torch.Tensor):
         index = {}
         ids = torch.tensor([index.setdefault(g, len(index)) for g in group_ids])

@@ -5,7 +5,8 @@ device tensors and the default ``validate=True``. Bad values still fail loudly: 
 
 On CPU a dispatch mode records the ops that would synchronize a GPU (``aten._local_scalar_dense`` for ``.item()``
 / ``bool()``, ``nonzero``, ``unique``, copies to the host, ...), with the Triton interpreter's own host work
-hidden; on a GPU ``torch.cuda.set_sync_debug_mode("error")`` makes any synchronization raise.
+hidden; on a GPU ``torch.cuda.set_sync_debug_mode("error")`` makes any synchronization raise. The torch-op checks
+(torch and cuda backends) run both ways on a CPU: as on a GPU, and with the CPU's host reads (``host_reads``).
 """
 import pytest
 import torch
@@ -32,6 +33,17 @@ def kernels(request, monkeypatch):
         return
     hide_kernel_host_work(monkeypatch, (SDE, PL))
     yield request.param
+
+
+@pytest.fixture(autouse=True, params=["device", "host"])
+def host_reads(request, bk, monkeypatch):
+    """How the torch-op checks (torch and cuda backends) take CPU tensors. "device": with torch ops, the path a GPU
+    takes (the one the no-sync log must see). "host": the CPU default (errors.HOST_READS_ON_CPU): values read in
+    place, the torch ops only when one fails; the same NaNs and error bits are expected."""
+    if request.param == "host" and (bk[1].type != "cpu" or bk[0] == "triton"):
+        pytest.skip("host reads are the CPU's torch-op checks (the Triton kernels check in the launch)")
+    monkeypatch.setattr(errors, "HOST_READS_ON_CPU", request.param == "host")
+    return request.param
 
 
 @pytest.fixture(autouse=True)
@@ -254,3 +266,45 @@ def test_device_sigma_checks_at_their_edges(bk, kernels, seed, case, lean):
     assert sorted(r for r in (SIGMA_RULE, NEXT_RULE, CPS_RULE) if any(r in line for line in named)) == \
         sorted(rules), named
     assert all(line.strip().startswith("policy_loss:") for line in named)
+
+
+def test_cpu_host_reads_skip_the_check_ops_when_every_value_passes(bk, host_reads, seed):
+    """On a CPU the checks read plain CPU tensors in place (numpy views) and dispatch no torch op but a detach
+    when every value passes; a failing value or a dtype numpy lacks (bfloat16) takes the torch ops."""
+    if host_reads != "host" or bk[0] != "torch":
+        pytest.skip("the host-read test runs once")
+    from grpo_guard.ops import requests
+    B = 4
+    v, x = latents(B, (4, 8), torch.float32, torch.device("cpu"))
+    sig, nxt = schedule(B, "cpu")
+    adv, olp = torch.randn(B), torch.randn(B)
+    kw = dict(old_log_prob=olp, old_prev_sample_mean=None, old_model_output=v, noise_level=0.7, dynamics="cps",
+              method="guard", clip_range=1e-4, adv_clip_max=5.0, guard_weight="dt", validate=True)
+
+    def ops_of(req):
+        with OpLog() as log:
+            out, code = requests.checked(req)
+        return out, code, log.ops
+
+    sde = requests.sde_request(v, x, sig, nxt, noise_level=0.7, dynamics="flow", prev_sample=x, generator=None,
+                               noise=None, validate=True)
+    loss = requests.loss_request(v, x, x, sig, nxt, adv, **kw)
+    for req in (sde, loss):
+        out, code, ops = ops_of(req)
+        assert out is req and code is None and set(ops) <= {"aten.detach"}, ops
+    errors.HOST_READS_ON_CPU = False  # (restored by the fixture's monkeypatch) as on a GPU: torch ops
+    assert "aten.where" in ops_of(sde)[2]
+    errors.HOST_READS_ON_CPU = True
+    bad = [("sigma", 1, 1.5), ("sigma_next", 2, 0.0), ("advantages", 0, float("inf")),
+           ("old_log_prob", 3, float("nan"))]  # sigma_next = 0: the cps rule of a normalized ratio
+    for name, i, value in bad:
+        t = getattr(loss, name).clone()
+        t[i] = value
+        req = requests.loss_request(v, x, x, *(t if n == name else getattr(loss, n)
+                                               for n in ("sigma", "sigma_next", "advantages")), **{
+            **kw, "old_log_prob": t if name == "old_log_prob" else olp})
+        out, code, ops = ops_of(req)
+        assert "aten.where" in ops and int(code) != 0, name
+        assert not torch.isfinite(getattr(out, "sigma" if name == "sigma_next" else name)[i]), name
+    _, code, ops = ops_of(requests.loss_request(v, x, x, sig, nxt, adv.bfloat16(), **kw))
+    assert "aten.where" in ops and int(code) == 0  # bfloat16: no numpy view, checked with torch ops

@@ -10,9 +10,15 @@ the op, the argument and the rule. ``validate="sync"`` checks those values synch
 
 The Triton kernels set the bits themselves, in the program that finishes each row (no extra launch); the torch
 and cuda backends set them with a few elementwise torch ops (:func:`failed`). Bit layout: ``BITS``, one place.
+
+On a CPU there is no device queue to wait for: the values of plain CPU tensors are read in place on the host
+(:func:`host_values`, numpy views, no copy) and the torch ops run only when a value fails, so a valid call costs
+a few numpy comparisons instead of 6-21 torch ops (``HOST_READS_ON_CPU``; never under torch.compile). The rules
+are written once and applied to either (``requests.per_sample_oks``).
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Tuple
 
 import torch
@@ -37,6 +43,11 @@ POLICY_LOSS = 2   # bit offset of policy_loss's checks
 GROUP_ADVANTAGES = 7
 
 VALIDATE_MODES = (True, False, "sync")
+
+#: CPU tensors: check per-sample values on the host first (:func:`host_values`). False: always the torch ops, as
+#: on a GPU (the no-sync tests set it, to see on a CPU the path a GPU takes).
+HOST_READS_ON_CPU = True
+_NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
 
 
 class InvalidInputError(ValueError):
@@ -92,6 +103,23 @@ def flag(offset: int, oks, device) -> None:
     code = failed(offset, oks)
     if code is not None:
         record(code, device)
+
+
+def finite(t):
+    """True where a value is finite (NaN and +-inf fail): a tensor, or a numpy array read on the host."""
+    return abs(t) < math.inf
+
+
+def host_values(tensors: Dict[str, torch.Tensor]):
+    """``{name: numpy view}`` of ``tensors`` when their values can be read on the host at no cost: plain CPU tensors
+    (no subclass, e.g. no FakeTensor) of a dtype numpy has, ``HOST_READS_ON_CPU`` set and not under torch.compile.
+    Else None (check them with torch ops). No copy: a view shares the tensor's memory."""
+    if not HOST_READS_ON_CPU or torch.compiler.is_compiling():
+        return None
+    for t in tensors.values():
+        if type(t) is not torch.Tensor or t.device.type != "cpu" or t.dtype not in _NUMPY_DTYPES or t.requires_grad:
+            return None
+    return {name: t.numpy() for name, t in tensors.items()}
 
 
 def messages(value: int) -> List[str]:

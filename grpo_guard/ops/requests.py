@@ -294,33 +294,56 @@ def loss_request(model_output, sample, prev_sample, sigma, sigma_next, advantage
                        check=mode == "device", kl_threshold=tau)
 
 
+def per_sample_oks(req, values):
+    """The rules for ``req``'s per-sample values (SPEC §2; errors.CHECKS), one entry per error bit from the op's
+    offset, True where a sample passes (None: not checked). ``values`` maps the argument names to the values: the
+    tensors (device checks) or numpy views of them (errors.host_values): the same comparisons for both."""
+    oks = [None, None, None]
+    if isinstance(req.sigma, torch.Tensor):
+        sig, nxt = values["sigma"], values["sigma_next"]
+        oks[0] = (sig > 0) & (sig <= 1)
+        oks[1] = (nxt >= 0) & (nxt < sig)  # NaN and +inf fail
+        if isinstance(req, LossRequest) and req.dynamics == "cps" and req.method in DIVIDES_BY_STD:
+            oks[2] = nxt != 0
+    if isinstance(req, SDERequest):
+        return oks[:2]
+    for name in ("advantages", "old_log_prob"):
+        oks.append(None if getattr(req, name) is None else errors.finite(values[name]))
+    return oks
+
+
+def _checked_values(req):
+    names = ("sigma", "sigma_next") if isinstance(req.sigma, torch.Tensor) else ()
+    if isinstance(req, LossRequest):
+        names += tuple(n for n in ("advantages", "old_log_prob") if getattr(req, n) is not None)
+    return {n: getattr(req, n) for n in names}
+
+
 def checked(req):
     """The device-side checks of ``req`` (validate=True) with torch ops, for the backends whose kernels do not make
     them (torch, cuda): -> (req', code). ``req'`` has NaN in place of every per-sample value that failed (sigmas,
     advantages, old log-probs), so the computation itself makes that sample's outputs NaN; ``code`` is the
-    error-word bits (:func:`errors.failed`, an integer tensor of shape ()) or None when nothing is checked. No
-    host synchronization, nothing recorded (:func:`record_checked` records)."""
+    error-word bits (:func:`errors.failed`, an integer tensor of shape ()) or None when nothing is checked (or, for
+    CPU tensors read on the host, nothing failed). No host synchronization, nothing recorded
+    (:func:`record_checked` records)."""
     if not req.check:
         return req, None
-    changes, oks = {}, [None, None, None]
-    if isinstance(req.sigma, torch.Tensor):
-        sig, nxt = req.sigma, req.sigma_next
-        oks[0] = (sig > 0) & (sig <= 1)
-        oks[1] = (nxt >= 0) & (nxt < sig)  # NaN and +inf fail
+    values = _checked_values(req)
+    host = errors.host_values(values)
+    if host is not None and all(ok is None or ok.all() for ok in per_sample_oks(req, host)):
+        return req, None
+    oks = per_sample_oks(req, values)
+    changes = {}
+    if oks[0] is not None:  # tensor sigmas: NaN where a sigma rule fails (every output of that sample is NaN)
         ok = oks[0] & oks[1]
-        if isinstance(req, LossRequest) and req.dynamics == "cps" and req.method in DIVIDES_BY_STD:
-            oks[2] = nxt != 0
+        if len(oks) > 2 and oks[2] is not None:
             ok = ok & oks[2]
-        changes["sigma"] = torch.where(ok, sig, math.nan)
+        changes["sigma"] = torch.where(ok, req.sigma, math.nan)
     if isinstance(req, SDERequest):
-        return _replace(req, changes), errors.failed(errors.SDE_STEP, oks[:2])
-    for name in ("advantages", "old_log_prob"):
-        t = getattr(req, name)
-        ok = None
-        if t is not None:
-            ok = t.abs() < math.inf  # NaN and +-inf fail
-            changes[name] = torch.where(ok, t, math.nan)  # inf -> NaN: the advantage clamp would keep inf finite
-        oks.append(ok)
+        return _replace(req, changes), errors.failed(errors.SDE_STEP, oks)
+    for name, ok in zip(("advantages", "old_log_prob"), oks[3:]):
+        if ok is not None:  # inf -> NaN: the advantage clamp would keep inf finite
+            changes[name] = torch.where(ok, getattr(req, name), math.nan)
     return _replace(req, changes), errors.failed(errors.POLICY_LOSS, oks)
 
 
