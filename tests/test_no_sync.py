@@ -308,3 +308,32 @@ def test_cpu_host_reads_skip_the_check_ops_when_every_value_passes(bk, host_read
         assert not torch.isfinite(getattr(out, "sigma" if name == "sigma_next" else name)[i]), name
     _, code, ops = ops_of(requests.loss_request(v, x, x, sig, nxt, adv.bfloat16(), **kw))
     assert "aten.where" in ops and int(code) == 0  # bfloat16: no numpy view, checked with torch ops
+
+
+def test_cpu_host_reads_leave_transformed_and_fake_tensors_to_the_torch_ops(bk, host_reads):
+    """errors.host_values reads only plain CPU tensors: under vmap, grad, functionalize, fake tensors or compile the
+    values are not (or not yet) in the tensor's memory, so the checks take the torch ops."""
+    if host_reads != "host" or bk[0] != "torch":
+        pytest.skip("the host-read test runs once")
+    plain = torch.tensor([0.5, 0.25], dtype=torch.float64)
+    assert errors.host_values({"s": plain})["s"].tolist() == [0.5, 0.25]
+    seen = []
+
+    def probe(t):
+        seen.append(errors.host_values({"s": t}))
+        return t * 2
+
+    torch.vmap(probe)(plain.reshape(2, 1))
+    torch.func.functionalize(probe)(plain)
+    torch.func.grad(lambda t: probe(t).sum())(plain)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        probe(mode.from_tensor(plain))
+    torch.compile(probe, backend="eager", fullgraph=True)(plain)
+    assert seen == [None] * 5
+
+    class Sub(torch.Tensor):  # a subclass may define its own values (__torch_function__): not read on the host
+        pass
+
+    assert errors.host_values({"s": plain.as_subclass(Sub)}) is None
+    assert errors.host_values({"s": plain.bfloat16()}) is None and errors.host_values({"s": plain.to("meta")}) is None

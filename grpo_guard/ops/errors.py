@@ -112,14 +112,19 @@ def finite(t):
 
 def host_values(tensors: Dict[str, torch.Tensor]):
     """``{name: numpy view}`` of ``tensors`` when their values can be read on the host at no cost: plain CPU tensors
-    (no subclass, e.g. no FakeTensor) of a dtype numpy has, ``HOST_READS_ON_CPU`` set and not under torch.compile.
-    Else None (check them with torch ops). No copy: a view shares the tensor's memory."""
+    (no subclass such as FakeTensor, no torch.func wrapper of vmap / grad / functionalize) of a dtype numpy has,
+    ``HOST_READS_ON_CPU`` set and not under torch.compile. Else None (check them with torch ops). No copy: a view
+    shares the tensor's memory."""
     if not HOST_READS_ON_CPU or torch.compiler.is_compiling():
         return None
     for t in tensors.values():
-        if type(t) is not torch.Tensor or t.device.type != "cpu" or t.dtype not in _NUMPY_DTYPES or t.requires_grad:
+        if (type(t) is not torch.Tensor or t.device.type != "cpu" or t.dtype not in _NUMPY_DTYPES
+                or t.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(t)):
             return None
-    return {name: t.numpy() for name, t in tensors.items()}
+    try:
+        return {name: t.numpy() for name, t in tensors.items()}
+    except (RuntimeError, TypeError):  # a tensor numpy cannot view (e.g. one with a negative bit): torch ops
+        return None
 
 
 def messages(value: int) -> List[str]:
