@@ -273,3 +273,21 @@ def test_host_overhead_against_an_older_checkout(tmp_path, capsys):
     with pytest.raises(RuntimeError, match="has no grpo_guard package"):
         main(["--against", str(tmp_path / "empty"), "--rounds", "1", "--rep", "1", "--backends", "torch",
               "--device", "cpu", "--csv-pair", str(before), str(after)])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its interpreter)")
+def test_host_overhead_no_launch_times_the_triton_wrapper(tmp_path):
+    """``--no-launch`` (CPU, TRITON_INTERPRET=1): the triton backend's wrapper with every kernel launch a no-op,
+    labelled triton-nolaunch; without the interpreter setting it refuses (the kernels would be compiled ones)."""
+    out = tmp_path / "h.csv"
+    argv = [sys.executable, "-m", "grpo_guard.bench.host_overhead", "--device", "cpu", "--backends", "triton",
+            "--no-launch", "--rep", "2", "--csv", str(out)]
+    proc = subprocess.run(argv, cwd=tmp_path, env=_clean_env(TRITON_INTERPRET="1"), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with open(out, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 8 and all(r["backend"] == "triton-nolaunch" and float(r["host_us"]) > 0 for r in rows)
+    env = {k: v for k, v in _clean_env().items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "TRITON_INTERPRET=1" in proc.stderr

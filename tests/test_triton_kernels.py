@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 import grpo_guard as gg  # noqa: E402
 from grpo_guard import dispatch  # noqa: E402
@@ -291,7 +291,8 @@ def _torch_ops():
     return Log()
 
 
-HOST_OK = {"aten.empty", "aten.slice", "aten.select", "aten.detach", "aten.alias"}  # allocation and views
+HOST_OK = {"aten.empty", "aten.slice", "aten.select", "aten.split_with_sizes", "aten.unbind", "aten.detach",
+           "aten.alias"}  # allocation and views
 
 
 
@@ -336,6 +337,15 @@ def test_sde_step_launches_and_host_work(monkeypatch, rollout, seed):
         torch.autograd.backward([out.log_prob, out.prev_sample_mean], grads)
     assert forward == (1 if triton_launch.FUSED else 2) and launches.count == forward + 1
     assert set(log.ops) <= HOST_OK, sorted(set(log.ops) - HOST_OK)
+
+
+def test_host_integer_helpers_match_triton():
+    """The launch geometry's plain-Python cdiv / next_power_of_2 (triton's are constexpr functions that cost
+    microseconds per host call) give triton's values."""
+    for n in [*range(1, 5000), 2 ** 20 - 1, 2 ** 20, 2 ** 20 + 1, 70_000_001]:
+        assert triton_launch.next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 3, 16, 1024, 2048 * 7):
+            assert triton_launch.cdiv(n, d) == triton.cdiv(n, d), (n, d)
 
 
 def test_geometry_covers_each_sample_and_ignores_batch(monkeypatch):

@@ -10,6 +10,10 @@ host synchronization). Sigmas as Python floats and as float64 device tensors; fo
     python -m grpo_guard.bench.host_overhead --against OLD_CHECKOUT --rounds 5 --csv-pair before.csv after.csv
         # an older checkout and this one, run alternately (each round one run of each, in fresh processes); per
         # case the minimum over all rounds: a shared machine's slow phases hit both alike
+    TRITON_INTERPRET=1 python -m grpo_guard.bench.host_overhead --device cpu --backends triton --no-launch
+        # the Triton wrapper's own host work on a CPU (backend "triton-nolaunch"): every kernel launch is a no-op,
+        # so what is timed is the Python of the wrapper (checks, geometry, allocations, autograd), not Triton's
+        # launcher nor a kernel; with --against too
 
 (``grpo-guard bench host_overhead ...``, and from a checkout ``python benchmarks/host_overhead.py ...``, the same.)
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 import time
 from pathlib import Path
@@ -49,6 +54,22 @@ def per_call_us(fn, device, rep, repeats=7):
         best = min(best, (time.perf_counter() - t0) / rep * 1e6)
     _sync(device)
     return best
+
+
+class _NoLaunch:
+    """A Triton kernel stand-in whose launch ``kernel[grid](...)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def stub_launches() -> None:
+    """Replace every ``*_kernel`` of grpo_guard.kernels' sde_step and policy_loss modules (the wrappers launch them
+    through the module) by :class:`_NoLaunch`: outputs stay uninitialized, the wrapper's host work is all that runs."""
+    from grpo_guard.kernels import policy_loss, sde_step
+    for mod in (sde_step, policy_loss):
+        for name in [n for n in dir(mod) if n.endswith("_kernel")]:
+            setattr(mod, name, _NoLaunch())
 
 
 def cases(device):
@@ -115,7 +136,6 @@ def against(checkout: str, rounds: int, before_csv: str, after_csv: str, extra) 
     processes; write each side's per-case minimum over the rounds. Each side's package (kernels included) is
     copied to a folder of its own, first on PYTHONPATH; both run a copy of this file (it needs only the API every
     version has); each child prints where its grpo_guard and its kernels came from, checked here."""
-    import os
     import shutil
     import subprocess
     import tempfile
@@ -196,12 +216,17 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="with --against")
     p.add_argument("--csv-pair", nargs=2, metavar=("BEFORE", "AFTER"), help="with --against: the two CSVs")
     p.add_argument("--where", action="store_true", help="print where grpo_guard was imported from")
+    p.add_argument("--no-launch", action="store_true",
+                   help="CPU, TRITON_INTERPRET=1: time the triton backend's wrapper with every launch a no-op")
     args = p.parse_args(argv)
+    if args.no_launch and (args.device != "cpu" or os.environ.get("TRITON_INTERPRET") != "1"):
+        p.error("--no-launch times the Triton wrapper on a CPU: use --device cpu with TRITON_INTERPRET=1 set")
     if args.against:
         if not args.csv_pair:
             p.error("--against needs --csv-pair BEFORE AFTER")
         extra = ["--device", args.device, "--rep", str(args.rep)] + (["--backends", args.backends] if args.backends
-                                                                      else [])
+                                                                      else []) + (["--no-launch"] if args.no_launch
+                                                                                  else [])
         against(args.against, args.rounds, *args.csv_pair, extra)
         return 0
     if args.table:
@@ -214,7 +239,9 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         torch.set_num_threads(1)
     backends = args.backends.split(",") if args.backends else gg.available_backends(device)
-    if device.type == "cpu":
+    if args.no_launch:
+        stub_launches()
+    elif device.type == "cpu":
         backends = [b for b in backends if b != "triton"]  # the interpreter is not a timing target
     rows = []
     print(f"grpo_guard {gg.__version__}  torch {torch.__version__}  device {device}  rep {args.rep}")
@@ -235,8 +262,9 @@ def main(argv=None) -> int:
                         profile(fn, device, args.rep)
                     continue
                 us = per_call_us(fn, device, args.rep)
-                rows.append({"backend": name, "op": op, "sigmas": sigmas, "host_us": f"{us:.1f}"})
-                print(f"{name:<8} {op:<24} {sigmas:<7} {us:>12.1f}", flush=True)
+                label = f"{name}-nolaunch" if args.no_launch and name == "triton" else name
+                rows.append({"backend": label, "op": op, "sigmas": sigmas, "host_us": f"{us:.1f}"})
+                print(f"{label:<8} {op:<24} {sigmas:<7} {us:>12.1f}", flush=True)
     if args.csv and rows:
         _write(args.csv, rows)
     return 0

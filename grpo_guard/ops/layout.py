@@ -15,6 +15,8 @@ def flat(t: torch.Tensor) -> torch.Tensor:
 
 def samples_contiguous(t: torch.Tensor) -> bool:
     """True if every sample t[i] is contiguous (any stride over the batch dim)."""
+    if t.is_contiguous():
+        return True
     expected = 1
     for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
         if size != 1 and stride != expected:
@@ -28,7 +30,7 @@ def batch_strided(t: torch.Tensor):
     layout is copied to a contiguous tensor first."""
     if not samples_contiguous(t):
         t = t.contiguous()
-    return t, (t.stride(0) if t.shape[0] > 1 else t[0].numel())
+    return t, (t.stride(0) if t.shape[0] > 1 else t.numel())
 
 
 def n_stats(B: int, method: str) -> int:
@@ -39,10 +41,12 @@ def n_stats(B: int, method: str) -> int:
 
 def stats_dict(stats: torch.Tensor, B: int, has_bias: bool, method: str):
     """The stats dict of reference.policy_loss, as views of the packed (:func:`n_stats`,) buffer."""
-    out = {"ratio_mean": stats[0], "ratio_std": stats[1], "clipfrac": stats[2], "approx_kl": stats[3],
-           "log_ratio": stats[4:4 + B]}
+    extra = len(ref.DPPO_STATS) if method == "dppo" else 0
+    head, log_ratio, bias, tail = stats.split_with_sizes([4, B, B, extra])  # two ops for all the views
+    out = dict(zip(("ratio_mean", "ratio_std", "clipfrac", "approx_kl"), head.unbind()))
+    out["log_ratio"] = log_ratio
     if has_bias:
-        out["bias"] = stats[4 + B:4 + 2 * B]
-    if method == "dppo":
-        out.update({k: stats[4 + 2 * B + i] for i, k in enumerate(ref.DPPO_STATS)})
+        out["bias"] = bias
+    if extra:
+        out.update(zip(ref.DPPO_STATS, tail.unbind()))
     return out

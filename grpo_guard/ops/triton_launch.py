@@ -70,6 +70,16 @@ def interpreted() -> bool:
     return not isinstance(_k.sde_step_reduce_kernel, triton.runtime.jit.JITFunction)
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints (triton.cdiv without its constexpr wrapper, which costs microseconds per host call)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of 2 >= n, for n >= 1 (as triton.next_power_of_2, in plain Python)."""
+    return 1 << (n - 1).bit_length()
+
+
 class Geometry(NamedTuple):
     block: int       # BLOCK (power of 2)
     log_block: int
@@ -85,17 +95,17 @@ def geometry(B: int, D: int) -> Geometry:
     """Grid of the latent-sized kernels: B*C programs, each BLOCK*ITERS elements of one sample.
     Depends on D only (B only sets the finish kernels' tile height, which does not change any sum)."""
     if interpreted():
-        block = max(16, min(triton.next_power_of_2(D), INTERPRETED_BLOCK))
+        block = max(16, min(next_power_of_2(D), INTERPRETED_BLOCK))
         iters = 1
     else:
         block = COMPILED_BLOCK
         # enough programs in flight to cover memory latency, each a few BLOCKs long
         iters = min(MAX_ITERS, max(1, D // (block * MIN_PROGRAMS)))
-    iters = max(iters, triton.cdiv(D, block * MAX_CHUNKS))
-    chunks = triton.cdiv(D, block * iters)
-    cp = triton.next_power_of_2(chunks)
+    iters = max(iters, cdiv(D, block * MAX_CHUNKS))
+    chunks = cdiv(D, block * iters)
+    cp = next_power_of_2(chunks)
     # finish tiles of rows x cp partials: at most one row per thread (the per-row float64 math is long)
-    rows = max(1, min(triton.next_power_of_2(B), max(4, 512 // cp)))
+    rows = max(1, min(next_power_of_2(B), max(4, 512 // cp)))
     return Geometry(block, block.bit_length() - 1, iters, chunks, cp, cp.bit_length() - 1, rows,
                     4 if interpreted() else COMPILED_WARPS)
 
@@ -123,22 +133,22 @@ def fused_geometry(D: int) -> FusedGeometry:
     D alone (and of interpreter vs compiled): a sample's sums never depend on its batch, and sde_step and
     policy_loss sum the same sample the same way (the on-policy log-ratio is exactly 0)."""
     if interpreted():
-        block = max(16, min(triton.next_power_of_2(D), INTERPRETED_BLOCK))
+        block = max(16, min(next_power_of_2(D), INTERPRETED_BLOCK))
         warps = 4
     else:
-        block = triton.next_power_of_2(triton.cdiv(D, FUSED_MIN_PROGRAMS))
+        block = next_power_of_2(cdiv(D, FUSED_MIN_PROGRAMS))
         block = min(FUSED_BLOCK_MAX, max(FUSED_BLOCK_MIN, block))
         warps = min(16, max(1, block // (32 * FUSED_ELEMS_PER_THREAD)))
-    iters = triton.next_power_of_2(triton.cdiv(D, block * FUSED_MAX_CHUNKS))
-    chunks = triton.cdiv(D, block * iters)
-    cp = triton.next_power_of_2(chunks)
+    iters = next_power_of_2(cdiv(D, block * FUSED_MAX_CHUNKS))
+    chunks = cdiv(D, block * iters)
+    cp = next_power_of_2(chunks)
     return FusedGeometry(block, block.bit_length() - 1, iters, chunks, cp, cp.bit_length() - 1, warps)
 
 
 def finish_rows(B: int):
     """(RB, log2 RB): rows per tile of the batch finish, the next power of 2 of B (one tile) up to
     FINISH_ROWS_MAX."""
-    rb = min(triton.next_power_of_2(B), FINISH_ROWS_MAX)
+    rb = min(next_power_of_2(B), FINISH_ROWS_MAX)
     return rb, rb.bit_length() - 1
 
 
