@@ -19,6 +19,7 @@ are written once and applied to either (``requests.per_sample_oks``).
 from __future__ import annotations
 
 import math
+import sys
 from typing import Dict, List, Tuple
 
 import torch
@@ -110,12 +111,21 @@ def finite(t):
     return abs(t) < math.inf
 
 
+def _tracing() -> bool:
+    """A graph is being recorded from real tensors (make_fx, torch.jit.trace): a host decision would be baked into
+    it, so the checks must be ops of the graph."""
+    if torch.jit.is_tracing():
+        return True
+    proxy = sys.modules.get("torch.fx.experimental.proxy_tensor")  # not imported: nothing traces with it
+    return proxy is not None and proxy.get_proxy_mode() is not None
+
+
 def host_values(tensors: Dict[str, torch.Tensor]):
     """``{name: numpy view}`` of ``tensors`` when their values can be read on the host at no cost: plain CPU tensors
     (no subclass such as FakeTensor, no torch.func wrapper of vmap / grad / functionalize) of a dtype numpy has,
-    ``HOST_READS_ON_CPU`` set and not under torch.compile. Else None (check them with torch ops). No copy: a view
-    shares the tensor's memory."""
-    if not HOST_READS_ON_CPU or torch.compiler.is_compiling():
+    ``HOST_READS_ON_CPU`` set, not under torch.compile nor while make_fx / torch.jit.trace record a graph. Else None
+    (check them with torch ops). No copy: a view shares the tensor's memory."""
+    if not HOST_READS_ON_CPU or torch.compiler.is_compiling() or _tracing():
         return None
     for t in tensors.values():
         if (type(t) is not torch.Tensor or t.device.type != "cpu" or t.dtype not in _NUMPY_DTYPES
