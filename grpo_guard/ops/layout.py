@@ -41,12 +41,10 @@ def n_stats(B: int, method: str) -> int:
 
 def stats_dict(stats: torch.Tensor, B: int, has_bias: bool, method: str):
     """The stats dict of reference.policy_loss, as views of the packed (:func:`n_stats`,) buffer."""
-    extra = len(ref.DPPO_STATS) if method == "dppo" else 0
-    head, log_ratio, bias, tail = stats.split_with_sizes([4, B, B, extra])  # two ops for all the views
-    out = dict(zip(("ratio_mean", "ratio_std", "clipfrac", "approx_kl"), head.unbind()))
-    out["log_ratio"] = log_ratio
+    out = {"ratio_mean": stats[0], "ratio_std": stats[1], "clipfrac": stats[2], "approx_kl": stats[3],
+           "log_ratio": stats[4:4 + B]}
     if has_bias:
-        out["bias"] = bias
-    if extra:
-        out.update(zip(ref.DPPO_STATS, tail.unbind()))
+        out["bias"] = stats[4 + B:4 + 2 * B]
+    if method == "dppo":
+        out.update({k: stats[4 + 2 * B + i] for i, k in enumerate(ref.DPPO_STATS)})
     return out

@@ -77,6 +77,8 @@ def cdiv(a: int, b: int) -> int:
 
 def next_power_of_2(n: int) -> int:
     """The least power of 2 >= n, for n >= 1 (as triton.next_power_of_2, in plain Python)."""
+    if n < 1:
+        raise ValueError(f"next_power_of_2 needs n >= 1, got {n}")
     return 1 << (n - 1).bit_length()
 
 
