@@ -104,8 +104,7 @@ def group_advantages(rewards: torch.Tensor, group_ids: Union[torch.Tensor, Seque
         bad = torch.nonzero(~torch.isfinite(rewards)).flatten().tolist()
         raise ValueError(f"rewards has non-finite values at indices {bad}")
     if mode == "device":
-        host = errors.host_values({"rewards": rewards})  # CPU: read in place; torch ops only if one failed
-        if host is None or not errors.finite(host["rewards"]).all():
+        if not errors.passes_on_host({"rewards": rewards}, lambda values: [errors.finite(values["rewards"])]):
             errors.flag(errors.GROUP_ADVANTAGES, [errors.finite(rewards)], rewards.device)
     if not isinstance(group_ids, torch.Tensor):
         index = {}

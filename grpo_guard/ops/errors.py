@@ -137,6 +137,14 @@ def host_values(tensors: Dict[str, torch.Tensor]):
         return None
 
 
+def passes_on_host(tensors: Dict[str, torch.Tensor], rules) -> bool:
+    """True if ``tensors`` can be read on the host (:func:`host_values`) and every check of ``rules(values)`` (a
+    list of boolean arrays, None: not checked) holds for every sample: the device-side torch ops can be skipped.
+    False: make them (they also find which samples failed)."""
+    host = host_values(tensors)
+    return host is not None and all(ok is None or ok.all() for ok in rules(host))
+
+
 def messages(value: int) -> List[str]:
     """The rules a word value says were broken, as 'op: argument rule' lines."""
     return [f"{op}: {arg} {rule}" for (op, arg, rule), b in BITS.items() if value & b]

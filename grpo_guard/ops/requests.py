@@ -297,9 +297,10 @@ def loss_request(model_output, sample, prev_sample, sigma, sigma_next, advantage
 def per_sample_oks(req, values):
     """The rules for ``req``'s per-sample values (SPEC §2; errors.CHECKS), one entry per error bit from the op's
     offset, True where a sample passes (None: not checked). ``values`` maps the argument names to the values: the
-    tensors (device checks) or numpy views of them (errors.host_values): the same comparisons for both."""
+    tensors (device checks) or numpy views of them (errors.host_values): the same comparisons for both. What is
+    checked is what ``values`` holds (:func:`_checked_values`)."""
     oks = [None, None, None]
-    if isinstance(req.sigma, torch.Tensor):
+    if "sigma" in values:
         sig, nxt = values["sigma"], values["sigma_next"]
         oks[0] = (sig > 0) & (sig <= 1)
         oks[1] = (nxt >= 0) & (nxt < sig)  # NaN and +inf fail
@@ -308,11 +309,12 @@ def per_sample_oks(req, values):
     if isinstance(req, SDERequest):
         return oks[:2]
     for name in ("advantages", "old_log_prob"):
-        oks.append(None if getattr(req, name) is None else errors.finite(values[name]))
+        oks.append(errors.finite(values[name]) if name in values else None)
     return oks
 
 
 def _checked_values(req):
+    """The per-sample values ``req`` checks, by argument name: tensor sigmas, advantages, old log-probs."""
     names = ("sigma", "sigma_next") if isinstance(req.sigma, torch.Tensor) else ()
     if isinstance(req, LossRequest):
         names += tuple(n for n in ("advantages", "old_log_prob") if getattr(req, n) is not None)
@@ -329,8 +331,7 @@ def checked(req):
     if not req.check:
         return req, None
     values = _checked_values(req)
-    host = errors.host_values(values)
-    if host is not None and all(ok is None or ok.all() for ok in per_sample_oks(req, host)):
+    if errors.passes_on_host(values, lambda host: per_sample_oks(req, host)):
         return req, None
     oks = per_sample_oks(req, values)
     changes = {}
